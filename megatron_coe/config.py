@@ -1,0 +1,432 @@
+"""Typed run configuration: dataclasses, strict YAML loading, dotted overrides, validation.
+
+Every section is a dataclass.  ``load_config(path, overrides)`` reads YAML with the safe
+loader, applies ``a.b.c=value`` overrides (values parsed as YAML scalars, never evaluated),
+rejects unknown keys with the list of valid ones, and calls :func:`validate`, the one place
+where values are checked.  Every bad value raises ``ValueError`` naming the field and the fix.
+Nothing here touches torch.distributed, so a bad config fails before any process group exists.
+
+Naming: CoE-C(k/N) is ``model.coe.iterations = C``, ``model.moe.topk = k``,
+``model.moe.num_experts = N``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+RESIDUAL_MODES = ("inner", "outer", "reference")
+ROUTER_MODES = ("independent", "shared")
+AUX_LOSS_TYPES = ("seq_aux_loss", "aux_loss", "none")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")
+ATTENTION_TYPES = ("mha", "mla")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("cpu", "cuda")
+DISPATCHERS = ("alltoall",)
+
+# TransformerConfig fields that assume one route/dispatch per MoE layer (see the Megatron-Core
+# notes): with more than one CoE iteration they would silently compute something else.
+SINGLE_ROUTE_FEATURES = {
+    "overlap_moe_expert_parallel_comm": "its fine-grained callables route and dispatch once per "
+    "layer and bypass CoELayer.forward",
+    "delay_wgrad_compute": "it splits expert weight gradients assuming one expert pass per layer",
+    "overlap_dispatch_backward_with_experts_wgrad": "it assumes one dispatch per layer",
+    "moe_shared_expert_overlap": "its side-stream state is cached once per layer",
+    "moe_paged_stash": "it stashes one dispatch per layer",
+    "moe_latent_size": "latent projections would be applied once per iteration",
+    "moe_router_force_biased": "all iterations' routers would get the same bias",
+}
+
+
+@dataclass
+class MoEConfig:
+    """Routed experts of an MoE (or CoE) layer; ``topk`` is per CoE iteration."""
+
+    num_experts: int = 8
+    topk: int = 2
+    expert_hidden_size: int = 64
+    # Hidden size of the always-on shared expert(s) in total; None = no shared expert.
+    shared_expert_hidden_size: Optional[int] = None
+    score_function: str = "softmax"
+    # False: softmax over all experts, then top-k, no renormalisation (the CoE paper's router).
+    renormalize_topk: bool = False
+    aux_loss: str = "seq_aux_loss"
+    aux_loss_coeff: float = 0.001
+    z_loss_coeff: Optional[float] = None
+    # Aux-loss-free balancing: a per-router bias on the top-k choice, updated every step.
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 0.001
+    # None = dropless.  Otherwise capacity = ceil(local_tokens * topk / num_experts * factor)
+    # per expert, computed by each rank from its own tokens (Megatron's rule).
+    capacity_factor: Optional[float] = None
+    pad_to_capacity: bool = False
+    drop_policy: str = "probs"
+    dispatcher: str = "alltoall"
+    grouped_gemm: bool = False
+
+
+@dataclass
+class CoEConfig:
+    """Chain-of-Experts: the MoE layer runs ``iterations`` times in sequence."""
+
+    iterations: int = 2
+    residual: str = "inner"
+    router: str = "independent"
+
+
+@dataclass
+class MLAConfig:
+    """Multi-latent attention sizes (DeepSeek-V2-Lite style)."""
+
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 32
+    qk_head_dim: int = 16
+    qk_pos_emb_head_dim: int = 8
+    v_head_dim: int = 16
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    # FFN size of dense layers (all layers when ``moe`` is None, else the dense_layers ones).
+    ffn_hidden_size: int = 128
+    vocab_size: int = 256
+    seq_length: int = 64
+    normalization: str = "RMSNorm"
+    attention: str = "mha"
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    init_method_std: float = 0.02
+    # Indices (0-based) of layers that stay dense in an MoE/CoE model.
+    dense_layers: list[int] = field(default_factory=list)
+    moe: Optional[MoEConfig] = None
+    coe: Optional[CoEConfig] = None
+    # Extra Megatron TransformerConfig fields, passed through after validation.
+    transformer_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    expert_tensor: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    # Timeout of every process group, in minutes.
+    timeout_minutes: float = 10.0
+
+
+@dataclass
+class Config:
+    device: str = "cpu"
+    precision: str = "fp32"
+    seed: int = 1234
+    run_dir: str = "runs/default"
+    micro_batch_size: int = 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses, strict about keys and types.
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap_optional(tp):
+    """Return (inner_type, is_optional) for Optional[X] / X | None annotations."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently coerce int->float) a YAML value against a field's annotation."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where}: null is not allowed; give a value of type {_tname(inner)}")
+    if dataclasses.is_dataclass(inner):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping of {inner.__name__} fields, got {value!r}")
+        return _from_dict(inner, value, where)
+    origin = typing.get_origin(inner)
+    if origin is list:
+        (item_tp,) = typing.get_args(inner)
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if inner is Any:
+        return value
+    if inner is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if inner is int and isinstance(value, bool) or not isinstance(value, inner):
+        raise ValueError(f"{where}: expected {_tname(inner)}, got {value!r}")
+    return value
+
+
+def _tname(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _from_dict(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys of "
+            f"{where or 'the top level'}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, cls) -> None:
+    """Apply ``a.b.c=value`` to a raw dict, creating sections that the YAML left out."""
+    keys = dotted.split(".")
+    node, node_cls = data, cls
+    for i, key in enumerate(keys):
+        names = {f.name: f for f in dataclasses.fields(node_cls)}
+        path = ".".join(keys[: i + 1])
+        if key not in names:
+            raise ValueError(
+                f"override {dotted!r}: unknown key {path}; valid keys here: {', '.join(names)}"
+            )
+        if i == len(keys) - 1:
+            node[key] = value
+            return
+        sub_tp, _ = _unwrap_optional(typing.get_type_hints(node_cls)[key])
+        if not dataclasses.is_dataclass(sub_tp):
+            raise ValueError(f"override {dotted!r}: {path} is not a section")
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node, node_cls = node[key], sub_tp
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build and validate a Config from a plain dict plus ``key=value`` overrides."""
+    data = dict(data or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else None, Config)
+    config = _from_dict(Config, data, "")
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (safe loader), apply dotted overrides, validate, return a Config."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: top level must be a mapping of sections")
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: the one place where values are checked.
+# --------------------------------------------------------------------------------------------
+
+
+def _choice(value: str, options: tuple[str, ...], name: str) -> None:
+    if value not in options:
+        raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(options)}")
+
+
+def _positive(value: int | float, name: str) -> None:
+    if value <= 0:
+        raise ValueError(f"{name}={value} must be > 0")
+
+
+def validate(config: Config, world_size: int | None = None) -> None:
+    """Check every value; raise ValueError naming the field and the fix.  ``world_size``,
+    when given, is checked against the parallel sizes (every factor printed)."""
+    _choice(config.device, DEVICES, "device")
+    _choice(config.precision, PRECISIONS, "precision")
+    _positive(config.micro_batch_size, "micro_batch_size")
+    if config.device == "cpu" and config.precision == "fp16":
+        raise ValueError("precision=fp16 is not supported on device=cpu; use fp32 or bf16")
+
+    m = config.model
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                 "vocab_size", "seq_length"):
+        _positive(getattr(m, name), f"model.{name}")
+    _positive(m.init_method_std, "model.init_method_std")
+    _choice(m.normalization, NORMALIZATIONS, "model.normalization")
+    _choice(m.attention, ATTENTION_TYPES, "model.attention")
+    if m.hidden_size % m.num_attention_heads:
+        raise ValueError(
+            f"model.hidden_size={m.hidden_size} must be divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.attention == "mla":
+        for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            _positive(getattr(m.mla, name), f"model.mla.{name}")
+        if m.mla.q_lora_rank is not None:
+            _positive(m.mla.q_lora_rank, "model.mla.q_lora_rank")
+    for i in m.dense_layers:
+        if not 0 <= i < m.num_layers:
+            raise ValueError(
+                f"model.dense_layers contains {i}; layer indices are 0..{m.num_layers - 1}"
+            )
+    if m.dense_layers and m.moe is None:
+        raise ValueError("model.dense_layers is set but model.moe is null; remove dense_layers")
+
+    if m.coe is not None and m.moe is None:
+        raise ValueError(
+            "model.coe is set on a dense model (model.moe is null); add a model.moe section "
+            "(num_experts, topk, expert_hidden_size) or remove model.coe"
+        )
+    if m.moe is not None:
+        _validate_moe(m.moe, config.parallel)
+    if m.coe is not None:
+        _validate_coe(m.coe)
+    _validate_transformer_overrides(m)
+    _validate_parallel(config, world_size)
+
+
+def _validate_moe(moe: MoEConfig, par: ParallelConfig) -> None:
+    _positive(moe.num_experts, "model.moe.num_experts")
+    _positive(moe.topk, "model.moe.topk")
+    _positive(moe.expert_hidden_size, "model.moe.expert_hidden_size")
+    if moe.topk > moe.num_experts:
+        raise ValueError(
+            f"model.moe.topk={moe.topk} exceeds model.moe.num_experts={moe.num_experts}; "
+            f"choose topk <= num_experts"
+        )
+    if moe.shared_expert_hidden_size is not None:
+        _positive(moe.shared_expert_hidden_size, "model.moe.shared_expert_hidden_size")
+    _choice(moe.score_function, SCORE_FUNCTIONS, "model.moe.score_function")
+    _choice(moe.aux_loss, AUX_LOSS_TYPES, "model.moe.aux_loss")
+    _choice(moe.drop_policy, DROP_POLICIES, "model.moe.drop_policy")
+    _choice(moe.dispatcher, DISPATCHERS, "model.moe.dispatcher")
+    if moe.aux_loss != "none" and moe.aux_loss_coeff <= 0:
+        raise ValueError(
+            f"model.moe.aux_loss_coeff={moe.aux_loss_coeff} must be > 0 with "
+            f"model.moe.aux_loss={moe.aux_loss!r}; set aux_loss: none to disable it"
+        )
+    if moe.z_loss_coeff is not None:
+        _positive(moe.z_loss_coeff, "model.moe.z_loss_coeff")
+    if moe.capacity_factor is not None:
+        _positive(moe.capacity_factor, "model.moe.capacity_factor")
+    if moe.pad_to_capacity and moe.capacity_factor is None:
+        raise ValueError("model.moe.pad_to_capacity needs model.moe.capacity_factor; set one")
+    if moe.num_experts % par.expert:
+        raise ValueError(
+            f"model.moe.num_experts={moe.num_experts} is not divisible by the expert-parallel "
+            f"size parallel.expert={par.expert}; use a multiple of {par.expert} experts or a "
+            f"divisor of {moe.num_experts} for parallel.expert"
+        )
+
+
+def _validate_coe(coe: CoEConfig) -> None:
+    if coe.iterations < 1:
+        raise ValueError(f"model.coe.iterations={coe.iterations} must be >= 1 (1 = plain MoE)")
+    _choice(coe.residual, RESIDUAL_MODES, "model.coe.residual")
+    _choice(coe.router, ROUTER_MODES, "model.coe.router")
+
+
+def _validate_transformer_overrides(m: ModelConfig) -> None:
+    from_megatron = _transformer_config_fields()
+    for key in m.transformer_overrides:
+        if from_megatron is not None and key not in from_megatron:
+            raise ValueError(
+                f"model.transformer_overrides.{key} is not a Megatron TransformerConfig field"
+            )
+    if m.coe is not None and m.coe.iterations > 1:
+        for key, why in SINGLE_ROUTE_FEATURES.items():
+            if m.transformer_overrides.get(key):
+                raise ValueError(
+                    f"model.transformer_overrides.{key} cannot be used with "
+                    f"model.coe.iterations={m.coe.iterations}: {why}; remove it"
+                )
+        graph = m.transformer_overrides.get("cuda_graph_impl", "none")
+        if graph not in (None, "none"):
+            raise ValueError(
+                f"model.transformer_overrides.cuda_graph_impl={graph!r} cannot capture a CoE "
+                f"layer (routing is data-dependent in every iteration); use 'none'"
+            )
+
+
+def _transformer_config_fields() -> set[str] | None:
+    try:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+    except ImportError:  # validation of everything else still works without megatron-core
+        return None
+    return {f.name for f in dataclasses.fields(MLATransformerConfig)}
+
+
+def _validate_parallel(config: Config, world_size: int | None) -> None:
+    p = config.parallel
+    for name in ("tensor", "pipeline", "expert", "expert_tensor", "context"):
+        _positive(getattr(p, name), f"parallel.{name}")
+    _positive(p.timeout_minutes, "parallel.timeout_minutes")
+    m = config.model
+    if p.expert > 1 and m.moe is None:
+        raise ValueError(f"parallel.expert={p.expert} needs model.moe; set parallel.expert=1")
+    if m.num_attention_heads % p.tensor:
+        raise ValueError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor={p.tensor}"
+        )
+    if m.num_layers % p.pipeline:
+        raise ValueError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}"
+        )
+    if p.tensor > 1 and m.moe is not None and not p.sequence_parallel:
+        raise ValueError(
+            "parallel.tensor > 1 with MoE layers needs parallel.sequence_parallel=true "
+            "(Megatron-Core refuses MoE + TP without it)"
+        )
+    if world_size is not None:
+        dense = p.tensor * p.pipeline * p.context
+        expert = p.expert_tensor * p.expert * p.pipeline
+        if world_size % dense:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor ({p.tensor}) x pipeline "
+                f"({p.pipeline}) x context ({p.context}) = {dense}"
+            )
+        if world_size % expert:
+            raise ValueError(
+                f"world size {world_size} is not divisible by expert_tensor ({p.expert_tensor}) x "
+                f"expert ({p.expert}) x pipeline ({p.pipeline}) = {expert}"
+            )

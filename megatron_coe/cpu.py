@@ -1,0 +1,166 @@
+"""The CPU backend: an explicit switch that lets Megatron-Core run on CPU tensors and gloo.
+
+Megatron-Core assumes CUDA in a handful of places (the current device, the CUDA RNG state the
+model-parallel RNG tracker forks, side streams and events in the all-to-all dispatcher, a causal
+mask built on "cuda", a TE GEMM referenced unguarded in the router).  ``enable("cpu")`` redirects
+exactly those names, listed in ``_patches()``, and records the originals so ``disable()`` puts
+them back.  It is only turned on when a run asks for ``device: cpu`` and refuses to turn on for
+any other device: it must never be active on a GPU run.
+
+What each redirect does on CPU:
+  torch.cuda.current_device          -> torch.device("cpu")   (tensors created "on the device")
+  torch.cuda.{get,set}_rng_state,
+  torch.cuda.manual_seed(_all),
+  tensor_parallel.random._{get,set}_cuda_rng_state -> the CPU generator's state, so the
+                                        RNG tracker's forks really fork the CPU generator
+  torch.cuda.{Stream,Event,current_stream,stream,synchronize} -> inert objects (CPU ops are
+                                        synchronous, so ordering is already program order)
+  moe_utils.maybe_move_tensor_to_cpu -> also converts CPU tensors to numpy when asked, as
+                                        all_to_all_single needs split sizes as Python ints
+  transformer.utils.get_default_causal_mask (+ fused_softmax's copy) -> built on CPU
+  moe_utils.te_general_gemm = None   -> 0.19.2 references it unguarded when TE is absent
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Any, Callable
+
+import torch
+
+_ORIGINALS: list[tuple[Any, str, Any]] = []
+_ACTIVE = False
+
+
+def is_active() -> bool:
+    return _ACTIVE
+
+
+class _InertStream:
+    """Stands in for torch.cuda.Stream / Event on CPU: every method is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _InertStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other):
+        return isinstance(other, _InertStream)
+
+    def __hash__(self):
+        return 0
+
+
+_CURRENT_STREAM = _InertStream()
+
+
+@contextlib.contextmanager
+def _inert_stream_context(stream=None):
+    yield stream
+
+
+def _cpu_rng_state(*args, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state, *args, **kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)
+
+
+def _maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    if torch.is_tensor(tensor):
+        tensor = tensor.cpu()
+        if as_numpy:
+            tensor = tensor.numpy()
+    return tensor
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _patches() -> list[tuple[str, str, Callable | Any]]:
+    """(module path, attribute, replacement) for every CUDA assumption we redirect."""
+    return [
+        ("torch.cuda", "current_device", lambda: torch.device("cpu")),
+        ("torch.cuda", "synchronize", lambda *a, **k: None),
+        ("torch.cuda", "Stream", _InertStream),
+        ("torch.cuda", "Event", _InertStream),
+        ("torch.cuda", "current_stream", lambda *a, **k: _CURRENT_STREAM),
+        ("torch.cuda", "default_stream", lambda *a, **k: _CURRENT_STREAM),
+        ("torch.cuda", "stream", _inert_stream_context),
+        ("torch.cuda", "get_rng_state", _cpu_rng_state),
+        ("torch.cuda", "set_rng_state", _set_cpu_rng_state),
+        ("torch.cuda", "manual_seed", _cpu_manual_seed),
+        ("torch.cuda", "manual_seed_all", lambda seed: None),  # torch.manual_seed calls it
+        ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _cpu_rng_state),
+        ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_cpu_rng_state),
+        ("megatron.core.transformer.moe.moe_utils", "maybe_move_tensor_to_cpu",
+         _maybe_move_tensor_to_cpu),
+        ("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu",
+         _maybe_move_tensor_to_cpu),
+        ("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None),
+        ("megatron.core.transformer.utils", "get_default_causal_mask", _cpu_causal_mask),
+        ("megatron.core.fusions.fused_softmax", "get_default_causal_mask", _cpu_causal_mask),
+    ]
+
+
+def enable(device: str) -> None:
+    """Turn the CPU backend on for a run whose device is ``device`` (must be "cpu")."""
+    global _ACTIVE
+    if device != "cpu":
+        raise ValueError(
+            f"the CPU backend was asked for on device={device!r}; it redirects CUDA calls and "
+            "must only be enabled for device='cpu'"
+        )
+    if _ACTIVE:
+        return
+    for module_path, attr, replacement in _patches():
+        module = importlib.import_module(module_path)
+        if not hasattr(module, attr):
+            raise RuntimeError(
+                f"CPU backend: {module_path}.{attr} does not exist in this Megatron-Core/torch; "
+                "the pinned megatron-core version is required"
+            )
+        _ORIGINALS.append((module, attr, getattr(module, attr)))
+        setattr(module, attr, replacement)
+    _ACTIVE = True
+
+
+def disable() -> None:
+    """Restore every redirected name."""
+    global _ACTIVE
+    while _ORIGINALS:
+        module, attr, original = _ORIGINALS.pop()
+        setattr(module, attr, original)
+    _ACTIVE = False
+
+
+@contextlib.contextmanager
+def cpu_backend(device: str = "cpu"):
+    enable(device)
+    try:
+        yield
+    finally:
+        disable()

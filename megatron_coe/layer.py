@@ -1,0 +1,127 @@
+"""CoELayer: Megatron-Core's MoE layer run C times in sequence, experts shared across iterations.
+
+Shapes: S sequence, B micro-batch, H hidden, N experts, k routed experts per iteration.
+
+    x(0) = x                      [S, B, H]  input of the MLP sub-layer (after pre-MLP norm)
+    F_t(x) = sum_{i in topk(R_t(x))} g(t, i) * E_i(x)  +  S(x)          t = 1..C
+    inner:     x(t) = x(t-1) + F_t(x(t-1));  returns sum_t F_t = x(C) - x(0)
+               (the transformer layer adds it to the residual stream)
+    outer:     x(t) = F_t(x(t-1));           returns x(C)   (added to the residual stream)
+    reference: x(t) = x(t-1) + F_t(x(t-1));  returns x(C), and CoETransformerLayer makes it the
+               new residual stream (the public CoE reference code's decoder layer)
+
+R_t is iteration t's router ("independent", the default) or one router for all iterations
+("shared").  Every router is a stock Megatron TopKRouter: its aux loss, z-loss and expert bias
+are its own, attached to its own probabilities.  The routed experts E_i and the shared expert S
+are built once and used in every iteration.  Each iteration runs Megatron's pipeline
+route -> dispatch_preprocess -> all-to-all -> experts -> all-to-all -> combine, through
+:class:`CoEAlltoAllTokenDispatcher`, so with expert parallelism there are 2*C all-to-alls per
+layer per forward.  With C = 1 and independent routing this is exactly Megatron's MoELayer:
+the same parameters, built in the same order (the extra routers are created last, so the
+random initialisation of a C = 1 layer is unchanged).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_coe.dispatch import CoEAlltoAllTokenDispatcher
+from megatron_coe.router_stats import current_iteration
+
+
+class CoELayer(MoELayer):
+    def __init__(
+        self,
+        config,
+        submodules=None,
+        layer_number=None,
+        pg_collection=None,
+        is_mtp_layer: bool = False,
+        name: str | None = None,
+        *,
+        iterations: int = 1,
+        residual: str = "inner",
+        router_mode: str = "independent",
+    ):
+        if config.moe_token_dispatcher_type != "alltoall":
+            raise ValueError(
+                f"CoELayer needs moe_token_dispatcher_type='alltoall', got "
+                f"{config.moe_token_dispatcher_type!r}"
+            )
+        super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
+        self.iterations = iterations
+        self.residual = residual
+        self.router_mode = router_mode
+        self.token_dispatcher = CoEAlltoAllTokenDispatcher(
+            self.num_local_experts,
+            self.local_expert_indices,
+            config=self.config,
+            pg_collection=pg_collection,
+        )
+        # self.router (registered by MoELayer) is iteration 1's router; iterations 2..C get
+        # their own when routing is independent.  Created last: see the module docstring.
+        extra = iterations - 1 if router_mode == "independent" else 0
+        self.extra_routers = torch.nn.ModuleList(
+            self.submodules.router(
+                config=self.config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer
+            )
+            for _ in range(extra)
+        )
+        # Local tokens routed to each expert in each iteration, summed since the last reset.
+        self.tokens_per_expert = torch.zeros(iterations, self.config.num_moe_experts)
+
+    @property
+    def routers(self) -> list:
+        """The router of each iteration, in order (the same object C times when shared)."""
+        if self.router_mode == "shared":
+            return [self.router] * self.iterations
+        return [self.router, *self.extra_routers]
+
+    def set_layer_number(self, layer_number: int):
+        super().set_layer_number(layer_number)
+        for router in self.extra_routers:
+            router.set_layer_number(layer_number)
+
+    def reset_tokens_per_expert(self) -> None:
+        self.tokens_per_expert.zero_()
+
+    def _iteration(self, t: int, x, padding_mask):
+        """F_t(x): route, dispatch, experts, combine, plus the shared expert."""
+        self.token_dispatcher.iteration = t
+        with current_iteration(t):
+            shared_out = self.shared_experts_compute(x)
+            probs, routing_map = self.routers[t](x, padding_mask)
+        self.tokens_per_expert[t] += routing_map.detach().sum(dim=0).to(self.tokens_per_expert)
+        hidden, probs = self.preprocess(x, probs, routing_map)
+        hidden, probs = self.dispatch(hidden, probs)
+        out, _ = self.routed_experts_compute(hidden, probs)
+        out = self.combine(out)
+        return self.postprocess(out, shared_out)
+
+    def _chain(self, x0, padding_mask=None):
+        x, delta = x0, None
+        for t in range(self.iterations):
+            f = self._iteration(t, x, padding_mask)
+            if self.residual == "outer":
+                x = f
+            else:
+                x = x + f
+                delta = f if delta is None else delta + f
+        # inner: sum of F_t, not x(C) - x(0), to avoid cancellation in low precision.
+        return (delta if self.residual == "inner" else x), None
+
+    def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
+        if intermediate_tensors is not None:
+            raise ValueError("CoELayer does not support partial CUDA-graph capture")
+        if self.training and self.attn_tp_group.size() > 1 and not self.config.sequence_parallel:
+            raise ValueError("MoE/CoE with tensor parallelism needs sequence parallelism")
+        if self.tokens_per_expert.device != hidden_states.device:
+            self.tokens_per_expert = self.tokens_per_expert.to(hidden_states.device)
+        if padding_mask is not None:
+            padding_mask = padding_mask.transpose(0, 1).bool()
+        if self.moe_layer_recompute and self.training:
+            # Recomputes all C iterations in backward (2*C more all-to-alls).
+            return tensor_parallel.checkpoint(self._chain, False, hidden_states, padding_mask)
+        return self._chain(hidden_states, padding_mask)

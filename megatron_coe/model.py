@@ -1,0 +1,133 @@
+"""build_model: a Megatron-Core GPTModel from a Config, with CoE layers where configured.
+
+The model is Megatron's own GPTModel (embeddings, rotary or MLA attention, norms, output layer);
+the only CoE-specific pieces are the module spec (spec.py) and the layers it points to.
+Attention, experts and norms come from the local spec on CPU and from the Transformer Engine
+spec on CUDA (TE is imported only then, and a missing TE is reported by name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+from megatron_coe import parallel
+from megatron_coe.config import Config
+from megatron_coe.layer import CoELayer
+from megatron_coe.router_stats import install_tracker
+from megatron_coe.spec import coe_block_spec
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_config(config: Config) -> TransformerConfig:
+    """Map our typed Config onto Megatron-Core's TransformerConfig (or MLATransformerConfig)."""
+    m, p = config.model, config.parallel
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization=m.normalization,
+        init_method_std=m.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=False,
+        gated_linear_unit=True,  # SwiGLU experts and MLPs, as in DeepSeek-V2
+        activation_func=F.silu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        bf16=config.precision == "bf16",
+        fp16=config.precision == "fp16",
+        params_dtype=_DTYPES[config.precision],
+        pipeline_dtype=_DTYPES[config.precision],
+        use_cpu_initialization=config.device == "cpu",
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        context_parallel_size=p.context,
+        expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=p.expert_tensor,
+        sequence_parallel=p.sequence_parallel,
+    )
+    if m.moe is not None:
+        moe = m.moe
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.topk,
+            moe_ffn_hidden_size=moe.expert_hidden_size,
+            moe_shared_expert_intermediate_size=moe.shared_expert_hidden_size,
+            moe_router_score_function=moe.score_function,
+            moe_router_pre_softmax=not moe.renormalize_topk,
+            moe_router_load_balancing_type=moe.aux_loss,
+            moe_aux_loss_coeff=moe.aux_loss_coeff if moe.aux_loss != "none" else 0.0,
+            moe_z_loss_coeff=moe.z_loss_coeff,
+            moe_router_enable_expert_bias=moe.expert_bias,
+            moe_router_bias_update_rate=moe.expert_bias_update_rate,
+            moe_expert_capacity_factor=moe.capacity_factor,
+            moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+            moe_token_drop_policy=moe.drop_policy,
+            moe_token_dispatcher_type=moe.dispatcher,
+            moe_grouped_gemm=moe.grouped_gemm,
+            moe_permute_fusion=False,
+            moe_router_dtype="fp32",
+            moe_layer_freq=[0 if i in m.dense_layers else 1 for i in range(m.num_layers)],
+        )
+    kwargs.update(m.transformer_overrides)
+    if m.attention == "mla":
+        mla = m.mla
+        return MLATransformerConfig(
+            **kwargs,
+            q_lora_rank=mla.q_lora_rank,
+            kv_lora_rank=mla.kv_lora_rank,
+            qk_head_dim=mla.qk_head_dim,
+            qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
+            v_head_dim=mla.v_head_dim,
+            rope_type="rope",
+        )
+    return TransformerConfig(**kwargs)
+
+
+def use_transformer_engine(config: Config) -> bool:
+    """The TE spec on CUDA, the local spec on CPU.  Fails early, by name, without TE."""
+    if config.device == "cpu":
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        raise RuntimeError(
+            "device=cuda uses Transformer Engine, which is not importable here: run inside the "
+            "NGC PyTorch container (it ships TE and apex) or install transformer-engine[pytorch]"
+        ) from None
+    return True
+
+
+def build_model(config: Config) -> GPTModel:
+    """Initialise process groups if needed and return this rank's GPTModel (fp32 params unless
+    the config's precision says otherwise).  Every CoE layer in it is a :class:`CoELayer`."""
+    device = parallel.initialize(config)
+    te = use_transformer_engine(config)
+    tf_config = transformer_config(config)
+    install_tracker()
+    model = GPTModel(
+        config=tf_config,
+        transformer_layer_spec=coe_block_spec(tf_config, config.model.coe, te),
+        vocab_size=config.model.vocab_size,
+        max_sequence_length=config.model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+    )
+    return model.to(device)
+
+
+def coe_layers(model: torch.nn.Module) -> list[CoELayer]:
+    return [m for m in model.modules() if isinstance(m, CoELayer)]

@@ -1,0 +1,75 @@
+"""Process groups: torch.distributed, then Megatron-Core's model-parallel groups, from a Config.
+
+Under torchrun/srun the usual RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT variables are read
+(env://).  Without them (a plain ``python`` call) a one-process group is made on loopback, so
+``build_model`` also works in a notebook.  Backend: gloo on CPU, NCCL on CUDA.  Every group gets
+``parallel.timeout_minutes``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_coe import cpu
+from megatron_coe.config import Config, validate
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_device(config: Config) -> torch.device:
+    """Turn the CPU backend on for device=cpu; pick the local GPU for device=cuda."""
+    if config.device == "cpu":
+        cpu.enable("cpu")
+        return torch.device("cpu")
+    if cpu.is_active():
+        raise RuntimeError("the CPU backend is active but this run asks for device=cuda")
+    if not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def initialize(config: Config) -> torch.device:
+    """Create (if needed) the default process group and Megatron's parallel groups."""
+    device = setup_device(config)
+    timeout = timedelta(minutes=config.parallel.timeout_minutes)
+    if not dist.is_initialized():
+        backend = "gloo" if config.device == "cpu" else "nccl"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                timeout=timeout,
+            )
+    validate(config, world_size=dist.get_world_size())
+    if not parallel_state.model_parallel_is_initialized():
+        p = config.parallel
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor,
+            pipeline_model_parallel_size=p.pipeline,
+            context_parallel_size=p.context,
+            expert_model_parallel_size=p.expert,
+            expert_tensor_parallel_size=p.expert_tensor,
+            distributed_timeout_minutes=p.timeout_minutes,
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+    return device
+
+
+def destroy() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,52 @@
+"""Module specs: Megatron-Core's GPT decoder block spec with every MoE layer made a CoE layer.
+
+Megatron's local spec (CPU) and Transformer Engine spec (GPU) both put
+``partial(MoELayer, submodules=MoESubmodules(...))`` in each MoE layer's ``submodules.mlp``.
+We swap in ``partial(CoELayer, <same submodules>, iterations=C, residual=..., router_mode=...)``
+and make the layer a :class:`CoETransformerLayer` (which only differs in "reference" residual
+mode).  Attention (standard or MLA), norms and experts are Megatron's own, whichever backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_coe.config import CoEConfig
+from megatron_coe.layer import CoELayer
+from megatron_coe.transformer_layer import CoETransformerLayer
+
+
+def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_engine: bool):
+    """Decoder block spec for ``transformer_config``; MoE layers become CoE layers when
+    ``coe`` is given (C = 1 included: then it equals Megatron's MoE layer)."""
+    block = get_gpt_decoder_block_spec(
+        transformer_config,
+        use_transformer_engine=use_transformer_engine,
+        normalization=transformer_config.normalization,
+    )
+    if coe is None:
+        return block
+    layer_specs = []
+    for spec in block.layer_specs:  # one spec object is shared by all MoE layers: copy it
+        mlp = spec.submodules.mlp
+        if isinstance(mlp, functools.partial) and mlp.func is MoELayer:
+            coe_mlp = functools.partial(
+                CoELayer,
+                *mlp.args,
+                **mlp.keywords,
+                iterations=coe.iterations,
+                residual=coe.residual,
+                router_mode=coe.router,
+            )
+            spec = dataclasses.replace(
+                spec,
+                module=CoETransformerLayer,
+                submodules=dataclasses.replace(spec.submodules, mlp=coe_mlp),
+            )
+        layer_specs.append(spec)
+    block.layer_specs = layer_specs
+    return block
