@@ -89,7 +89,9 @@ class A2ACounters:
 def pack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     """[n, ...] tensors of any dtypes -> uint8 [n, sum of row bytes]."""
     n = tensors[0].shape[0]
-    parts = [t.reshape(n, -1).contiguous().view(torch.uint8) for t in tensors]
+    # explicit row width: reshape(n, -1) is ambiguous when a rank has no rows (n = 0)
+    parts = [t.reshape(n, _numel(t.shape[1:])).contiguous()
+             .view(torch.uint8) for t in tensors]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
@@ -104,11 +106,15 @@ def unpack_rows(packed: torch.Tensor, specs: list[tuple[torch.dtype, torch.Size]
     return out
 
 
-def _row_bytes(dtype: torch.dtype, tail: torch.Size) -> int:
+def _numel(tail) -> int:
     numel = 1
     for s in tail:
         numel *= s
-    return numel * torch.empty((), dtype=dtype).element_size()
+    return numel
+
+
+def _row_bytes(dtype: torch.dtype, tail: torch.Size) -> int:
+    return _numel(tail) * torch.empty((), dtype=dtype).element_size()
 
 
 def _all_to_all_rows(group, rows: torch.Tensor, out_splits: list[int], in_splits: list[int]):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_coe.dispatch import CoEAlltoAllTokenDispatcher
 from megatron_coe.router_stats import current_iteration
@@ -50,6 +51,8 @@ class CoELayer(MoELayer):
                 f"CoELayer needs moe_token_dispatcher_type='alltoall', got "
                 f"{config.moe_token_dispatcher_type!r}"
             )
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
         super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
         self.iterations = iterations
         self.residual = residual

@@ -17,7 +17,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_coe import parallel
-from megatron_coe.config import Config
+from megatron_coe.config import CoEConfig, Config
 from megatron_coe.layer import CoELayer
 from megatron_coe.router_stats import install_tracker
 from megatron_coe.spec import coe_block_spec
@@ -127,6 +127,26 @@ def build_model(config: Config) -> GPTModel:
         position_embedding_type="rope",
     )
     return model.to(device)
+
+
+def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool = False):
+    """Initialise process groups if needed and return one MoE/CoE layer (the MLP sub-layer of
+    the model's first MoE layer), for tests and layer benchmarks.  ``stock_megatron=True``
+    returns Megatron-Core's own MoELayer from the unmodified spec instead."""
+    if config.model.moe is None:
+        raise ValueError("build_moe_layer needs a config with a model.moe section")
+    device = parallel.initialize(config)
+    te = use_transformer_engine(config)
+    tf_config = transformer_config(config)
+    install_tracker()
+    coe = None if stock_megatron else (config.model.coe or CoEConfig(iterations=1))
+    block = coe_block_spec(tf_config, coe, te)
+    moe_index = next(i for i in range(config.model.num_layers) if i not in config.model.dense_layers)
+    layer = block.layer_specs[moe_index].submodules.mlp(
+        config=tf_config, pg_collection=None, is_mtp_layer=False
+    )
+    layer.set_layer_number(layer_number)
+    return layer.to(device)
 
 
 def coe_layers(model: torch.nn.Module) -> list[CoELayer]:

@@ -1,0 +1,105 @@
+"""Config loading and validation: strict keys, safe YAML, overrides, one clear ValueError per
+bad value, raised before any process group exists."""
+
+import pytest
+import torch.distributed as dist
+
+from megatron_coe.config import config_from_dict, dump_config, load_config
+
+TINY = "configs/tiny/coe.yaml"
+
+
+def test_tiny_config_loads_and_roundtrips(tmp_path):
+    config = load_config(TINY)
+    assert config.model.coe.iterations == 2 and config.parallel.expert == 2
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+def test_dotted_overrides_parse_yaml_scalars():
+    config = load_config(TINY, ["model.coe.iterations=3", "model.moe.capacity_factor=1.25",
+                                "model.coe.residual=outer", "run_dir=/tmp/x",
+                                "model.moe.shared_expert_hidden_size=null"])
+    assert config.model.coe.iterations == 3
+    assert config.model.moe.capacity_factor == 1.25
+    assert config.model.coe.residual == "outer"
+    assert config.run_dir == "/tmp/x"
+    assert config.model.moe.shared_expert_hidden_size is None
+
+
+def test_override_creates_missing_section():
+    config = config_from_dict({"model": {"moe": {"num_experts": 4}}}, ["model.coe.iterations=2"])
+    assert config.model.coe.iterations == 2 and config.model.coe.residual == "inner"
+
+
+BAD = [
+    ({"model.coe.iterations": 0}, "model.coe.iterations=0 must be >= 1"),
+    ({"model.moe.topk": 9}, "model.moe.topk=9 exceeds model.moe.num_experts=8"),
+    ({"parallel.expert": 3}, "not divisible by the expert-parallel size parallel.expert=3"),
+    ({"model.coe.residual": "sideways"}, "model.coe.residual='sideways' is not valid"),
+    ({"model.coe.router": "random"}, "model.coe.router='random' is not valid"),
+    ({"model.moe": None}, "model.coe is set on a dense model"),
+    ({"model.moe.aux_loss": "kl"}, "model.moe.aux_loss='kl' is not valid"),
+    ({"model.moe.capacity_factor": -1.0}, "model.moe.capacity_factor=-1.0 must be > 0"),
+    ({"model.moe.pad_to_capacity": True}, "pad_to_capacity needs model.moe.capacity_factor"),
+    ({"model.num_attention_heads": 5}, "must be divisible by model.num_attention_heads=5"),
+    ({"device": "tpu"}, "device='tpu' is not valid"),
+    ({"precision": "fp16"}, "precision=fp16 is not supported on device=cpu"),
+    ({"parallel.tensor": 2}, "needs parallel.sequence_parallel=true"),
+    ({"model.transformer_overrides": {"moe_shared_expert_overlap": True}},
+     "moe_shared_expert_overlap cannot be used with model.coe.iterations=2"),
+    ({"model.transformer_overrides": {"cuda_graph_impl": "local"}}, "cuda_graph_impl='local'"),
+    ({"model.transformer_overrides": {"not_a_field": 1}}, "not a Megatron TransformerConfig field"),
+    ({"model.coe.iterations": "two"}, "model.coe.iterations: expected int, got 'two'"),
+    ({"model.dense_layers": [5]}, "model.dense_layers contains 5"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_values_raise_clear_errors(overrides, message):
+    import yaml
+
+    items = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for k, v in overrides.items()]
+    with pytest.raises(ValueError) as err:
+        load_config(TINY, items)
+    assert message in str(err.value)
+    assert not dist.is_initialized()
+
+
+def test_unknown_keys_list_valid_ones(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  hidden: 64\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) model.hidden; valid keys of model: "
+                                         r"num_layers, hidden_size"):
+        load_config(path)
+    with pytest.raises(ValueError, match="unknown key model.coe.iters"):
+        load_config(TINY, ["model.coe.iters=2"])
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_world_size_check_prints_every_factor():
+    from megatron_coe.config import validate
+
+    config = load_config(TINY, ["parallel.expert=4", "model.moe.num_experts=8"])
+    with pytest.raises(ValueError, match=r"world size 2 is not divisible by expert_tensor \(1\) x "
+                                         r"expert \(4\) x pipeline \(1\) = 4"):
+        validate(config, world_size=2)
+
+
+def test_smoke_entry_point_fails_before_any_process_group(monkeypatch, capsys):
+    from megatron_coe import smoke
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a process group was created for a bad config")
+
+    monkeypatch.setattr(dist, "init_process_group", forbidden)
+    assert smoke.main([TINY, "model.moe.topk=99"]) == 2
+    assert "model.moe.topk=99 exceeds" in capsys.readouterr().err
