@@ -344,6 +344,11 @@ def _validate_moe(moe: MoEConfig, par: ParallelConfig) -> None:
             f"model.moe.aux_loss_coeff={moe.aux_loss_coeff} must be > 0 with "
             f"model.moe.aux_loss={moe.aux_loss!r}; set aux_loss: none to disable it"
         )
+    if moe.expert_bias and moe.score_function != "sigmoid":
+        raise ValueError(
+            "model.moe.expert_bias (aux-loss-free balancing) needs "
+            "model.moe.score_function=sigmoid (Megatron-Core supports it only there)"
+        )
     if moe.z_loss_coeff is not None:
         _positive(moe.z_loss_coeff, "model.moe.z_loss_coeff")
     if moe.capacity_factor is not None:

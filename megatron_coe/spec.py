@@ -15,6 +15,7 @@ import functools
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_coe.attention import MLADotProductAttention
 from megatron_coe.config import CoEConfig
 from megatron_coe.layer import CoELayer
 from megatron_coe.transformer_layer import CoETransformerLayer
@@ -28,6 +29,8 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
         use_transformer_engine=use_transformer_engine,
         normalization=transformer_config.normalization,
     )
+    if transformer_config.multi_latent_attention and not use_transformer_engine:
+        block.layer_specs = [_with_local_mla_core_attention(s) for s in block.layer_specs]
     if coe is None:
         return block
     layer_specs = []
@@ -50,3 +53,13 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
         layer_specs.append(spec)
     block.layer_specs = layer_specs
     return block
+
+
+def _with_local_mla_core_attention(spec):
+    """The local spec's MLA core attention cannot take MLA's head dims: use ours."""
+    attn = spec.submodules.self_attention
+    attn = dataclasses.replace(
+        attn, submodules=dataclasses.replace(attn.submodules, core_attention=MLADotProductAttention)
+    )
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules,
+                                                                    self_attention=attn))

@@ -23,13 +23,6 @@ def make_config(iterations, residual, router, shared, capacity_factor=None, aux=
     })
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank():
-    from megatron_coe import parallel
-    yield
-    parallel.destroy()
-
-
 def run_layer(layer, x, gy):
     x = x.clone().requires_grad_(True)
     y, bias = layer(x)

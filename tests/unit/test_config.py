@@ -53,6 +53,7 @@ BAD = [
     ({"model.transformer_overrides": {"not_a_field": 1}}, "not a Megatron TransformerConfig field"),
     ({"model.coe.iterations": "two"}, "model.coe.iterations: expected int, got 'two'"),
     ({"model.dense_layers": [5]}, "model.dense_layers contains 5"),
+    ({"model.moe.expert_bias": True}, "needs model.moe.score_function=sigmoid"),
 ]
 
 

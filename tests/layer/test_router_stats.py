@@ -1,0 +1,60 @@
+"""Each CoE iteration's router keeps its own statistics: aux loss logged under its own name,
+its own expert-bias token counts, and the layer's per-iteration expert load."""
+
+import pytest
+import torch
+
+from megatron_coe.config import config_from_dict
+
+S, B, H, N = 5, 2, 16, 8
+
+
+def _layer(iterations, router, **moe):
+    from megatron_coe.model import build_moe_layer
+
+    config = config_from_dict({
+        "model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4,
+                  "moe": {"num_experts": N, "topk": 2, "expert_hidden_size": 8, **moe},
+                  "coe": {"iterations": iterations, "router": router}},
+    })
+    return build_moe_layer(config)
+
+
+@pytest.mark.parametrize("router", ["independent", "shared"])
+def test_aux_and_z_loss_logged_per_iteration(router):
+    from megatron.core.transformer.moe import moe_logging
+
+    from megatron_coe.router_stats import install_tracker
+
+    moe_logging.destroy_moe_metrics_tracker()  # drop what earlier tests recorded
+    tracker = install_tracker()
+    torch.manual_seed(0)
+    layer = _layer(3, router, aux_loss="aux_loss", aux_loss_coeff=0.01, z_loss_coeff=0.001)
+    maps = []
+    for r in {id(r): r for r in layer.routers}.values():
+        r.register_forward_hook(lambda m, a, out: maps.append(out[1]))
+    y, _ = layer(torch.randn(S, B, H, requires_grad=True))
+    y.sum().backward()
+    names = set(tracker.metrics)
+    for t in (1, 2, 3):
+        assert f"load_balancing_loss/iter{t}" in names
+        assert f"z_loss/iter{t}" in names
+    assert "load_balancing_loss" not in names  # nothing summed across iterations
+    values = [tracker.metrics[f"load_balancing_loss/iter{t}"].values[0].item() for t in (1, 2, 3)]
+    assert all(v > 0 for v in values) and len(set(values)) == 3
+    # the layer's per-iteration expert load equals each iteration's routing map
+    assert len(maps) == 3
+    for t, m in enumerate(maps):
+        assert torch.equal(layer.tokens_per_expert[t], m.sum(0).float())
+
+
+def test_expert_bias_counts_are_per_router():
+    torch.manual_seed(1)
+    layer = _layer(2, "independent", expert_bias=True, score_function="sigmoid", aux_loss="none")
+    y, _ = layer(torch.randn(S, B, H))
+    routers = layer.routers
+    assert routers[0] is not routers[1]
+    for t, r in enumerate(routers):
+        assert r.expert_bias is not None
+        assert torch.equal(r.local_tokens_per_expert, layer.tokens_per_expert[t])
+        assert r.local_tokens_per_expert.sum() == S * B * 2
