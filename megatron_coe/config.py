@@ -29,6 +29,11 @@ DROP_POLICIES = ("probs", "position")
 ATTENTION_TYPES = ("mha", "mla")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 PRECISIONS = ("fp32", "bf16", "fp16")
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+DATA_SOURCES = ("arithmetic", "jsonl", "indexed")
+LR_DECAYS = ("cosine", "linear", "constant", "wsd")
+RECOMPUTE = ("none", "full", "moe")
 DEVICES = ("cpu", "cuda")
 DISPATCHERS = ("alltoall",)
 
@@ -100,7 +105,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     # FFN size of dense layers (all layers when ``moe`` is None, else the dense_layers ones).
     ffn_hidden_size: int = 128
-    vocab_size: int = 256
+    vocab_size: int = 264  # >= the tokenizer's; 257 for the byte tokenizer, padded to 8
     seq_length: int = 64
     normalization: str = "RMSNorm"
     attention: str = "mha"
@@ -127,14 +132,89 @@ class ParallelConfig:
 
 
 @dataclass
+class DataConfig:
+    # arithmetic: the built-in seeded word problems; jsonl: text files preprocessed into the
+    # run directory; indexed: existing Megatron .bin/.idx prefixes.
+    source: str = "arithmetic"
+    paths: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # blend weights, one per path
+    text_keys: list[str] = field(default_factory=lambda: ["text"])
+    # "byte", "bpe" (trained on the training text, saved in the run directory) or the path of a
+    # tokenizers JSON file.
+    tokenizer: str = "byte"
+    bpe_vocab_size: int = 512
+    num_documents: int = 4000  # arithmetic source
+    split: str = "98,1,1"  # train, valid, test weights
+    seed: int = 1234
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    distributed: bool = False  # Megatron's distributed (ZeRO-1) optimizer
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 5
+    decay: str = "cosine"  # cosine, linear, constant, wsd
+    wsd_decay_steps: int = 0  # wsd: length of the final decay phase
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    log_interval: int = 1
+    eval_interval: int = 10  # 0: only at the end
+    eval_iters: int = 2
+    recompute: str = "none"  # none, full, moe (the whole CoE chain of each layer)
+    max_nonfinite_steps: int = 5  # skipped non-finite steps allowed before the run stops
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs only
+    tensorboard: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
+    keep_last: int = 2
+    resume: str = "auto"  # auto: latest in run_dir/checkpoints; none; or a checkpoint path
+
+
+@dataclass
+class FP8Config:
+    """FP8 through Transformer Engine (GPU only), on top of precision=bf16."""
+
+    enabled: bool = False
+    format: str = "hybrid"  # hybrid: e4m3 forward, e5m2 gradients; or e4m3 everywhere
+    # delayed: amax history scaling; tensorwise: current (per-tensor, per-step) scaling;
+    # mxfp8: block scaling (Blackwell); blockwise: DeepSeek-style 128x128 blocks
+    recipe: str = "delayed"
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+
+
+@dataclass
 class Config:
     device: str = "cpu"
     precision: str = "fp32"
+    fp8: FP8Config = field(default_factory=FP8Config)
     seed: int = 1234
     run_dir: str = "runs/default"
-    micro_batch_size: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,9 +362,23 @@ def validate(config: Config, world_size: int | None = None) -> None:
     when given, is checked against the parallel sizes (every factor printed)."""
     _choice(config.device, DEVICES, "device")
     _choice(config.precision, PRECISIONS, "precision")
-    _positive(config.micro_batch_size, "micro_batch_size")
     if config.device == "cpu" and config.precision == "fp16":
         raise ValueError("precision=fp16 is not supported on device=cpu; use fp32 or bf16")
+    f8 = config.fp8
+    _choice(f8.format, FP8_FORMATS, "fp8.format")
+    _choice(f8.recipe, FP8_RECIPES, "fp8.recipe")
+    _positive(f8.amax_history_len, "fp8.amax_history_len")
+    _choice(f8.amax_compute_algo, ("max", "most_recent"), "fp8.amax_compute_algo")
+    if f8.enabled and config.device == "cpu":
+        raise ValueError("fp8.enabled=true needs Transformer Engine on a GPU: FP8 does not run "
+                         "on device=cpu; set device=cuda (NGC container) or fp8.enabled=false")
+    if f8.enabled and config.precision != "bf16":
+        raise ValueError(f"fp8.enabled=true runs on top of bf16; set precision=bf16 "
+                         f"(got {config.precision})")
+
+    if not config.run_dir:
+        raise ValueError("run_dir is empty; give a directory for logs and checkpoints")
+    _validate_training(config)
 
     m = config.model
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -322,6 +416,75 @@ def validate(config: Config, world_size: int | None = None) -> None:
         _validate_coe(m.coe)
     _validate_transformer_overrides(m)
     _validate_parallel(config, world_size)
+
+
+def _validate_training(config: Config) -> None:
+    d, o, sch, t, ck = config.data, config.optimizer, config.schedule, config.train, config.checkpoint
+    _choice(d.source, DATA_SOURCES, "data.source")
+    if d.source == "arithmetic":
+        _positive(d.num_documents, "data.num_documents")
+        if d.paths:
+            raise ValueError("data.paths is set but data.source=arithmetic; use source: jsonl "
+                             "or indexed, or remove data.paths")
+    elif not d.paths:
+        raise ValueError(f"data.source={d.source} needs data.paths (one or more files/prefixes)")
+    if d.weights and len(d.weights) != len(d.paths):
+        raise ValueError(f"data.weights has {len(d.weights)} entries for {len(d.paths)} "
+                         "data.paths; give one weight per path or none")
+    if any(w <= 0 for w in d.weights):
+        raise ValueError("data.weights must all be > 0")
+    if not d.text_keys:
+        raise ValueError("data.text_keys is empty; name the JSON field(s) holding the text")
+    if d.tokenizer == "bpe":
+        if d.bpe_vocab_size < 300:
+            raise ValueError(f"data.bpe_vocab_size={d.bpe_vocab_size} must be >= 300 "
+                             "(256 byte symbols + merges + end-of-document)")
+        if d.source == "indexed":
+            raise ValueError("data.tokenizer=bpe trains on text; with source=indexed give the "
+                             "tokenizer the data was made with")
+    try:
+        split = [float(x) for x in d.split.split(",")]
+    except ValueError:
+        split = []
+    if len(split) != 3 or any(x < 0 for x in split) or split[0] <= 0:
+        raise ValueError(f"data.split={d.split!r} must be three weights 'train,valid,test' "
+                         "with train > 0, e.g. '98,1,1'")
+    for name in ("lr", "eps"):
+        _positive(getattr(o, name), f"optimizer.{name}")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ValueError(f"optimizer.min_lr={o.min_lr} must be in [0, optimizer.lr={o.lr}]")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise ValueError(f"optimizer.{name}={getattr(o, name)} must be in [0, 1)")
+    if o.weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    if o.clip_grad < 0:
+        raise ValueError(f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
+    _choice(sch.decay, LR_DECAYS, "schedule.decay")
+    _positive(t.steps, "train.steps")
+    if not 0 <= sch.warmup_steps <= t.steps:
+        raise ValueError(f"schedule.warmup_steps={sch.warmup_steps} must be in [0, "
+                         f"train.steps={t.steps}]")
+    if sch.decay == "wsd" and not 0 < sch.wsd_decay_steps <= t.steps - sch.warmup_steps:
+        raise ValueError(f"schedule.wsd_decay_steps={sch.wsd_decay_steps} must be in [1, "
+                         f"train.steps - warmup_steps = {t.steps - sch.warmup_steps}] for wsd")
+    for name in ("micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
+        _positive(getattr(t, name), f"train.{name}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                         f"train.micro_batch_size={t.micro_batch_size}")
+    if t.eval_interval < 0:
+        raise ValueError("train.eval_interval must be >= 0 (0: evaluate only at the end)")
+    _choice(t.recompute, RECOMPUTE, "train.recompute")
+    if t.max_nonfinite_steps < 0:
+        raise ValueError("train.max_nonfinite_steps must be >= 0")
+    if t.peak_tflops is not None:
+        _positive(t.peak_tflops, "train.peak_tflops")
+    if ck.save_interval < 0:
+        raise ValueError("checkpoint.save_interval must be >= 0 (0: only at the end)")
+    _positive(ck.keep_last, "checkpoint.keep_last")
+    if not ck.resume:
+        raise ValueError("checkpoint.resume is empty; use auto, none or a checkpoint path")
 
 
 def _validate_moe(moe: MoEConfig, par: ParallelConfig) -> None:
@@ -434,4 +597,13 @@ def _validate_parallel(config: Config, world_size: int | None) -> None:
             raise ValueError(
                 f"world size {world_size} is not divisible by expert_tensor ({p.expert_tensor}) x "
                 f"expert ({p.expert}) x pipeline ({p.pipeline}) = {expert}"
+            )
+        dp = world_size // dense
+        t = config.train
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp} = "
+                f"world {world_size} / (tensor {p.tensor} x pipeline {p.pipeline} x context "
+                f"{p.context}))"
             )

@@ -19,6 +19,8 @@ What each redirect does on CPU:
                                         all_to_all_single needs split sizes as Python ints
   transformer.utils.get_default_causal_mask (+ fused_softmax's copy) -> built on CPU
   moe_utils.te_general_gemm = None   -> 0.19.2 references it unguarded when TE is absent
+  cuda_to_cpu(): a scoped TorchFunctionMode for the optimizer / grad-clip / checkpoint calls
+                 that hard-code device="cuda", .cuda() and pin_memory()
 """
 
 from __future__ import annotations
@@ -98,6 +100,46 @@ def _maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: boo
 
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Remaps ``device="cuda"`` arguments, ``.cuda()``, ``.to("cuda")`` and ``pin_memory()`` to
+    CPU.  Megatron's optimizer, gradient clipping and checkpoint exchange hard-code them.  Used
+    only around those calls (see :func:`cuda_to_cpu`): a TorchFunctionMode costs a Python call
+    per torch op, too much for the forward/backward hot path."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # clip_grads asserts grad.type() == 'torch.cuda.FloatTensor': report the CUDA
+            # name of the same dtype (the data stays on CPU).
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_to_cpu():
+    """Inside: hard-coded CUDA placements land on CPU (only while the backend is active)."""
+    if not _ACTIVE:
+        yield
+        return
+    with _CudaToCpuMode():
+        yield
 
 
 def _patches() -> list[tuple[str, str, Callable | Any]]:

@@ -80,6 +80,16 @@ def transformer_config(config: Config) -> TransformerConfig:
             moe_router_dtype="fp32",
             moe_layer_freq=[0 if i in m.dense_layers else 1 for i in range(m.num_layers)],
         )
+    if config.train.recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+    elif config.train.recompute == "moe":
+        kwargs.update(recompute_granularity="selective", recompute_modules=["moe"])
+    if config.fp8.enabled:
+        f8 = config.fp8
+        kwargs.update(fp8=f8.format, fp8_recipe=f8.recipe,
+                      fp8_amax_history_len=f8.amax_history_len,
+                      fp8_amax_compute_algo=f8.amax_compute_algo)
     kwargs.update(m.transformer_overrides)
     if m.attention == "mla":
         mla = m.mla
@@ -96,16 +106,30 @@ def transformer_config(config: Config) -> TransformerConfig:
 
 
 def use_transformer_engine(config: Config) -> bool:
-    """The TE spec on CUDA, the local spec on CPU.  Fails early, by name, without TE."""
+    """The TE spec on CUDA, the local spec on CPU.  Fails early, by name, without TE, and for
+    an FP8 recipe that the installed TE or the GPU cannot run."""
     if config.device == "cpu":
         return False
     try:
         import transformer_engine  # noqa: F401
-    except ImportError:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as err:
         raise RuntimeError(
-            "device=cuda uses Transformer Engine, which is not importable here: run inside the "
-            "NGC PyTorch container (it ships TE and apex) or install transformer-engine[pytorch]"
+            "device=cuda uses Transformer Engine, which is not importable here "
+            f"({err}): run inside the NGC PyTorch container (it ships TE and apex) or install "
+            "transformer-engine[pytorch]"
         ) from None
+    if config.fp8.enabled:
+        from megatron.core.utils import is_te_min_version
+
+        recipe = config.fp8.recipe
+        if recipe == "mxfp8" and torch.cuda.get_device_capability()[0] < 10:
+            raise RuntimeError("fp8.recipe=mxfp8 needs a Blackwell GPU (compute capability 10+); "
+                               "use fp8.recipe=delayed or tensorwise on Hopper")
+        need = {"tensorwise": "2.2.0", "mxfp8": "2.1.0", "blockwise": "2.3.0"}.get(recipe)
+        if need and not is_te_min_version(need):
+            raise RuntimeError(f"fp8.recipe={recipe} needs Transformer Engine >= {need}; "
+                               f"installed: {transformer_engine.__version__}")
     return True
 
 

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     rank = dist.get_rank()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(config.seed + rank)
-    b, s, v = config.micro_batch_size, config.model.seq_length, config.model.vocab_size
+    b, s, v = config.train.micro_batch_size, config.model.seq_length, config.model.vocab_size
     for step in range(args.steps):
         tokens = torch.randint(0, v, (b, s + 1), generator=gen).to(device)
         position_ids = torch.arange(s, device=device).expand(b, s)

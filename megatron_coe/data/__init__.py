@@ -1,0 +1,1 @@
+"""Data: tokenizers, the built-in arithmetic word problems, jsonl -> indexed dataset, batches."""
