@@ -179,6 +179,11 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # skipped non-finite steps allowed before the run stops
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs only
     tensorboard: bool = True
+    # Save a checkpoint and exit when step % exit_interval == 0 (0: never), like Megatron-LM's
+    # --exit-interval: for jobs split across time-limited allocations.
+    exit_interval: int = 0
+    # Fault injection, for resilience tests: at these steps (1-based) the loss is made NaN.
+    inject_nonfinite_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -476,6 +481,8 @@ def _validate_training(config: Config) -> None:
     if t.eval_interval < 0:
         raise ValueError("train.eval_interval must be >= 0 (0: evaluate only at the end)")
     _choice(t.recompute, RECOMPUTE, "train.recompute")
+    if t.exit_interval < 0:
+        raise ValueError("train.exit_interval must be >= 0 (0: never)")
     if t.max_nonfinite_steps < 0:
         raise ValueError("train.max_nonfinite_steps must be >= 0")
     if t.peak_tflops is not None:

@@ -49,3 +49,50 @@ def install_tracker() -> CoEMetricsTracker:
         tracker = CoEMetricsTracker()
         moe_logging.set_moe_metrics_tracker(tracker)
     return tracker
+
+
+def iteration_stats(layers, num_microbatches: int) -> dict:
+    """Per CoE iteration, over all CoE layers and all ranks: the aux losses (per layer, per
+    micro-batch, mean over layers) and the expert load (tokens per expert / mean tokens per
+    expert; 1.0 = perfectly balanced) min and max.  Collective: call on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    if not layers:
+        return {}
+    tracker = moe_logging.get_moe_metrics_tracker()
+    loads = torch.stack([layer.tokens_per_expert for layer in layers]).float()  # [L, C, N]
+    names = sorted(tracker.metrics)
+    aux = (torch.stack([tracker.metrics[n].values.float() for n in names])
+           if names else torch.zeros(0, 1))
+    loads, aux = loads.cpu(), aux.cpu()
+    if dist.is_initialized():
+        world = dist.get_world_size()
+        dist.all_reduce(loads)
+        dist.all_reduce(aux)
+        aux /= world
+    out = {}
+    layer_ids = sorted({layer.layer_number for layer in layers})
+    for t in range(loads.shape[1]):
+        per_expert = loads[:, t, :]
+        mean = per_expert.mean(dim=1, keepdim=True).clamp_min(1e-9)
+        ratio = per_expert / mean
+        key = f"coe/iter{t + 1}"
+        out[f"{key}/load_min"] = ratio.min().item()
+        out[f"{key}/load_max"] = ratio.max().item()
+        suffix = f"/iter{t + 1}"
+        total = 0.0
+        for i, name in enumerate(names):
+            if name.endswith(suffix):
+                value = aux[i, [n - 1 for n in layer_ids]].mean().item() / num_microbatches
+                out[f"{key}/{name[: -len(suffix)]}"] = value
+                if "load_balancing" in name:
+                    total += value
+        out[f"{key}/aux_loss"] = total
+    return out
+
+
+def reset(layers) -> None:
+    moe_logging.get_moe_metrics_tracker().clear()
+    for layer in layers:
+        layer.reset_tokens_per_expert()

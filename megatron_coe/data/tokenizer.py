@@ -11,6 +11,7 @@ plus ``tokenize(text) -> list[int]`` and ``detokenize(ids) -> str``.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterable
 
@@ -22,6 +23,8 @@ class ByteTokenizer:
     eod = 256
     pad = 256
     name = "byte"
+    # Megatron's dataset cache keys include the tokenizer's identity.
+    unique_identifiers = {"class": "ByteTokenizer", "vocab_size": 257}
 
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -49,6 +52,9 @@ class JsonTokenizer:
         self.eod = self.pad = eod
         self.vocab_size = self._tok.get_vocab_size()
         self.name = str(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        self.unique_identifiers = {"class": "JsonTokenizer", "sha256": digest,
+                                   "vocab_size": self.vocab_size, "eod": self.eod}
 
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text).ids

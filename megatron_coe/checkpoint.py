@@ -1,0 +1,266 @@
+"""Checkpoints: Megatron's distributed (sharded) format, written atomically, validated on load.
+
+Layout of ``run_dir/checkpoints``::
+
+    step_0000020/            a complete checkpoint
+        <Megatron dist_checkpointing files: model + optimizer, sharded>
+        rng_rank{r}.pt       each rank's RNG states (tensors and ints only: weights-only load)
+        coe_meta.json        written last: step, data position, scheduler, model definition,
+                             parallel layout, and the size of every file (a manifest)
+    .tmp_step_0000040/       a save in progress; renamed to step_0000040 only when complete
+
+Resume restores model, optimizer, LR scheduler, RNG and the data position (the step: batches
+are a pure function of it, see data/dataset.py).  Before reading any tensor, a checkpoint is
+checked: the manifest must match the files on disk (a truncated or missing file is named), and
+its model definition must equal the config's (a different parallel layout is fine, Megatron
+reshards; a different model shape is refused with every differing field).  Nothing in the run
+directory is modified by a failed load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_coe import cpu
+from megatron_coe.config import Config
+
+META = "coe_meta.json"
+STEP_DIR = re.compile(r"^step_(\d{7})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def model_definition(config: Config) -> dict:
+    """Everything that fixes parameter shapes and the layer's math (not the parallel layout)."""
+    m = asdict(config.model)
+    m.pop("transformer_overrides")
+    m.pop("seq_length")
+    if config.model.attention != "mla":
+        m.pop("mla")
+    for section in ("moe",):
+        if m[section] is not None:
+            for key in ("capacity_factor", "pad_to_capacity", "drop_policy", "aux_loss",
+                        "aux_loss_coeff", "z_loss_coeff", "expert_bias_update_rate",
+                        "dispatcher", "grouped_gemm"):
+                m[section].pop(key)
+    return m
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and not cpu.is_active():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available() and not cpu.is_active():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+# The distributed optimizer's state is saved in the model's parameter space, so a checkpoint
+# can be resumed with another data/expert-parallel layout.
+SHARDING_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+    model_sd = _unwrap(model).sharded_state_dict(metadata=dict(SHARDING_METADATA))
+    with cpu.cuda_to_cpu():
+        opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                              metadata=dict(SHARDING_METADATA))
+    return {"model": model_sd, "optimizer": opt_sd}
+
+
+def save(root: Path, step: int, model, optimizer, scheduler, config: Config,
+         train_state: dict) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; keep the newest ``keep_last``."""
+    from megatron.core import dist_checkpointing
+
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over from an interrupted save
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    with cpu.cuda_to_cpu():
+        dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                 if p.is_file()}
+        meta = {
+            "step": step,
+            "train_state": train_state,
+            "scheduler": scheduler.state_dict(),
+            "model": model_definition(config),
+            "parallel": asdict(config.parallel),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "files": files,
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1, default=float))
+        if final.exists():  # re-saving the same step (e.g. final == last interval)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[: -config.checkpoint.keep_last]:
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def read_meta(path: Path) -> dict:
+    """The checked metadata of checkpoint ``path``; CheckpointError if it is unusable."""
+    meta_path = path / META
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {META} is missing (the save "
+                              "did not finish); resume from an earlier checkpoint")
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {META} is corrupt ({err})") from None
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: file {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: file {name} has "
+                                  f"{f.stat().st_size} bytes, the manifest says {size}")
+    return meta
+
+
+def check_compatible(meta: dict, config: Config, path: Path) -> None:
+    saved, current = _flatten(meta["model"]), _flatten(model_definition(config))
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was saved from a different model; "
+                              + "; ".join(diffs))
+
+
+def find_resume(config: Config, root: Path) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start."""
+    resume = config.checkpoint.resume
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    return Path(resume)
+
+
+def _torch_optimizers(optimizer):
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [sub.optimizer for sub in subs if getattr(sub, "optimizer", None) is not None]
+
+
+def _prime_adam_state(optimizer) -> None:
+    """Give every parameter an Adam state (step 0, zero moments) before loading.
+
+    Without TE/apex (the CPU path) the distributed optimizer reads one shared ``step`` from the
+    torch optimizer's per-parameter states while building its load-time state dict, and fails
+    when a fresh optimizer has none yet."""
+    for opt in _torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if len(opt.state[p]) == 0:
+                    opt.state[p]["step"] = torch.zeros((), dtype=torch.float32)
+                    opt.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                    opt.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """After a load, each parameter's Adam ``step`` must be its own tensor.  The distributed
+    optimizer's CPU path hands every state the same tensor, which torch's Adam then increments
+    once per parameter per step (wrong bias correction, inexact resume)."""
+    for opt in _torch_optimizers(optimizer):
+        for state in opt.state.values():
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"] = state["step"].detach().clone()
+
+
+def load(path: Path, model, optimizer, scheduler, config: Config) -> dict:
+    """Restore everything from checkpoint ``path``; returns its train_state."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_meta(path)
+    check_compatible(meta, config, path)
+    _prime_adam_state(optimizer)
+    sharded = _sharded_state(model, optimizer, is_loading=True)
+    try:
+        with cpu.cuda_to_cpu():
+            state = dist_checkpointing.load(sharded, str(path))
+    except Exception as err:  # Megatron raises a variety of errors for unreadable shards
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(err).__name__}: "
+                              f"{err}); it may be corrupt. Resume from another checkpoint with "
+                              "checkpoint.resume=PATH") from None
+    _unwrap(model).load_state_dict(state["model"])
+    with torch.no_grad(), cpu.cuda_to_cpu():  # in-place copies into leaf parameters
+        optimizer.load_state_dict(state["optimizer"])
+    _unshare_adam_steps(optimizer)
+    scheduler.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng_rank{_rank()}.pt"
+    if meta["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return meta["train_state"]

@@ -1,0 +1,306 @@
+"""coe-train: pretrain a CoE (or MoE, or dense) GPT on Megatron-Core from one YAML config.
+
+    torchrun --nproc-per-node 2 -m megatron_coe.train configs/tiny/coe.yaml [key=value ...]
+    coe-train CONFIG.yaml run_dir=/some/path train.steps=100
+
+The loop, top to bottom:
+  1. config: strict YAML + overrides; any bad value stops here, before process groups.
+  2. process groups (Megatron-Core), run directory, resolved config written there.
+  3. data: tokenizer and indexed dataset prepared in the run directory; Megatron GPT datasets.
+  4. model (CoE layers via our module spec), Float16Module for bf16, Megatron DDP, optimizer,
+     LR scheduler; resume from the latest checkpoint if there is one.
+  5. steps: Megatron's forward-backward schedule over the micro-batches, then - only if the loss
+     and every gradient are finite - the optimizer step; else the step is skipped and counted.
+     Log line / metrics.jsonl / TensorBoard every log_interval; validation every eval_interval;
+     checkpoint every save_interval; SIGTERM/SIGINT -> checkpoint and exit.
+  6. final validation and checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="coe-train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return parser.parse_args(argv)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints and exits at the next step boundary
+    (all ranks agree through an all-reduce, so they stop at the same step)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def forward_step(data_iterator, model, inject_nan=False):
+    """One micro-batch: returns the per-token losses and the function reducing them."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    tokens = batch["tokens"].to(device)
+    output = model(tokens, batch["position_ids"].to(device), None, labels=batch["labels"].to(device))
+    loss_mask = batch["loss_mask"].to(device).float()
+
+    def loss_func(per_token):
+        loss_sum = (per_token.float() * loss_mask).sum()
+        count = loss_mask.sum()
+        loss = loss_sum / count
+        if inject_nan:
+            loss = loss * float("nan")
+        # report (sum, count) so the mean over micro-batches and ranks is exact
+        return loss, {"lm loss": torch.stack([loss_sum.detach().clone(), count])}
+
+    return output, loss_func
+
+
+def run_schedule(model, batches, config, forward_only, inject_nan=False):
+    """Megatron's forward-backward schedule; returns the (sum, count) of the loss over this
+    rank's micro-batches."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_coe import cpu
+
+    t = config.train
+    with cpu.cuda_to_cpu():
+        reports = get_forward_backward_func()(
+            forward_step_func=partial(forward_step, inject_nan=inject_nan),
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=config.model.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+    total = torch.zeros(2)
+    for report in reports:  # empty on pipeline stages without the loss
+        total += report["lm loss"].float().cpu()
+    return total
+
+
+def mean_loss_over_dp(total: torch.Tensor) -> float:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    total = total.to(torch.float64)
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # loss lives on last stage
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+def grads_are_finite(model, device) -> bool:
+    """True iff every gradient on every rank is finite (one all-reduce)."""
+    import torch.distributed as dist
+
+    ok = torch.ones(1, device=device)
+    for p in model.parameters():
+        g = getattr(p, "main_grad", None)
+        g = p.grad if g is None else g
+        if g is not None and not torch.isfinite(g).all():
+            ok.zero_()
+            break
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def train(config) -> int:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_coe import checkpoint, parallel, router_stats
+    from megatron_coe.config import dump_config
+    from megatron_coe.data import dataset
+    from megatron_coe.metrics import (GPUTelemetry, MetricsWriter, format_line, memory_gib,
+                                      peak_tflops, train_flops_per_token)
+    from megatron_coe.model import build_model, coe_layers
+    from megatron_coe.optim import build_optimizer, wrap_model
+
+    # 2. process groups and run directory
+    device = parallel.initialize(config)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run_dir = Path(config.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+    dist.barrier()
+
+    # 3. data
+    tokenizer, prefixes = dataset.prepare(config, run_dir)
+    train_ds, valid_ds, _ = dataset.build_datasets(config, run_dir, tokenizer, prefixes)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    t = config.train
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
+
+    def batches_at(ds, first_sample):
+        return list(dataset.micro_batches(ds, first_sample, t.global_batch_size,
+                                          t.micro_batch_size, dp_rank, dp_size))
+
+    # 4. model, optimizer, scheduler, resume
+    gpt = build_model(config)
+    layers = coe_layers(gpt)
+    model = wrap_model(config, gpt)
+    optimizer, scheduler = build_optimizer(config, model)
+    ckpt_root = run_dir / "checkpoints"
+    state = {"step": 0, "skipped_steps": 0, "consumed_samples": 0}
+    resume_from = checkpoint.find_resume(config, ckpt_root)
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model, optimizer, scheduler, config)
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {state['step']}", flush=True)
+
+    def save():
+        checkpoint.save(ckpt_root, state["step"], model, optimizer, scheduler, config, state)
+
+    def evaluate():
+        model.eval()
+        total = torch.zeros(2)
+        with torch.no_grad():
+            for i in range(t.eval_iters):
+                total += run_schedule(model, batches_at(valid_ds, i * t.global_batch_size),
+                                      config, forward_only=True)
+        model.train()
+        router_stats.reset(layers)
+        loss = mean_loss_over_dp(total)
+        if rank == 0:
+            print(f"validation at step {state['step']}: loss {loss:.4f} "
+                  f"ppl {math.exp(min(loss, 50)):.2f}", flush=True)
+            writer.write({"kind": "valid", "step": state["step"], "loss": loss})
+        return loss
+
+    stop = StopRequest()
+    writer = MetricsWriter(run_dir, t.tensorboard) if rank == 0 else None
+    telemetry = GPUTelemetry(device)
+    flops_per_token, peak = train_flops_per_token(config), peak_tflops(config)
+    tokens_per_step = t.global_batch_size * config.model.seq_length
+    started, start_step = time.time(), state["step"]
+    if rank == 0:
+        params = sum(p.numel() for p in gpt.parameters())
+        print(f"run_dir {run_dir} | world {world} (dp {dp_size}, ep {config.parallel.expert}) | "
+              f"params on rank 0: {params / 1e6:.2f}M | {flops_per_token / 1e6:.2f} MFLOP/token "
+              f"| steps {state['step']}->{t.steps}", flush=True)
+
+    # 5. steps
+    while state["step"] < t.steps:
+        step_start = time.time()
+        step = state["step"] + 1
+        router_stats.reset(layers)
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        total = run_schedule(model, batches_at(train_ds, state["step"] * t.global_batch_size),
+                             config, forward_only=False,
+                             inject_nan=step in t.inject_nonfinite_steps)
+        loss = mean_loss_over_dp(total)
+        finite = math.isfinite(loss) and grads_are_finite(model, device)
+        grad_norm = float("nan")
+        if finite:  # a non-finite loss or gradient never reaches the optimizer
+            with torch.no_grad():
+                from megatron_coe import cpu
+                with cpu.cuda_to_cpu():
+                    applied, grad_norm, _ = optimizer.step()
+            if applied:
+                scheduler.step(increment=1)
+            finite = applied and grad_norm is not None and math.isfinite(grad_norm)
+        state["step"] = step
+        state["consumed_samples"] += t.global_batch_size
+        if not finite:
+            state["skipped_steps"] += 1
+            if rank == 0:
+                print(f"step {step}: non-finite loss or gradient (loss {loss}); optimizer step "
+                      f"skipped ({state['skipped_steps']} so far)", flush=True)
+            if state["skipped_steps"] > t.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{state['skipped_steps']} non-finite steps exceed "
+                    f"train.max_nonfinite_steps={t.max_nonfinite_steps}; stopping. Lower the "
+                    "learning rate or check the data; the last checkpoint is intact.")
+
+        if step % t.log_interval == 0 or step == t.steps:
+            stats = router_stats.iteration_stats(layers, num_micro)
+            elapsed = time.time() - step_start
+            done = step - start_step
+            record = {
+                "kind": "train", "step": step, "loss": loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": tokens_per_step / elapsed,
+                "tflops_per_device": flops_per_token * tokens_per_step / elapsed / world / 1e12,
+                "skipped_steps": state["skipped_steps"],
+                "eta_s": (time.time() - started) / done * (t.steps - step),
+                **memory_gib(device), **telemetry.read(), **stats,
+            }
+            record["mfu"] = record["tflops_per_device"] / peak if peak else None
+            if rank == 0:
+                print(format_line(record, t.steps), flush=True)
+                writer.write(record)
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
+            evaluate()
+        ck = config.checkpoint
+        if ck.save_interval and step % ck.save_interval == 0 and step < t.steps:
+            save()
+        exit_now = t.exit_interval and step % t.exit_interval == 0 and step < t.steps
+        if stop.agreed(device) or exit_now:
+            save()
+            if rank == 0:
+                why = "exit_interval reached" if exit_now else "stop requested"
+                print(f"{why}: checkpoint saved at step {step}, exiting", flush=True)
+            return 0
+
+    # 6. the end
+    evaluate()
+    save()
+    if rank == 0:
+        writer.close()
+        print(f"done: {t.steps} steps in {time.time() - started:.1f}s, "
+              f"checkpoint {ckpt_root / f'step_{t.steps:07d}'}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Megatron-Core warns at import about TE/apex fallbacks that a CPU run uses on purpose.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    from megatron_coe.checkpoint import CheckpointError
+    from megatron_coe.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ValueError as err:
+        print(f"coe-train: bad config: {err}", file=sys.stderr)
+        return 2
+    from megatron_coe import parallel
+
+    try:
+        return train(config)
+    except (CheckpointError, ValueError) as err:
+        print(f"coe-train: {err}", file=sys.stderr)
+        return 2
+    finally:
+        parallel.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
