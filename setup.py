@@ -28,6 +28,8 @@ setup(
     extras_require={"test": ["pytest>=8", "hypothesis"]},
     entry_points={
         "console_scripts": [
+            "coe-train=megatron_coe.train:main",
+            "coe-preprocess=megatron_coe.data.preprocess:main",
             "coe-smoke=megatron_coe.smoke:main",
         ],
     },

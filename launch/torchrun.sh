@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python
 exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-2}" \
-    -m "${COE_ENTRY:-megatron_coe.smoke}" "$@"
+    -m "${COE_ENTRY:-megatron_coe.train}" "$@"

@@ -19,6 +19,7 @@ directory is modified by a failed load.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -34,6 +35,7 @@ from megatron_coe import cpu
 from megatron_coe.config import Config
 
 META = "coe_meta.json"
+FORMAT = 1  # of coe_meta.json
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 
@@ -115,16 +117,24 @@ def _unwrap(model):
     return model
 
 
-# The distributed optimizer's state is saved in the model's parameter space, so a checkpoint
-# can be resumed with another data/expert-parallel layout.
-SHARDING_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+def _sharding_metadata(config: Config) -> dict:
+    """chained_optim_avoid_prefix: the plain optimizer's state keys do not depend on how many
+    sub-optimizers (dense / expert) the layout makes, so its checkpoints resume in another
+    parallel layout.  The distributed optimizer uses dp_reshardable, the format whose load
+    works on the CPU path too (fully_reshardable trips over torch Adam's "step" state without
+    TE/apex); Megatron then keys its state by sub-optimizer, so resume keeps the expert-parallel
+    structure (EP > 1 or not) of the run that saved it."""
+    meta = {"chained_optim_avoid_prefix": True}
+    if config.optimizer.distributed:
+        meta["distrib_optim_sharding_type"] = "dp_reshardable"
+    return meta
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    model_sd = _unwrap(model).sharded_state_dict(metadata=dict(SHARDING_METADATA))
+def _sharded_state(model, optimizer, config: Config, is_loading: bool) -> dict:
+    model_sd = _unwrap(model).sharded_state_dict(metadata=_sharding_metadata(config))
     with cpu.cuda_to_cpu():
         opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                              metadata=dict(SHARDING_METADATA))
+                                              metadata=_sharding_metadata(config))
     return {"model": model_sd, "optimizer": opt_sd}
 
 
@@ -142,16 +152,18 @@ def save(root: Path, step: int, model, optimizer, scheduler, config: Config,
         tmp.mkdir()
     _barrier()
     with cpu.cuda_to_cpu():
-        dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(tmp))
+        dist_checkpointing.save(_sharded_state(model, optimizer, config, is_loading=False), str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    adam_steps = _adam_steps(optimizer)
     _barrier()
+    files = _gather({name: [size, digest] for name, size, digest in _my_files(tmp)})
     if _rank() == 0:
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
-                 if p.is_file()}
         meta = {
+            "format": FORMAT,
             "step": step,
             "train_state": train_state,
             "scheduler": scheduler.state_dict(),
+            "adam_steps": adam_steps,
             "model": model_definition(config),
             "parallel": asdict(config.parallel),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
@@ -167,8 +179,42 @@ def save(root: Path, step: int, model, optimizer, scheduler, config: Config,
     return final
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mine(name: str, rank: int, world: int) -> bool:
+    """Which rank hashes/verifies a file: the one that wrote it (Megatron names shard files
+    ``__{rank}_{i}.distcp``), else a rank chosen by name, so the work is spread."""
+    m = re.match(r"^__(\d+)_", name) or re.match(r"^rng_rank(\d+)\.pt$", name)
+    owner = int(m.group(1)) if m else sum(name.encode()) % world
+    return owner % world == rank
+
+
+def _my_files(directory: Path):
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for p in sorted(directory.rglob("*")):
+        name = str(p.relative_to(directory))
+        if p.is_file() and name != META and _mine(name, _rank(), world):
+            yield name, p.stat().st_size, _sha256(p)
+
+
+def _gather(mine: dict) -> dict:
+    if not dist.is_initialized():
+        return mine
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
 def read_meta(path: Path) -> dict:
-    """The checked metadata of checkpoint ``path``; CheckpointError if it is unusable."""
+    """The checked metadata of checkpoint ``path``; CheckpointError if it is unusable.
+    Every file is checked against the manifest (size, SHA-256), the hashing spread over the
+    ranks; all ranks raise the same error."""
     meta_path = path / META
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -178,16 +224,44 @@ def read_meta(path: Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text())
         files = meta["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        for key in ("step", "train_state", "scheduler", "model", "adam_steps", "world_size"):
+            meta[key]
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint {path} has metadata format "
+                                  f"{meta.get('format')}, this megatron-coe reads {FORMAT}")
+        for value in files.values():
+            size, digest = value
+            if not isinstance(size, int) or not isinstance(digest, str):
+                raise TypeError(f"bad manifest entry {value!r}")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
         raise CheckpointError(f"checkpoint {path}: {META} is corrupt ({err})") from None
-    for name, size in files.items():
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    problems = []
+    for name, (size, digest) in sorted(files.items()):
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: file {name} is missing")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: file {name} has "
-                                  f"{f.stat().st_size} bytes, the manifest says {size}")
+            problems.append(f"checkpoint {path} is incomplete: file {name} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"checkpoint {path} is truncated: file {name} has "
+                            f"{f.stat().st_size} bytes, the manifest says {size}")
+        elif _mine(name, _rank(), world) and _sha256(f) != digest:
+            problems.append(f"checkpoint {path} is corrupt: file {name} does not match its "
+                            "SHA-256 in the manifest")
+    problems = _all_problems(problems)
+    if problems:
+        raise CheckpointError(problems[0] + "; resume from another checkpoint with "
+                              "checkpoint.resume=PATH or start fresh with checkpoint.resume=none")
     return meta
+
+
+def _all_problems(mine: list[str]) -> list[str]:
+    if not dist.is_initialized():
+        return sorted(mine)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return sorted({p for part in parts for p in part})
 
 
 def check_compatible(meta: dict, config: Config, path: Path) -> None:
@@ -230,14 +304,27 @@ def _prime_adam_state(optimizer) -> None:
                     opt.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """After a load, each parameter's Adam ``step`` must be its own tensor.  The distributed
-    optimizer's CPU path hands every state the same tensor, which torch's Adam then increments
-    once per parameter per step (wrong bias correction, inexact resume)."""
+def _adam_steps(optimizer) -> list[float | None]:
+    """The Adam step count of each torch optimizer (they are equal across its parameters)."""
+    out = []
     for opt in _torch_optimizers(optimizer):
+        steps = {float(s["step"]) for s in opt.state.values() if "step" in s}
+        out.append(max(steps) if steps else None)
+    return out
+
+
+def _restore_adam_steps(optimizer, saved: list[float | None]) -> None:
+    """Set every parameter's Adam ``step`` to the saved count, each its own tensor.
+
+    On the CPU path (torch Adam, no TE/apex) the distributed optimizer restores ``step`` stale
+    (0, from the load template) and hands every parameter the *same* tensor, which torch's Adam
+    then increments once per parameter per step: wrong bias correction, inexact resume."""
+    for opt, step in zip(_torch_optimizers(optimizer), saved):
+        if step is None:
+            continue
         for state in opt.state.values():
-            if "step" in state and torch.is_tensor(state["step"]):
-                state["step"] = state["step"].detach().clone()
+            if "step" in state:
+                state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def load(path: Path, model, optimizer, scheduler, config: Config) -> dict:
@@ -247,7 +334,7 @@ def load(path: Path, model, optimizer, scheduler, config: Config) -> dict:
     meta = read_meta(path)
     check_compatible(meta, config, path)
     _prime_adam_state(optimizer)
-    sharded = _sharded_state(model, optimizer, is_loading=True)
+    sharded = _sharded_state(model, optimizer, config, is_loading=True)
     try:
         with cpu.cuda_to_cpu():
             state = dist_checkpointing.load(sharded, str(path))
@@ -255,10 +342,18 @@ def load(path: Path, model, optimizer, scheduler, config: Config) -> dict:
         raise CheckpointError(f"checkpoint {path} could not be read ({type(err).__name__}: "
                               f"{err}); it may be corrupt. Resume from another checkpoint with "
                               "checkpoint.resume=PATH") from None
-    _unwrap(model).load_state_dict(state["model"])
-    with torch.no_grad(), cpu.cuda_to_cpu():  # in-place copies into leaf parameters
-        optimizer.load_state_dict(state["optimizer"])
-    _unshare_adam_steps(optimizer)
+    try:
+        _unwrap(model).load_state_dict(state["model"])
+        with torch.no_grad(), cpu.cuda_to_cpu():  # in-place copies into leaf parameters
+            optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} (saved with parallel layout {meta['parallel']}) cannot be "
+            f"loaded into this one ({asdict(config.parallel)}): {err}. Megatron reshards "
+            "model and optimizer across data, pipeline and expert-parallel sizes as long as the "
+            "run keeps expert parallelism on (EP > 1) or off (EP = 1) as the saving run did"
+        ) from None
+    _restore_adam_steps(optimizer, meta["adam_steps"])
     scheduler.load_state_dict(meta["scheduler"])
     rng_file = path / f"rng_rank{_rank()}.pt"
     if meta["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):

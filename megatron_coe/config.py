@@ -587,6 +587,11 @@ def _validate_parallel(config: Config, world_size: int | None) -> None:
         raise ValueError(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}"
         )
+    if p.sequence_parallel and config.device == "cpu":
+        raise ValueError(
+            "parallel.sequence_parallel=true needs Transformer Engine or apex norms (Megatron's "
+            "torch norm fallback refuses it), so it does not run on device=cpu"
+        )
     if p.tensor > 1 and m.moe is not None and not p.sequence_parallel:
         raise ValueError(
             "parallel.tensor > 1 with MoE layers needs parallel.sequence_parallel=true "

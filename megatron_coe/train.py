@@ -5,10 +5,11 @@
 
 The loop, top to bottom:
   1. config: strict YAML + overrides; any bad value stops here, before process groups.
-  2. process groups (Megatron-Core), run directory, resolved config written there.
+  2. process groups (Megatron-Core), run directory.
   3. data: tokenizer and indexed dataset prepared in the run directory; Megatron GPT datasets.
   4. model (CoE layers via our module spec), Float16Module for bf16, Megatron DDP, optimizer,
-     LR scheduler; resume from the latest checkpoint if there is one.
+     LR scheduler; resume from the latest checkpoint if there is one; the resolved config is
+     written into the run directory.
   5. steps: Megatron's forward-backward schedule over the micro-batches, then - only if the loss
      and every gradient are finite - the optimizer step; else the step is skipped and counted.
      Log line / metrics.jsonl / TensorBoard every log_interval; validation every eval_interval;
@@ -145,7 +146,6 @@ def train(config) -> int:
     run_dir = Path(config.run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(config))
     dist.barrier()
 
     # 3. data
@@ -172,6 +172,8 @@ def train(config) -> int:
         state = checkpoint.load(resume_from, model, optimizer, scheduler, config)
         if rank == 0:
             print(f"resumed from {resume_from} at step {state['step']}", flush=True)
+    if rank == 0:  # only now: a run that fails to start leaves the run directory as it was
+        (run_dir / "config.yaml").write_text(dump_config(config))
 
     def save():
         checkpoint.save(ckpt_root, state["step"], model, optimizer, scheduler, config, state)
@@ -216,6 +218,7 @@ def train(config) -> int:
                              inject_nan=step in t.inject_nonfinite_steps)
         loss = mean_loss_over_dp(total)
         finite = math.isfinite(loss) and grads_are_finite(model, device)
+        lr = optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves after)
         grad_norm = float("nan")
         if finite:  # a non-finite loss or gradient never reaches the optimizer
             with torch.no_grad():
@@ -244,7 +247,7 @@ def train(config) -> int:
             done = step - start_step
             record = {
                 "kind": "train", "step": step, "loss": loss,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "tokens_per_s": tokens_per_step / elapsed,
                 "tflops_per_device": flops_per_token * tokens_per_step / elapsed / world / 1e12,

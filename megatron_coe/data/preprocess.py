@@ -81,7 +81,7 @@ def read_indexed_dataset(prefix: str | Path) -> list[np.ndarray]:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(str(prefix))
-    return [np.asarray(ds[i]) for i in range(len(ds))]
+    return [np.array(ds[i]) for i in range(len(ds))]  # copies: the mmap closes with ds
 
 
 def preprocess(input_path, output_prefix, tokenizer, text_keys=("text",)) -> int:
