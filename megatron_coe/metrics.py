@@ -38,18 +38,49 @@ def active_expert_passes(config: Config) -> float:
     return c * (moe.topk + shared)
 
 
-def forward_flops_per_token(config: Config) -> float:
+def parameter_count(config: Config) -> int:
+    """Total parameters of the model ``build_model`` makes (all ranks together)."""
+    m = config.model
+    h = m.hidden_size
+    if m.attention == "mla":
+        a, heads = m.mla, m.num_attention_heads
+        d_qk = a.qk_head_dim + a.qk_pos_emb_head_dim
+        # (no latent norms: Megatron adds them only with transformer_overrides.qk_layernorm)
+        q = (h * a.q_lora_rank + a.q_lora_rank * heads * d_qk if a.q_lora_rank
+             else h * heads * d_qk)
+        attn = (q + h * (a.kv_lora_rank + a.qk_pos_emb_head_dim)
+                + a.kv_lora_rank * heads * (a.qk_head_dim + a.v_head_dim)
+                + heads * a.v_head_dim * h)
+    else:
+        attn = 4 * h * h
+    total = 2 * m.vocab_size * h + h  # embedding, output layer, final norm
+    for layer in range(m.num_layers):
+        total += attn + 2 * h  # + input and pre-MLP norms
+        if m.moe is None or layer in m.dense_layers:
+            total += 3 * h * m.ffn_hidden_size
+        else:
+            moe = m.moe
+            routers = m.coe.iterations if m.coe and m.coe.router == "independent" else 1
+            total += routers * moe.num_experts * h + moe.num_experts * 3 * h * moe.expert_hidden_size
+            total += 3 * h * (moe.shared_expert_hidden_size or 0)
+    return total
+
+
+def forward_flops_per_token(config: Config, causal: bool = True) -> float:
+    """Matmul FLOPs of one token's forward pass.  ``causal``: count half of the S x S
+    attention products (what flash attention computes); False counts them all."""
     m = config.model
     h, s = m.hidden_size, m.seq_length
+    span = s / 2 if causal else s
     if m.attention == "mla":
         a = m.mla
         heads, d_qk = m.num_attention_heads, a.qk_head_dim + a.qk_pos_emb_head_dim
         q = (h * a.q_lora_rank + a.q_lora_rank * heads * d_qk) if a.q_lora_rank else h * heads * d_qk
         proj = (q + h * (a.kv_lora_rank + a.qk_pos_emb_head_dim)
                 + a.kv_lora_rank * heads * (a.qk_head_dim + a.v_head_dim) + heads * a.v_head_dim * h)
-        attn = 2 * proj + 2 * (s / 2) * heads * (d_qk + a.v_head_dim)
+        attn = 2 * proj + 2 * span * heads * (d_qk + a.v_head_dim)
     else:
-        attn = 2 * 4 * h * h + 2 * (s / 2) * 2 * h
+        attn = 2 * 4 * h * h + 2 * span * 2 * h
     total = 0.0
     for layer in range(m.num_layers):
         total += attn

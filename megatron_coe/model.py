@@ -93,8 +93,6 @@ def transformer_config(config: Config) -> TransformerConfig:
     kwargs.update(m.transformer_overrides)
     if m.attention == "mla":
         mla = m.mla
-        # DeepSeek-V2's RMSNorm on the compressed q and kv latents
-        kwargs.setdefault("qk_layernorm", True)
         return MLATransformerConfig(
             **kwargs,
             q_lora_rank=mla.q_lora_rank,
