@@ -117,9 +117,14 @@ def _row_bytes(dtype: torch.dtype, tail: torch.Size) -> int:
     return _numel(tail) * torch.empty((), dtype=dtype).element_size()
 
 
-def _all_to_all_rows(group, rows: torch.Tensor, out_splits: list[int], in_splits: list[int]):
+def _all_to_all_rows(group, rows: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                     what: str):
     out = rows.new_empty((sum(out_splits), rows.shape[1]))
-    dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
+    try:
+        dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
+    except RuntimeError as err:  # a dead, stuck or timed-out peer: say which collective
+        raise RuntimeError(f"CoE all-to-all failed ({what}, expert-parallel group of "
+                           f"{dist.get_world_size(group)} ranks): {err}") from err
     return out
 
 
@@ -129,18 +134,19 @@ class _CountedAllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, *tensors):
-        group, out_splits, in_splits, counters, iteration, phase = meta
+        group, out_splits, in_splits, counters, iteration, phase, layer = meta
         ctx.meta = meta
         ctx.specs = [(t.dtype, t.shape[1:]) for t in tensors]
         ctx.device = tensors[0].device
         packed = pack_rows(list(tensors))
         counters.record(iteration, phase, "forward", in_splits, out_splits, packed.shape[1])
-        out = _all_to_all_rows(group, packed, out_splits, in_splits)
+        what = f"layer {layer}, CoE iteration {iteration + 1}, {phase} forward"
+        out = _all_to_all_rows(group, packed, out_splits, in_splits, what)
         return tuple(unpack_rows(out, ctx.specs))
 
     @staticmethod
     def backward(ctx, *grads):
-        group, out_splits, in_splits, counters, iteration, phase = ctx.meta
+        group, out_splits, in_splits, counters, iteration, phase, layer = ctx.meta
         n_out = sum(out_splits)
         grads = [
             g if g is not None else torch.zeros((n_out, *tail), dtype=dtype, device=ctx.device)
@@ -148,7 +154,8 @@ class _CountedAllToAll(torch.autograd.Function):
         ]
         packed = pack_rows(grads)
         counters.record(iteration, phase, "backward", out_splits, in_splits, packed.shape[1])
-        back = _all_to_all_rows(group, packed, in_splits, out_splits)
+        what = f"layer {layer}, CoE iteration {iteration + 1}, {phase} backward"
+        back = _all_to_all_rows(group, packed, in_splits, out_splits, what)
         return (None, *unpack_rows(back, ctx.specs))
 
 
@@ -170,6 +177,7 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.iteration = 0
+        self.layer_number = None  # set by the layer, for error messages
         self.counters = A2ACounters(self.ep_group.rank() if self.ep_size > 1 else 0)
 
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
@@ -184,7 +192,7 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
             self.output_splits, n if self.output_splits is None else 0, self.ep_size
         )
         meta = (self.ep_group, self._out_splits, self._in_splits, self.counters,
-                self.iteration, "dispatch")
+                self.iteration, "dispatch", self.layer_number)
         tokens, probs = _CountedAllToAll.apply(meta, permutated_local_input_tokens, permuted_probs)
         return tokens, probs
 
@@ -193,6 +201,6 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self.ep_size == 1:
             return super().token_combine(hidden_states)
         meta = (self.ep_group, self._in_splits, self._out_splits, self.counters,
-                self.iteration, "combine")
+                self.iteration, "combine", self.layer_number)
         (out,) = _CountedAllToAll.apply(meta, hidden_states)
         return out

@@ -74,6 +74,9 @@ class CoELayer(MoELayer):
         )
         # Local tokens routed to each expert in each iteration, summed since the last reset.
         self.tokens_per_expert = torch.zeros(iterations, self.config.num_moe_experts)
+        # Non-finite values seen since the last reset, per iteration: [C, 2] for (router
+        # probabilities, iteration output F_t).  Tensor ops only: no device sync per iteration.
+        self.nonfinite = torch.zeros(iterations, 2, dtype=torch.bool)
 
     @property
     def routers(self) -> list:
@@ -84,11 +87,22 @@ class CoELayer(MoELayer):
 
     def set_layer_number(self, layer_number: int):
         super().set_layer_number(layer_number)
+        self.token_dispatcher.layer_number = layer_number
         for router in self.extra_routers:
             router.set_layer_number(layer_number)
 
     def reset_tokens_per_expert(self) -> None:
         self.tokens_per_expert.zero_()
+        self.nonfinite.zero_()
+
+    def first_nonfinite(self) -> str | None:
+        """Where non-finite values first appeared since the last reset, or None."""
+        bad = self.nonfinite.cpu()
+        for t in range(self.iterations):
+            for kind, name in enumerate(("router probabilities", "expert output")):
+                if bad[t, kind]:
+                    return f"layer {self.layer_number}, CoE iteration {t + 1}: {name}"
+        return None
 
     def _iteration(self, t: int, x, padding_mask):
         """F_t(x): route, dispatch, experts, combine, plus the shared expert."""
@@ -96,12 +110,17 @@ class CoELayer(MoELayer):
         with current_iteration(t):
             shared_out = self.shared_experts_compute(x)
             probs, routing_map = self.routers[t](x, padding_mask)
+        router_probs = probs
         self.tokens_per_expert[t] += routing_map.detach().sum(dim=0).to(self.tokens_per_expert)
         hidden, probs = self.preprocess(x, probs, routing_map)
         hidden, probs = self.dispatch(hidden, probs)
         out, _ = self.routed_experts_compute(hidden, probs)
         out = self.combine(out)
-        return self.postprocess(out, shared_out)
+        f = self.postprocess(out, shared_out)
+        with torch.no_grad():
+            self.nonfinite[t, 0] |= ~torch.isfinite(router_probs).all()
+            self.nonfinite[t, 1] |= ~torch.isfinite(f).all()
+        return f
 
     def _chain(self, x0, padding_mask=None):
         x, delta = x0, None
@@ -122,6 +141,7 @@ class CoELayer(MoELayer):
             raise ValueError("MoE/CoE with tensor parallelism needs sequence parallelism")
         if self.tokens_per_expert.device != hidden_states.device:
             self.tokens_per_expert = self.tokens_per_expert.to(hidden_states.device)
+            self.nonfinite = self.nonfinite.to(hidden_states.device)
         if padding_mask is not None:
             padding_mask = padding_mask.transpose(0, 1).bool()
         if self.moe_layer_recompute and self.training:

@@ -64,6 +64,10 @@ def initialize(config: Config) -> torch.device:
             expert_tensor_parallel_size=p.expert_tensor,
             distributed_timeout_minutes=p.timeout_minutes,
         )
+        # Megatron-Core 0.19.2 creates the expert-data-parallel gloo group without the timeout
+        # (it would wait the 30-minute default; cf. NVIDIA/Megatron-LM issue 2238): set it on
+        # every group it created.
+        parallel_state.update_pg_timeout(timeout)
     tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
     return device
 

@@ -128,6 +128,15 @@ def grads_are_finite(model, device) -> bool:
     return bool(ok.item())
 
 
+def first_nonfinite_layer(layers) -> str | None:
+    """The first CoE layer and iteration (forward order) with non-finite values this step."""
+    for layer in layers:
+        where = layer.first_nonfinite()
+        if where:
+            return where
+    return None
+
+
 def train(config) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -232,9 +241,11 @@ def train(config) -> int:
         state["consumed_samples"] += t.global_batch_size
         if not finite:
             state["skipped_steps"] += 1
-            if rank == 0:
-                print(f"step {step}: non-finite loss or gradient (loss {loss}); optimizer step "
-                      f"skipped ({state['skipped_steps']} so far)", flush=True)
+            where = first_nonfinite_layer(layers)
+            if rank == 0 or where:
+                print(f"[rank {rank}] step {step}: non-finite loss or gradient (loss {loss}"
+                      + (f"; first non-finite values in {where}" if where else "")
+                      + f"); optimizer step skipped ({state['skipped_steps']} so far)", flush=True)
             if state["skipped_steps"] > t.max_nonfinite_steps:
                 raise RuntimeError(
                     f"{state['skipped_steps']} non-finite steps exceed "

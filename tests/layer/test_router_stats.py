@@ -58,3 +58,22 @@ def test_expert_bias_counts_are_per_router():
         assert r.expert_bias is not None
         assert torch.equal(r.local_tokens_per_expert, layer.tokens_per_expert[t])
         assert r.local_tokens_per_expert.sum() == S * B * 2
+
+
+def test_nonfinite_values_are_located_by_layer_and_iteration():
+    torch.manual_seed(2)
+    layer = _layer(3, "independent", aux_loss="none")
+    x = torch.randn(S, B, H)
+    layer(x)
+    assert layer.first_nonfinite() is None
+    with torch.no_grad():
+        layer.routers[1].weight[0, 0] = float("nan")  # iteration 2's router
+    layer(x)
+    assert layer.first_nonfinite() == "layer 1, CoE iteration 2: router probabilities"
+    layer.reset_tokens_per_expert()
+    with torch.no_grad():
+        layer.routers[1].weight[0, 0] = 0.0
+        for expert in layer.experts.local_experts:  # an expert blows up: first seen in iteration 1
+            expert.linear_fc2.weight[0, 0] = float("inf")
+    layer(x)
+    assert layer.first_nonfinite() == "layer 1, CoE iteration 1: expert output"
