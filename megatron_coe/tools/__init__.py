@@ -1,0 +1,1 @@
+"""Command-line tools around coe-train (soak runs, comparisons, analyses)."""
