@@ -142,6 +142,18 @@ def cuda_to_cpu():
         yield
 
 
+@contextlib.contextmanager
+def outside_cuda_to_cpu():
+    """Leave :func:`cuda_to_cpu` for the block: the model's own forward needs no remapping,
+    and the mode's per-op Python dispatch would slow it down (see benchmarks/cpu_backend.py)."""
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not stack or not isinstance(stack[-1], _CudaToCpuMode):
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
+
+
 def _patches() -> list[tuple[str, str, Callable | Any]]:
     """(module path, attribute, replacement) for every CUDA assumption we redirect."""
     return [

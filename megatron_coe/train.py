@@ -60,10 +60,14 @@ class StopRequest:
 
 def forward_step(data_iterator, model, inject_nan=False):
     """One micro-batch: returns the per-token losses and the function reducing them."""
+    from megatron_coe import cpu
+
     batch = next(data_iterator)
     device = next(model.parameters()).device
     tokens = batch["tokens"].to(device)
-    output = model(tokens, batch["position_ids"].to(device), None, labels=batch["labels"].to(device))
+    with cpu.outside_cuda_to_cpu():  # the schedule needs the CUDA remapping, the model does not
+        output = model(tokens, batch["position_ids"].to(device), None,
+                       labels=batch["labels"].to(device))
     loss_mask = batch["loss_mask"].to(device).float()
 
     def loss_func(per_token):
