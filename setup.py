@@ -24,6 +24,7 @@ setup(
         "nvidia-ml-py",
         "tensorboard",
         "tokenizers",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis"]},
     entry_points={
@@ -31,6 +32,7 @@ setup(
             "coe-train=megatron_coe.train:main",
             "coe-preprocess=megatron_coe.data.preprocess:main",
             "coe-smoke=megatron_coe.smoke:main",
+            "coe-compare=megatron_coe.tools.compare:main",
         ],
     },
 )
