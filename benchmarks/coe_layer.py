@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -163,9 +162,9 @@ def main(argv=None):
     all_results = []
     for ep in args.ep:
         a = argparse.Namespace(**{**vars(args), "ep": ep})
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from megatron_coe.parallel import free_port
+
+        port = free_port()
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         mp.start_processes(run, args=(ep, a, port, q), nprocs=ep, join=True, start_method="spawn")

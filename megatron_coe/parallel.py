@@ -20,7 +20,8 @@ from megatron_coe import cpu
 from megatron_coe.config import Config, validate
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (for one-process groups and tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,7 +51,7 @@ def initialize(config: Config) -> torch.device:
             dist.init_process_group(backend, timeout=timeout)
         else:
             dist.init_process_group(
-                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                 timeout=timeout,
             )
     validate(config, world_size=dist.get_world_size())

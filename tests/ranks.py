@@ -9,15 +9,18 @@ A failure on any rank re-raises here with that rank's traceback.  ``fn`` must be
 from __future__ import annotations
 
 import os
-import socket
+import re
 
 import torch.multiprocessing as mp
 
+from megatron_coe.parallel import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
+    """State-dict name of a local expert parameter -> its name in the EP = 1 model:
+    local expert j on expert-parallel rank r is global expert r * num_local + j."""
+    return re.sub(r"local_experts\.(\d+)\.",
+                  lambda m: f"local_experts.{ep_rank * num_local + int(m.group(1))}.", name)
 
 
 def _entry(rank, world_size, port, fn, args):
@@ -38,5 +41,5 @@ def _entry(rank, world_size, port, fn, args):
 
 
 def run_ranks(fn, world_size: int, *args) -> None:
-    mp.start_processes(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size,
+    mp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size,
                        join=True, start_method="spawn")

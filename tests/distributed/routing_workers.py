@@ -121,16 +121,14 @@ def ep2_worker(rank, inbox, outbox, port, weights):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from ranks import global_expert_name
     from reference import max_rel_err
 
     layers = _layers(2, rank)
     local = N // 2
 
     def global_name(name):
-        if name.startswith("experts.local_experts."):
-            j = int(name.split(".")[2])
-            return name.replace(f"local_experts.{j}.", f"local_experts.{rank * local + j}.", 1)
-        return name
+        return global_expert_name(name, rank, local)
 
     for key, layer in layers.items():
         layer.load_state_dict({n: weights[key][global_name(n)] for n in layer.state_dict()
@@ -166,7 +164,7 @@ class Workers:
     """Start the EP = 1 and EP = 2 worlds; ``compare(case)`` -> list of mismatches."""
 
     def __init__(self):
-        from ranks import _free_port
+        from megatron_coe.parallel import free_port as _free_port
 
         ctx = mp.get_context("spawn")
         self.q1_in, self.q1_out = ctx.Queue(), ctx.Queue()

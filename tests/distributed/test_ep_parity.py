@@ -15,7 +15,7 @@ rank that owns the expert; bytes = rows x (hidden + prob) bytes.
 import pytest
 import torch
 
-from ranks import run_ranks
+from ranks import global_expert_name, run_ranks
 
 S, B, H, N, K, C = 8, 2, 16, 8, 2, 2
 
@@ -43,10 +43,7 @@ def load_local(layer, weights, ep_rank, num_local):
     ep_rank * num_local + j."""
     state = {}
     for key in layer.state_dict():
-        src = key
-        if key.startswith("experts.local_experts."):
-            j = int(key.split(".")[2])
-            src = key.replace(f"local_experts.{j}.", f"local_experts.{ep_rank * num_local + j}.", 1)
+        src = global_expert_name(key, ep_rank, num_local)
         if src in weights:
             state[key] = weights[src]
     missing = [k for k in layer.state_dict() if k not in state and "_extra_state" not in k]
@@ -95,10 +92,7 @@ def _ep2(rank, world, path, capacity_factor, pad):
         g = p.grad.clone()
         if not name.startswith("experts."):  # replicated: each rank holds its tokens' share
             dist.all_reduce(g)
-        src = name
-        if name.startswith("experts.local_experts."):
-            j = int(name.split(".")[2])
-            src = name.replace(f"local_experts.{j}.", f"local_experts.{rank * num_local + j}.", 1)
+        src = global_expert_name(name, rank, num_local)
         assert max_rel_err(g, ref["grads"][src]) <= 1e-5, name
 
     # The plain-PyTorch formula on all global tokens, with one capacity group per rank.

@@ -2,10 +2,9 @@
 backward on 2 CPU ranks with EP = 2, and matches the same model with the same weights on one
 rank (EP = 1): per-token losses, and every gradient (replicated ones summed over ranks)."""
 
-import re
-
 import torch
 
+from ranks import global_expert_name as _global_name
 from ranks import run_ranks
 
 B, SEQ, V, N = 2, 16, 64, 8
@@ -25,12 +24,6 @@ def make_config(ep, residual="inner"):
                   "coe": {"iterations": 2, "residual": residual}},
         "parallel": {"expert": ep},
     })
-
-
-def _global_name(name, rank, num_local):
-    def shift(m):
-        return f"local_experts.{rank * num_local + int(m.group(1))}."
-    return re.sub(r"local_experts\.(\d+)\.", shift, name)
 
 
 def _ep1(rank, world, path, residual):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +23,9 @@ def torchrun(overrides: list[str], nproc: int = 2, timeout: int = 300, config: s
 
 def spawn_ranks(overrides: list[str], nproc: int = 2, config: str = TINY):
     """Start the ranks as independent processes (no torchrun supervising them)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from megatron_coe.parallel import free_port
+
+    port = free_port()
     procs = []
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
