@@ -285,8 +285,11 @@ def find_resume(config: Config, root: Path) -> Path | None:
 
 
 def _torch_optimizers(optimizer):
+    """The inner torch.optim Adam/AdamW optimizers (the CPU path).  TE's and apex's FusedAdam
+    keep ``step`` per param group and need none of the fixes below."""
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [sub.optimizer for sub in subs if getattr(sub, "optimizer", None) is not None]
+    inner = [getattr(sub, "optimizer", None) for sub in subs]
+    return [opt for opt in inner if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))]
 
 
 def _prime_adam_state(optimizer) -> None:

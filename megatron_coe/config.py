@@ -367,8 +367,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
     when given, is checked against the parallel sizes (every factor printed)."""
     _choice(config.device, DEVICES, "device")
     _choice(config.precision, PRECISIONS, "precision")
-    if config.device == "cpu" and config.precision == "fp16":
-        raise ValueError("precision=fp16 is not supported on device=cpu; use fp32 or bf16")
+    if config.precision == "fp16":
+        raise ValueError("precision=fp16 is not supported yet (coe-train does not wire "
+                         "Megatron's loss scaler); use bf16 or fp32")
     f8 = config.fp8
     _choice(f8.format, FP8_FORMATS, "fp8.format")
     _choice(f8.recipe, FP8_RECIPES, "fp8.recipe")
@@ -587,6 +588,10 @@ def _validate_parallel(config: Config, world_size: int | None) -> None:
         raise ValueError(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}"
         )
+    if p.context > 1:
+        raise ValueError(f"parallel.context={p.context}: context parallelism is not supported "
+                         "yet (coe-train does not split sequences per context-parallel rank); "
+                         "use parallel.context=1")
     if p.sequence_parallel and config.device == "cpu":
         raise ValueError(
             "parallel.sequence_parallel=true needs Transformer Engine or apex norms (Megatron's "

@@ -69,7 +69,10 @@ def initialize(config: Config) -> torch.device:
         # (it would wait the 30-minute default; cf. NVIDIA/Megatron-LM issue 2238): set it on
         # every group it created.
         parallel_state.update_pg_timeout(timeout)
-    tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+    # Megatron-LM offsets the seed per pipeline stage (the RNG tracker only offsets by TP/EP
+    # rank), so stages do not initialise their layers from the same random stream.
+    seed = config.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return device
 
 

@@ -64,13 +64,17 @@ def iteration_stats(layers, num_microbatches: int) -> dict:
     loads = torch.stack([layer.tokens_per_expert for layer in layers]).float()  # [L, C, N]
     names = sorted(tracker.metrics)
     aux = (torch.stack([tracker.metrics[n].values.float() for n in names])
-           if names else torch.zeros(0, 1))
-    loads, aux = loads.cpu(), aux.cpu()
+           if names else torch.zeros(0, 1, device=loads.device))
     if dist.is_initialized():
-        world = dist.get_world_size()
-        dist.all_reduce(loads)
-        dist.all_reduce(aux)
-        aux /= world
+        # ranks of the same pipeline stage (same layers, same metric names): the data-parallel
+        # group, which contains the expert-parallel ranks
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        dist.all_reduce(loads, group=group)
+        dist.all_reduce(aux, group=group)
+        aux /= dist.get_world_size(group)
+    loads, aux = loads.cpu(), aux.cpu()
     out = {}
     layer_ids = sorted({layer.layer_number for layer in layers})
     for t in range(loads.shape[1]):

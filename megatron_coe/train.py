@@ -106,11 +106,11 @@ def run_schedule(model, batches, config, forward_only, inject_nan=False):
     return total
 
 
-def mean_loss_over_dp(total: torch.Tensor) -> float:
+def mean_loss_over_dp(total: torch.Tensor, device) -> float:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    total = total.to(torch.float64)
+    total = total.to(device=device, dtype=torch.float64)  # NCCL reduces device tensors only
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # loss lives on last stage
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
@@ -121,13 +121,14 @@ def grads_are_finite(model, device) -> bool:
     """True iff every gradient on every rank is finite (one all-reduce)."""
     import torch.distributed as dist
 
-    ok = torch.ones(1, device=device)
+    flags = []
     for p in model.parameters():
         g = getattr(p, "main_grad", None)
         g = p.grad if g is None else g
-        if g is not None and not torch.isfinite(g).all():
-            ok.zero_()
-            break
+        if g is not None:
+            flags.append(torch.isfinite(g).all())
+    # one device tensor, one sync: not one per parameter
+    ok = torch.stack(flags).all().float().reshape(1) if flags else torch.ones(1, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
 
@@ -188,8 +189,15 @@ def train(config) -> int:
     if rank == 0:  # only now: a run that fails to start leaves the run directory as it was
         (run_dir / "config.yaml").write_text(dump_config(config))
 
+    saved_step = state["step"] if resume_from is not None else None
+
     def save():
-        checkpoint.save(ckpt_root, state["step"], model, optimizer, scheduler, config, state)
+        # never rewrite a checkpoint of the same step (e.g. the resumed one, or a stop that
+        # lands on a save_interval step): replacing it would briefly leave none
+        nonlocal saved_step
+        if saved_step != state["step"]:
+            checkpoint.save(ckpt_root, state["step"], model, optimizer, scheduler, config, state)
+            saved_step = state["step"]
 
     def evaluate():
         model.eval()
@@ -200,7 +208,7 @@ def train(config) -> int:
                                       config, forward_only=True)
         model.train()
         router_stats.reset(layers)
-        loss = mean_loss_over_dp(total)
+        loss = mean_loss_over_dp(total, device)
         if rank == 0:
             print(f"validation at step {state['step']}: loss {loss:.4f} "
                   f"ppl {math.exp(min(loss, 50)):.2f}", flush=True)
@@ -229,7 +237,7 @@ def train(config) -> int:
         total = run_schedule(model, batches_at(train_ds, state["step"] * t.global_batch_size),
                              config, forward_only=False,
                              inject_nan=step in t.inject_nonfinite_steps)
-        loss = mean_loss_over_dp(total)
+        loss = mean_loss_over_dp(total, device)
         finite = math.isfinite(loss) and grads_are_finite(model, device)
         lr = optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves after)
         grad_norm = float("nan")

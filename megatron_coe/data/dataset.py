@@ -66,8 +66,8 @@ def prepare(config: Config, run_dir: Path):
                     ids = preprocess.tokenize_documents(docs, tokenizer, source)
                     preprocess.write_indexed_dataset(ids, data_dir / f"part{i}",
                                                      tokenizer.vocab_size)
-        except ValueError as err:
-            error = str(err)
+        except Exception as err:  # any failure: the other ranks must hear of it, not wait
+            error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
     if dist.is_initialized():  # every rank learns whether rank 0 succeeded
         box = [error]
         dist.broadcast_object_list(box, src=0)
