@@ -273,6 +273,25 @@ def check_compatible(meta: dict, config: Config, path: Path) -> None:
                               + "; ".join(diffs))
 
 
+def set_aside_newer(root: Path, step: int) -> list[Path]:
+    """After an explicit roll-back to ``step``: move the abandoned run's later checkpoints to
+    ``root/abandoned/`` (kept, not deleted), so neither auto-resume nor pruning mistakes them
+    for this run's newest.  Rank 0 only."""
+    later = [p for p in list_checkpoints(root) if int(STEP_DIR.match(p.name).group(1)) > step]
+    if not later:
+        return []
+    target = root / "abandoned" / f"after_rollback_to_step_{step:07d}"
+    target.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for p in later:
+        dest = target / p.name
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(p, dest)
+        moved.append(dest)
+    return moved
+
+
 def find_resume(config: Config, root: Path) -> Path | None:
     """The checkpoint to resume from, or None for a fresh start."""
     resume = config.checkpoint.resume

@@ -186,6 +186,10 @@ def train(config) -> int:
         state = checkpoint.load(resume_from, model, optimizer, scheduler, config)
         if rank == 0:
             print(f"resumed from {resume_from} at step {state['step']}", flush=True)
+            if config.checkpoint.resume not in ("auto", "none"):
+                for moved in checkpoint.set_aside_newer(ckpt_root, state["step"]):
+                    print(f"rolled back: later checkpoint kept aside as {moved}", flush=True)
+        dist.barrier()
     if rank == 0:  # only now: a run that fails to start leaves the run directory as it was
         (run_dir / "config.yaml").write_text(dump_config(config))
 

@@ -68,6 +68,22 @@ def test_checkpoint_of_another_model_shape_is_refused(trained, tmp_path):
              "model.moe.num_experts: checkpoint 8 vs config 4")
 
 
+def test_rollback_to_an_earlier_checkpoint_sets_later_ones_aside(trained, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    ckpts = run_dir / "checkpoints"
+    old8 = snapshot(ckpts / "step_0000008")
+    result = torchrun([f"run_dir={run_dir}", *BASE, f"checkpoint.resume={ckpts}/step_0000004",
+                       "checkpoint.save_interval=0"])
+    check(result)
+    assert "rolled back: later checkpoint kept aside" in result.stdout
+    aside = ckpts / "abandoned" / "after_rollback_to_step_0000004" / "step_0000008"
+    assert snapshot(aside) == old8  # the abandoned run's checkpoint is kept intact
+    assert (ckpts / "step_0000008" / "coe_meta.json").is_file()  # the new run's step 8
+
+
 def test_injected_nan_is_skipped_counted_and_training_continues(tmp_path):
     run_dir = tmp_path / "nan"
     result = torchrun([f"run_dir={run_dir}", *BASE, "train.inject_nonfinite_steps=[3,5]"])
