@@ -156,7 +156,8 @@ def save(root: Path, step: int, model, optimizer, scheduler, config: Config,
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     adam_steps = _adam_steps(optimizer)
     _barrier()
-    files = _gather({name: [size, digest] for name, size, digest in _my_files(tmp)})
+    files = {k: v for part in _all_gather({name: [size, digest] for name, size, digest
+                                            in _my_files(tmp)}) for k, v in part.items()}
     if _rank() == 0:
         meta = {
             "format": FORMAT,
@@ -203,12 +204,13 @@ def _my_files(directory: Path):
             yield name, p.stat().st_size, _sha256(p)
 
 
-def _gather(mine: dict) -> dict:
+def _all_gather(mine) -> list:
+    """Every rank's ``mine`` (just ours without a process group)."""
     if not dist.is_initialized():
-        return mine
+        return [mine]
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in part.items()}
+    return parts
 
 
 def read_meta(path: Path) -> dict:
@@ -249,19 +251,12 @@ def read_meta(path: Path) -> dict:
         elif _mine(name, _rank(), world) and _sha256(f) != digest:
             problems.append(f"checkpoint {path} is corrupt: file {name} does not match its "
                             "SHA-256 in the manifest")
-    problems = _all_problems(problems)
+    problems = sorted({p for part in _all_gather(problems) for p in part})
     if problems:
         raise CheckpointError(problems[0] + "; resume from another checkpoint with "
                               "checkpoint.resume=PATH or start fresh with checkpoint.resume=none")
     return meta
 
-
-def _all_problems(mine: list[str]) -> list[str]:
-    if not dist.is_initialized():
-        return sorted(mine)
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    return sorted({p for part in parts for p in part})
 
 
 def check_compatible(meta: dict, config: Config, path: Path) -> None:

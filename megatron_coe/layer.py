@@ -91,7 +91,8 @@ class CoELayer(MoELayer):
         for router in self.extra_routers:
             router.set_layer_number(layer_number)
 
-    def reset_tokens_per_expert(self) -> None:
+    def reset_step_stats(self) -> None:
+        """Zero the per-iteration expert load and non-finite flags (once per step)."""
         self.tokens_per_expert.zero_()
         self.nonfinite.zero_()
 

@@ -167,6 +167,15 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The records :class:`MetricsWriter` wrote in ``run_dir`` (of one ``kind`` if given)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("kind") == kind]
+
+
 class MetricsWriter:
     """Rank 0 only: appends one JSON object per record to run_dir/metrics.jsonl and mirrors
     the numbers as TensorBoard scalars (run_dir/tensorboard)."""

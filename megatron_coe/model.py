@@ -8,7 +8,6 @@ spec on CUDA (TE is imported only then, and a missing TE is reported by name).
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.nn.functional as F

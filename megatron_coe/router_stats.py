@@ -99,4 +99,4 @@ def iteration_stats(layers, num_microbatches: int) -> dict:
 def reset(layers) -> None:
     moe_logging.get_moe_metrics_tracker().clear()
     for layer in layers:
-        layer.reset_tokens_per_expert()
+        layer.reset_step_stats()

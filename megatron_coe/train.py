@@ -146,7 +146,7 @@ def train(config) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_coe import checkpoint, parallel, router_stats
+    from megatron_coe import checkpoint, cpu, parallel, router_stats
     from megatron_coe.config import dump_config
     from megatron_coe.data import dataset
     from megatron_coe.metrics import (GPUTelemetry, MetricsWriter, format_line, memory_gib,
@@ -246,10 +246,8 @@ def train(config) -> int:
         lr = optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves after)
         grad_norm = float("nan")
         if finite:  # a non-finite loss or gradient never reaches the optimizer
-            with torch.no_grad():
-                from megatron_coe import cpu
-                with cpu.cuda_to_cpu():
-                    applied, grad_norm, _ = optimizer.step()
+            with torch.no_grad(), cpu.cuda_to_cpu():
+                applied, grad_norm, _ = optimizer.step()
             if applied:
                 scheduler.step(increment=1)
             finite = applied and grad_norm is not None and math.isfinite(grad_norm)

@@ -42,11 +42,6 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def prepare(config: Config, run_dir: Path):
     """Tokenizer + indexed-dataset prefixes for the run; rank 0 writes, the others wait.
     Raises ValueError (before any training) for unreadable or out-of-vocabulary data."""

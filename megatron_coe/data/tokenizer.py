@@ -22,7 +22,6 @@ class ByteTokenizer:
     vocab_size = 257
     eod = 256
     pad = 256
-    name = "byte"
     # Megatron's dataset cache keys include the tokenizer's identity.
     unique_identifiers = {"class": "ByteTokenizer", "vocab_size": 257}
 
@@ -51,7 +50,6 @@ class JsonTokenizer:
             raise ValueError(f"tokenizer file {path} has no end-of-document token {eod_token!r}")
         self.eod = self.pad = eod
         self.vocab_size = self._tok.get_vocab_size()
-        self.name = str(path)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         self.unique_identifiers = {"class": "JsonTokenizer", "sha256": digest,
                                    "vocab_size": self.vocab_size, "eod": self.eod}

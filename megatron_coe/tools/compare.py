@@ -27,19 +27,14 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from megatron_coe.metrics import read_metrics
+
 SAME = ("data", "schedule", "optimizer")
 SAME_TRAIN = ("steps", "global_batch_size", "eval_interval", "eval_iters")
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _finished(run_dir: Path, steps: int) -> bool:
-    return any(r["kind"] == "valid" and r["step"] == steps for r in _records(run_dir))
+    return any(r["step"] == steps for r in read_metrics(run_dir, "valid"))
 
 
 def check_comparable(configs: dict) -> None:
@@ -67,7 +62,7 @@ def summarize(configs: dict, seeds: list[int], out: Path) -> dict:
     for name, config in configs.items():
         finals, bests, mems, speeds = [], [], [], []
         for seed in seeds:
-            recs = _records(out / "runs" / name / f"seed{seed}")
+            recs = read_metrics(out / "runs" / name / f"seed{seed}")
             raw[f"{name}/seed{seed}"] = recs
             valid = {r["step"]: r["loss"] for r in recs if r["kind"] == "valid"}
             train = [r for r in recs if r["kind"] == "train"]

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_coe.metrics import read_metrics
+
 
 def _train(config: str, overrides: list[str], timeout: int) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -29,13 +31,8 @@ def _train(config: str, overrides: list[str], timeout: int) -> float:
     return time.time() - start
 
 
-def _records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == kind:
-            out[r["step"]] = r
-    return out
+def _records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir, "train")}
 
 
 def main(argv=None) -> int:

@@ -72,7 +72,7 @@ def _ep2(rank, world, path, capacity_factor, pad):
     import torch.distributed as dist
 
     from megatron_coe.model import build_moe_layer
-    from reference import coe_forward, layer_weights, max_rel_err
+    from reference import coe_forward, max_rel_err
 
     ref = torch.load(path, weights_only=True)
     layer = build_moe_layer(make_config(2, capacity_factor, pad))

@@ -70,7 +70,7 @@ def test_nonfinite_values_are_located_by_layer_and_iteration():
         layer.routers[1].weight[0, 0] = float("nan")  # iteration 2's router
     layer(x)
     assert layer.first_nonfinite() == "layer 1, CoE iteration 2: router probabilities"
-    layer.reset_tokens_per_expert()
+    layer.reset_step_stats()
     with torch.no_grad():
         layer.routers[1].weight[0, 0] = 0.0
         for expert in layer.experts.local_experts:  # an expert blows up: first seen in iteration 1

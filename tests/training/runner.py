@@ -3,7 +3,6 @@ read what it wrote."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -38,14 +37,9 @@ def spawn_ranks(overrides: list[str], nproc: int = 2, config: str = TINY):
 
 
 def metrics(run_dir: Path, kind: str = "train") -> dict[int, dict]:
-    out = {}
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("kind") == kind:
-                out[record["step"]] = record
-    return out
+    from megatron_coe.metrics import read_metrics
+
+    return {r["step"]: r for r in read_metrics(run_dir, kind)}
 
 
 def check(result) -> None:
