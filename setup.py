@@ -33,6 +33,7 @@ setup(
             "coe-preprocess=megatron_coe.data.preprocess:main",
             "coe-smoke=megatron_coe.smoke:main",
             "coe-compare=megatron_coe.tools.compare:main",
+            "coe-routing=megatron_coe.tools.routing:main",
         ],
     },
 )

@@ -344,6 +344,25 @@ def _restore_adam_steps(optimizer, saved: list[float | None]) -> None:
                 state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def load_model(path: Path, model, config: Config) -> dict:
+    """Restore only the model's weights from checkpoint ``path`` (any parallel layout Megatron
+    can reshard; e.g. an EP = 2 run analysed in one process); returns the checkpoint's
+    metadata.  Nothing but tensors is read."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_meta(path)
+    check_compatible(meta, config, path)
+    sharded = {"model": _unwrap(model).sharded_state_dict(metadata=_sharding_metadata(config))}
+    try:
+        with cpu.cuda_to_cpu():
+            state = dist_checkpointing.load(sharded, str(path))
+        _unwrap(model).load_state_dict(state["model"])
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: model weights could not be read "
+                              f"({type(err).__name__}: {err})") from None
+    return meta
+
+
 def load(path: Path, model, optimizer, scheduler, config: Config) -> dict:
     """Restore everything from checkpoint ``path``; returns its train_state."""
     from megatron.core import dist_checkpointing

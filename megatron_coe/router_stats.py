@@ -28,6 +28,11 @@ def current_iteration(t: int):
         _ITERATION.reset(token)
 
 
+def active_iteration() -> int | None:
+    """The CoE iteration (0-based) running now, or None outside a CoE layer."""
+    return _ITERATION.get()
+
+
 def iteration_metric_name(name: str, t: int) -> str:
     return f"{name}/iter{t + 1}"
 
@@ -36,7 +41,7 @@ class CoEMetricsTracker(MoEMetricsTracker):
     """MoEMetricsTracker that keeps CoE iterations apart."""
 
     def record(self, name, value, layer_number, num_layers, **kwargs):
-        t = _ITERATION.get()
+        t = active_iteration()
         if t is not None:
             name = iteration_metric_name(name, t)
         super().record(name, value, layer_number, num_layers, **kwargs)

@@ -69,6 +69,16 @@ def prepare(config: Config, run_dir: Path):
         error = box[0]
     if error:
         raise ValueError(error)
+    return open_prepared(config, run_dir)
+
+
+def open_prepared(config: Config, run_dir: Path):
+    """Tokenizer + indexed-dataset prefixes that :func:`prepare` wrote into ``run_dir``
+    (reads only; for tools that analyse a finished run)."""
+    d = config.data
+    data_dir = run_dir / "data"
+    if d.tokenizer == "bpe" and not (data_dir / "tokenizer.json").is_file():
+        raise ValueError(f"{data_dir / 'tokenizer.json'} does not exist: not a prepared run")
     tokenizer = _tokenizer(config, data_dir)
     if d.source == "indexed":
         prefixes = list(d.paths)
@@ -78,6 +88,9 @@ def prepare(config: Config, run_dir: Path):
                     raise ValueError(f"data.paths: {p}{ext} does not exist")
     else:
         prefixes = [str(data_dir / f"part{i}") for i in range(len(d.paths) or 1)]
+        for p in prefixes:
+            if not Path(p + ".idx").is_file():
+                raise ValueError(f"{p}.idx does not exist: not a prepared run")
     if config.model.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                          f"tokenizer's {tokenizer.vocab_size}; raise model.vocab_size")

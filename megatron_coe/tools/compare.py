@@ -2,13 +2,15 @@
 then tabulate and plot the validation losses.
 
     coe-compare --configs configs/tiny/moe-8of64.yaml configs/tiny/coe-2-4of64.yaml \\
-                --seeds 1 2 3 --out runs/compare [--nproc 1] [-- key=value ...]
+                --seeds 1 2 3 --out runs/compare [--nproc 1] [--jobs 2] [-- key=value ...]
 
 Each run is ``coe-train CONFIG run_dir=OUT/runs/<config>/seed<S> seed=S [overrides]``: the seed
 changes the model's initialisation, never the data (``data.seed`` stays the config's, so every
 config of a seed sees the same batches in the same order).  The configs must agree on data,
 token budget and schedule; the runner refuses them otherwise.  A finished run (validation
 record at its last step) is skipped; an unfinished one resumes from its latest checkpoint.
+``--jobs J`` trains J runs at once, each with its share of the CPU cores as torch threads (on a
+small machine several single-threaded runs use the cores better than one run's threads do).
 
 Writes OUT/results.json and OUT/results.md (per config: final and best validation loss, mean
 and spread over seeds, parameters, active expert passes and training FLOPs per token, peak
@@ -24,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -137,6 +140,30 @@ def _plot(result: dict, configs: dict, seeds: list[int], out: Path) -> None:
     plt.close(fig)
 
 
+def _train(seed: int, path: str, configs: dict, out: Path, args, threads: int) -> int:
+    """Train (or finish) one config at one seed; 0 when its run is complete."""
+    name = Path(path).stem
+    run_dir = out / "runs" / name / f"seed{seed}"
+    if _finished(run_dir, configs[name].train.steps):
+        print(f"{name} seed {seed}: finished, skipped", flush=True)
+        return 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc}", "-m", "megatron_coe.train", path,
+           *args.overrides, f"run_dir={run_dir}", f"seed={seed}"]
+    print(f"{name} seed {seed}: training in {run_dir}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    with (run_dir / "train.log").open("a") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        print(f"{name} seed {seed}: failed (exit {rc}); see {run_dir}/train.log",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"{name} seed {seed}: done", flush=True)
+    return rc
+
+
 def main(argv=None) -> int:
     from megatron_coe.config import load_config
 
@@ -145,6 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--out", required=True)
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every run")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
@@ -153,28 +181,17 @@ def main(argv=None) -> int:
         if len(configs) != len(args.configs):
             raise ValueError("two configs have the same file name; rename one")
         check_comparable(configs)
+        if args.jobs < 1 or args.nproc < 1:
+            raise ValueError("--jobs and --nproc must be at least 1")
     except ValueError as err:
         print(f"coe-compare: {err}", file=sys.stderr)
         return 2
-    for seed in args.seeds:
-        for path in args.configs:
-            name = Path(path).stem
-            run_dir = out / "runs" / name / f"seed{seed}"
-            if _finished(run_dir, configs[name].train.steps):
-                print(f"{name} seed {seed}: finished, skipped", flush=True)
-                continue
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={args.nproc}", "-m", "megatron_coe.train", path,
-                   *args.overrides, f"run_dir={run_dir}", f"seed={seed}"]
-            print(f"{name} seed {seed}: training in {run_dir}", flush=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with (run_dir / "train.log").open("a") as log:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONWARNINGS": "ignore"}).returncode
-            if rc != 0:
-                print(f"{name} seed {seed}: failed (exit {rc}); see {run_dir}/train.log",
-                      file=sys.stderr)
-                return 1
+    runs = [(seed, path) for seed in args.seeds for path in args.configs]
+    threads = max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        codes = list(pool.map(lambda run: _train(*run, configs, out, args, threads), runs))
+    if any(codes):
+        return 1
     result = summarize(configs, args.seeds, out)
     command = " ".join(["coe-compare", *(sys.argv[1:] if argv is None else argv)])
     write_outputs(result, configs, args.seeds, out, command)
