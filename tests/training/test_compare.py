@@ -61,3 +61,19 @@ def test_unfair_comparison_is_refused(tmp_path, capsys):
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
     assert compare.main(["--configs", a, str(tmp_path / "b.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "differ in train.steps" in capsys.readouterr().err
+
+
+def test_study_scripts_name_comparable_configs():
+    """The committed study commands (CPU and GPU) list existing configs that coe-compare accepts
+    together: a config that drifts in data, schedule or budget would stop the study."""
+    import re
+
+    from megatron_coe.config import load_config
+    from megatron_coe.tools.compare import check_comparable
+
+    for script, expected in (("cpu-gsm8k.sh", "tiny"), ("paper-gpu.sh", "paper")):
+        text = (ROOT / "launch" / "study" / script).read_text()
+        paths = re.findall(r"configs/(\w+)/([\w-]+)\.yaml", text)
+        assert len(paths) == 9 and {d for d, _ in paths} == {expected}, script
+        check_comparable({name: load_config(ROOT / "configs" / d / f"{name}.yaml")
+                          for d, name in paths})
