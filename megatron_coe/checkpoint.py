@@ -344,40 +344,37 @@ def _restore_adam_steps(optimizer, saved: list[float | None]) -> None:
                 state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def _read_sharded(path: Path, sharded: dict) -> dict:
+    """Megatron's dist-checkpoint load of ``sharded`` from ``path``, unreadable shards reported
+    as a CheckpointError."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        with cpu.cuda_to_cpu():
+            return dist_checkpointing.load(sharded, str(path))
+    except Exception as err:  # Megatron raises a variety of errors for unreadable shards
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(err).__name__}: "
+                              f"{err}); it may be corrupt. Resume from another checkpoint with "
+                              "checkpoint.resume=PATH") from None
+
+
 def load_model(path: Path, model, config: Config) -> dict:
     """Restore only the model's weights from checkpoint ``path`` (any parallel layout Megatron
     can reshard; e.g. an EP = 2 run analysed in one process); returns the checkpoint's
     metadata.  Nothing but tensors is read."""
-    from megatron.core import dist_checkpointing
-
     meta = read_meta(path)
     check_compatible(meta, config, path)
     sharded = {"model": _unwrap(model).sharded_state_dict(metadata=_sharding_metadata(config))}
-    try:
-        with cpu.cuda_to_cpu():
-            state = dist_checkpointing.load(sharded, str(path))
-        _unwrap(model).load_state_dict(state["model"])
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {path}: model weights could not be read "
-                              f"({type(err).__name__}: {err})") from None
+    _unwrap(model).load_state_dict(_read_sharded(path, sharded)["model"])
     return meta
 
 
 def load(path: Path, model, optimizer, scheduler, config: Config) -> dict:
     """Restore everything from checkpoint ``path``; returns its train_state."""
-    from megatron.core import dist_checkpointing
-
     meta = read_meta(path)
     check_compatible(meta, config, path)
     _prime_adam_state(optimizer)
-    sharded = _sharded_state(model, optimizer, config, is_loading=True)
-    try:
-        with cpu.cuda_to_cpu():
-            state = dist_checkpointing.load(sharded, str(path))
-    except Exception as err:  # Megatron raises a variety of errors for unreadable shards
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(err).__name__}: "
-                              f"{err}); it may be corrupt. Resume from another checkpoint with "
-                              "checkpoint.resume=PATH") from None
+    state = _read_sharded(path, _sharded_state(model, optimizer, config, is_loading=True))
     try:
         _unwrap(model).load_state_dict(state["model"])
         with torch.no_grad(), cpu.cuda_to_cpu():  # in-place copies into leaf parameters

@@ -26,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -140,8 +141,12 @@ def _plot(result: dict, configs: dict, seeds: list[int], out: Path) -> None:
     plt.close(fig)
 
 
-def _train(seed: int, path: str, configs: dict, out: Path, args, threads: int) -> int:
-    """Train (or finish) one config at one seed; 0 when its run is complete."""
+def _train(seed: int, path: str, configs: dict, out: Path, args, threads: int,
+           failed: threading.Event) -> int:
+    """Train (or finish) one config at one seed; 0 when its run is complete.  After any run
+    has failed no new run starts (the runs already going finish)."""
+    if failed.is_set():
+        return 1
     name = Path(path).stem
     run_dir = out / "runs" / name / f"seed{seed}"
     if _finished(run_dir, configs[name].train.steps):
@@ -157,6 +162,7 @@ def _train(seed: int, path: str, configs: dict, out: Path, args, threads: int) -
     with (run_dir / "train.log").open("a") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
+        failed.set()
         print(f"{name} seed {seed}: failed (exit {rc}); see {run_dir}/train.log",
               file=sys.stderr, flush=True)
     else:
@@ -188,8 +194,10 @@ def main(argv=None) -> int:
         return 2
     runs = [(seed, path) for seed in args.seeds for path in args.configs]
     threads = max(1, (os.cpu_count() or 1) // (args.jobs * args.nproc))
+    failed = threading.Event()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        codes = list(pool.map(lambda run: _train(*run, configs, out, args, threads), runs))
+        codes = list(pool.map(lambda run: _train(*run, configs, out, args, threads, failed),
+                              runs))
     if any(codes):
         return 1
     result = summarize(configs, args.seeds, out)

@@ -111,6 +111,7 @@ def analyse(run_dir: Path, checkpoint_path: Path | None, batches: int) -> dict:
     from megatron_coe.config import load_config
     from megatron_coe.data import dataset
     from megatron_coe.model import build_model, coe_layers
+    from megatron_coe.train import run_schedule
 
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
@@ -136,16 +137,12 @@ def analyse(run_dir: Path, checkpoint_path: Path | None, batches: int) -> dict:
         t = config.train
         recorder = RoutingRecorder(coe_layers(gpt))
         model.eval()
-        loss_sum, loss_count = 0.0, 0.0
+        total = torch.zeros(2)  # (loss sum, token count), as coe-train's validation
         with torch.no_grad():
             for b in range(batches):
-                for batch in dataset.micro_batches(valid_ds, b * t.global_batch_size,
-                                                   t.global_batch_size, t.micro_batch_size, 0, 1):
-                    per_token = model(batch["tokens"], batch["position_ids"], None,
-                                      labels=batch["labels"])
-                    mask = batch["loss_mask"].float()
-                    loss_sum += (per_token.float() * mask).sum().item()
-                    loss_count += mask.sum().item()
+                total += run_schedule(model, list(dataset.micro_batches(
+                    valid_ds, b * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
+                    0, 1)), config, forward_only=True)
         recorder.close()
     finally:
         parallel.destroy()
@@ -159,7 +156,7 @@ def analyse(run_dir: Path, checkpoint_path: Path | None, batches: int) -> dict:
         "residual": coe.residual if coe else None, "router": coe.router if coe else None,
         # the same batches as the run's validation when batches == train.eval_iters: a check
         # that the weights were restored (and resharded) correctly
-        "valid_loss": loss_sum / loss_count, "batches": batches,
+        "valid_loss": (total[0] / total[1]).item(), "batches": batches,
         "layers": layers,
     }
 

@@ -77,3 +77,18 @@ def test_study_scripts_name_comparable_configs():
         assert len(paths) == 9 and {d for d, _ in paths} == {expected}, script
         check_comparable({name: load_config(ROOT / "configs" / d / f"{name}.yaml")
                           for d, name in paths})
+
+
+def test_no_new_run_starts_after_a_failure(tmp_path, monkeypatch, capsys):
+    from megatron_coe.tools import compare
+
+    monkeypatch.chdir(ROOT)
+    a, b = write(tmp_path / "first.yaml", 1), write(tmp_path / "second.yaml", 2)
+    out = tmp_path / "cmp"
+    bad_data = ["data.source=jsonl", f"data.paths=[{tmp_path / 'missing.jsonl'}]"]
+    assert compare.main(["--configs", a, b, "--seeds", "1", "--out", str(out), *COMMON,
+                         *bad_data]) == 1
+    assert "first seed 1: failed" in capsys.readouterr().err
+    assert (out / "runs" / "first" / "seed1" / "train.log").is_file()
+    assert not (out / "runs" / "second").exists()
+    assert not (out / "results.md").exists()
