@@ -13,6 +13,24 @@ on arrival, so a CoE layer issues exactly 2*C all-to-alls per forward and 2*C pe
 Everything else (permutation, capacity dropping, sorting chunks by local expert, TP gathers) is
 Megatron's own code, inherited unchanged.
 
+Overlapped schedule (``parallel.overlap_expert_comm``, :meth:`CoEAlltoAllTokenDispatcher.
+overlapped_experts`): each rank's local experts are split in two halves A = [0, L/2) and
+B = [L/2, L), and so are the rows every rank sends (a row belongs to the half of its expert):
+
+    launch dispatch(A), dispatch(B)          asynchronous all-to-alls
+    shared expert                             runs while both are in flight
+    wait A; experts(A); launch combine(A)     dispatch(B) still in flight
+    wait B; experts(B); launch combine(B)     combine(A) in flight
+    wait combine(A), combine(B); rows back in their original order
+
+Backward mirrors it (each "wait" node's backward launches the reverse all-to-all, each
+"launch" node's backward waits for it), so the shared expert's and one half's gradient compute
+runs while the other half's exchange is in flight.  Splitting by expert rather than by token
+keeps every expert's rows, and their order, exactly those of the plain schedule, and routing
+(with its aux loss over all tokens) is untouched: the results are bit-identical to the plain
+schedule (tests/distributed/test_overlap.py).  Cost: 4*C all-to-alls per forward instead of
+2*C, carrying the same bytes.
+
 Bookkeeping: :class:`A2ACounters` accumulates, per (iteration, phase, direction), the number of
 calls and the rows / bytes sent to and received from every peer.  Rows sent to one's own rank
 are counted too (they are part of the collective) and are reported apart as ``self_bytes``.
@@ -25,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 
@@ -123,9 +142,87 @@ def _all_to_all_rows(group, rows: torch.Tensor, out_splits: list[int], in_splits
     try:
         dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group)
     except RuntimeError as err:  # a dead, stuck or timed-out peer: say which collective
-        raise RuntimeError(f"CoE all-to-all failed ({what}, expert-parallel group of "
-                           f"{dist.get_world_size(group)} ranks): {err}") from err
+        raise _a2a_error(group, what, err) from err
     return out
+
+
+class _Ticket:
+    """One asynchronous all-to-all between its launch and its wait: the work handle, the send
+    buffer (kept alive until the collective is done) and the receive buffer, for the forward
+    exchange and, later, for the reverse one in backward."""
+
+    def __init__(self, meta, specs):
+        self.meta, self.specs = meta, specs
+        self.work = self.send = self.recv = None
+
+    def launch(self, rows: torch.Tensor, out_splits, in_splits, direction: str) -> None:
+        group, _, _, counters, iteration, phase, layer = self.meta
+        counters.record(iteration, phase, direction, in_splits, out_splits, rows.shape[1])
+        self.send = rows.contiguous()
+        self.recv = rows.new_empty((sum(out_splits), rows.shape[1]))
+        self.what = f"layer {layer}, CoE iteration {iteration + 1}, {phase} {direction}"
+        try:
+            self.work = dist.all_to_all_single(self.recv, self.send, out_splits, in_splits,
+                                               group=group, async_op=True)
+        except RuntimeError as err:
+            raise _a2a_error(group, self.what, err) from err
+
+    def wait(self) -> torch.Tensor:
+        try:
+            self.work.wait()
+        except RuntimeError as err:
+            raise _a2a_error(self.meta[0], self.what, err) from err
+        recv, self.work, self.send, self.recv = self.recv, None, None, None
+        return recv
+
+
+class _LaunchAllToAll(torch.autograd.Function):
+    """Forward: pack the rows and start the all-to-all; returns an empty tensor that only
+    orders the graph.  Backward: wait for the reverse all-to-all that the matching
+    :class:`_WaitAllToAll` started, and return the gradients of the rows."""
+
+    @staticmethod
+    def forward(ctx, ticket, *tensors):
+        _, out_splits, in_splits = ticket.meta[:3]
+        ctx.ticket = ticket
+        ticket.launch(pack_rows(list(tensors)), out_splits, in_splits, "forward")
+        return tensors[0].new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        ticket = ctx.ticket
+        return (None, *unpack_rows(ticket.wait(), ticket.specs))
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    """Forward: wait for the all-to-all and unpack the received rows.  Backward: start the
+    reverse all-to-all of their gradients (waited for by :class:`_LaunchAllToAll`)."""
+
+    @staticmethod
+    def forward(ctx, ticket, order):
+        ctx.ticket = ticket
+        ctx.device, ctx.order_dtype = order.device, order.dtype
+        received = ticket.wait()
+        # clone: a single unpacked tensor would otherwise alias the receive buffer
+        return tuple(t.clone() if t.data_ptr() == received.data_ptr() else t
+                     for t in unpack_rows(received, ticket.specs))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ticket = ctx.ticket
+        _, out_splits, in_splits = ticket.meta[:3]
+        n_out = sum(out_splits)
+        grads = [
+            g if g is not None else torch.zeros((n_out, *tail), dtype=dtype, device=ctx.device)
+            for g, (dtype, tail) in zip(grads, ticket.specs)
+        ]
+        ticket.launch(pack_rows(grads), in_splits, out_splits, "backward")
+        return None, torch.zeros(0, dtype=ctx.order_dtype, device=ctx.device)
+
+
+def _a2a_error(group, what: str, err: Exception) -> RuntimeError:
+    return RuntimeError(f"CoE all-to-all failed ({what}, expert-parallel group of "
+                        f"{dist.get_world_size(group)} ranks): {err}")
 
 
 class _CountedAllToAll(torch.autograd.Function):
@@ -204,3 +301,55 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 self.iteration, "combine", self.layer_number)
         (out,) = _CountedAllToAll.apply(meta, hidden_states)
         return out
+
+    def overlapped_experts(self, tokens, probs, experts, side=None):
+        """Dispatch, experts and combine for the rows of :meth:`dispatch_preprocess`, in two
+        halves of the local experts whose all-to-alls overlap the other half's expert compute
+        and ``side()`` (the shared expert).  See the module docstring for the schedule.
+
+        ``experts(rows, tokens_per_expert, probs)`` runs this rank's local experts on rows
+        sorted by local expert.  Returns (rows in the order of ``tokens``, side's result)."""
+        L, P = self.num_local_experts, self.ep_size
+        if P == 1 or L < 2 or self.tp_size > 1 or self.drop_and_pad:
+            raise ValueError("the overlapped schedule needs expert parallelism, at least 2 "
+                             "local experts, expert_tensor = 1 and no padding to capacity")
+        sent = self.routing_map.sum(dim=0).view(P, L).cpu()        # [dest rank, its expert]
+        recv = self.num_global_tokens_per_local_expert.view(P, L).cpu()  # [src rank, my expert]
+        starts = torch.cat([sent.new_zeros(1), sent.flatten().cumsum(0)]).tolist()
+        halves = [(0, L // 2), (L // 2, L)]
+        tickets, index = [], []
+        for lo, hi in halves:  # rows for experts [lo, hi) of every destination, in send order
+            index.append(torch.cat([torch.arange(starts[r * L + lo], starts[r * L + hi])
+                                    for r in range(P)]).to(tokens.device))
+            meta = (self.ep_group, recv[:, lo:hi].sum(1).tolist(), sent[:, lo:hi].sum(1).tolist(),
+                    self.counters, self.iteration, "dispatch", self.layer_number)
+            tickets.append(self._launch(meta, tokens[index[-1]], probs[index[-1]]))
+        side_out = side() if side is not None else None
+
+        combines = []
+        for (lo, hi), (ticket, order) in zip(halves, tickets):
+            rows, row_probs = _WaitAllToAll.apply(ticket, order)
+            width, split = hi - lo, recv[:, lo:hi]
+            # [src rank][expert] -> [expert][src rank], as Megatron's dispatch_postprocess does
+            by_expert = torch.arange(P * width).view(P, width).T.flatten()
+            rows, row_probs = sort_chunks_by_idxs(rows, split.flatten(), by_expert,
+                                                  probs=row_probs,
+                                                  fused=self.config.moe_permute_fusion)
+            tokens_per_expert = torch.zeros(L, dtype=torch.long)
+            tokens_per_expert[lo:hi] = split.sum(0)
+            out = experts(rows, tokens_per_expert, row_probs)
+            by_rank = torch.arange(width * P).view(width, P).T.flatten()
+            out, _ = sort_chunks_by_idxs(out, split.T.flatten(), by_rank,
+                                         fused=self.config.moe_permute_fusion)
+            meta = (self.ep_group, sent[:, lo:hi].sum(1).tolist(), recv[:, lo:hi].sum(1).tolist(),
+                    self.counters, self.iteration, "combine", self.layer_number)
+            combines.append(self._launch(meta, out))
+        back = [_WaitAllToAll.apply(ticket, order)[0] for ticket, order in combines]
+        # each half's rows return in send order: put them back where they were taken from
+        inverse = torch.argsort(torch.cat(index))
+        return torch.cat(back)[inverse], side_out
+
+    @staticmethod
+    def _launch(meta, *tensors):
+        ticket = _Ticket(meta, [(t.dtype, t.shape[1:]) for t in tensors])
+        return ticket, _LaunchAllToAll.apply(ticket, *tensors)

@@ -16,7 +16,8 @@ are its own, attached to its own probabilities.  The routed experts E_i and the 
 are built once and used in every iteration.  Each iteration runs Megatron's pipeline
 route -> dispatch_preprocess -> all-to-all -> experts -> all-to-all -> combine, through
 :class:`CoEAlltoAllTokenDispatcher`, so with expert parallelism there are 2*C all-to-alls per
-layer per forward.  With C = 1 and independent routing this is exactly Megatron's MoELayer:
+layer per forward (4*C, same bytes, with ``overlap``: the two-half schedule of dispatch.py,
+which also runs the shared expert while the dispatch is in flight).  With C = 1 and independent routing this is exactly Megatron's MoELayer:
 the same parameters, built in the same order (the extra routers are created last, so the
 random initialisation of a C = 1 layer is unchanged).
 """
@@ -45,6 +46,7 @@ class CoELayer(MoELayer):
         iterations: int = 1,
         residual: str = "inner",
         router_mode: str = "independent",
+        overlap: bool = False,
     ):
         if config.moe_token_dispatcher_type != "alltoall":
             raise ValueError(
@@ -57,6 +59,7 @@ class CoELayer(MoELayer):
         self.iterations = iterations
         self.residual = residual
         self.router_mode = router_mode
+        self.overlap = overlap
         self.token_dispatcher = CoEAlltoAllTokenDispatcher(
             self.num_local_experts,
             self.local_expert_indices,
@@ -108,20 +111,32 @@ class CoELayer(MoELayer):
     def _iteration(self, t: int, x, padding_mask):
         """F_t(x): route, dispatch, experts, combine, plus the shared expert."""
         self.token_dispatcher.iteration = t
+        overlap = self.overlap and self.token_dispatcher.ep_size > 1
+        x_shared, x_router, x_rows = _Fan.apply(x, 3)
         with current_iteration(t):
-            shared_out = self.shared_experts_compute(x)
-            probs, routing_map = self.routers[t](x, padding_mask)
+            shared_out = None if overlap else self.shared_experts_compute(x_shared)
+            probs, routing_map = self.routers[t](x_router, padding_mask)
         router_probs = probs
         self.tokens_per_expert[t] += routing_map.detach().sum(dim=0).to(self.tokens_per_expert)
-        hidden, probs = self.preprocess(x, probs, routing_map)
-        hidden, probs = self.dispatch(hidden, probs)
-        out, _ = self.routed_experts_compute(hidden, probs)
-        out = self.combine(out)
+        hidden, probs = self.preprocess(x_rows, probs, routing_map)
+        if overlap:
+            out, shared_out = self.token_dispatcher.overlapped_experts(
+                hidden, probs, self._local_experts, lambda: self.shared_experts_compute(x_shared)
+            )
+        else:
+            hidden, probs = self.dispatch(hidden, probs)
+            out, _ = self.routed_experts_compute(hidden, probs)
+            out = self.combine(out)
         f = self.postprocess(out, shared_out)
         with torch.no_grad():
             self.nonfinite[t, 0] |= ~torch.isfinite(router_probs).all()
             self.nonfinite[t, 1] |= ~torch.isfinite(f).all()
         return f
+
+    def _local_experts(self, rows, tokens_per_expert, probs):
+        out, bias = self.experts(rows, tokens_per_expert, probs)
+        assert bias is None, "expert bias is not supported with the all-to-all dispatcher"
+        return out
 
     def _chain(self, x0, padding_mask=None):
         x, delta = x0, None
@@ -149,3 +164,23 @@ class CoELayer(MoELayer):
             # Recomputes all C iterations in backward (2*C more all-to-alls).
             return tensor_parallel.checkpoint(self._chain, False, hidden_states, padding_mask)
         return self._chain(hidden_states, padding_mask)
+
+
+class _Fan(torch.autograd.Function):
+    """x -> n aliases of x, one per consumer (shared expert, router, token rows), whose
+    gradients are summed in that fixed order.  Without it the sum's order would follow the
+    order in which autograd happens to run the consumers' backward, which differs between the
+    plain and the overlapped schedule, and float addition is not associative."""
+
+    @staticmethod
+    def forward(ctx, x, n: int):
+        ctx.set_materialize_grads(False)
+        return tuple(x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total = None
+        for g in grads:
+            if g is not None:
+                total = g if total is None else total + g
+        return total, None

@@ -21,9 +21,11 @@ from megatron_coe.layer import CoELayer
 from megatron_coe.transformer_layer import CoETransformerLayer
 
 
-def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_engine: bool):
+def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_engine: bool,
+                   overlap: bool = False):
     """Decoder block spec for ``transformer_config``; MoE layers become CoE layers when
-    ``coe`` is given (C = 1 included: then it equals Megatron's MoE layer)."""
+    ``coe`` is given (C = 1 included: then it equals Megatron's MoE layer).  ``overlap``
+    selects the overlapped expert-parallel schedule (``parallel.overlap_expert_comm``)."""
     block = get_gpt_decoder_block_spec(
         transformer_config,
         use_transformer_engine=use_transformer_engine,
@@ -44,6 +46,7 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
                 iterations=coe.iterations,
                 residual=coe.residual,
                 router_mode=coe.router,
+                overlap=overlap,
             )
             spec = dataclasses.replace(
                 spec,

@@ -46,6 +46,17 @@ def test_losses_match_checked_in_reference(straight):
         assert abs(got[int(step)]["loss"] - loss) < 1e-3, (step, got[int(step)]["loss"], loss)
 
 
+def test_overlapped_schedule_trains_bit_identically(tmp_path, straight):
+    """parallel.overlap_expert_comm=true through the whole model, DDP and optimizer: every
+    step's loss and gradient norm, and the validation loss, have the plain run's bits."""
+    run_dir = tmp_path / "overlap"
+    check(torchrun([f"run_dir={run_dir}", *COMMON, "parallel.overlap_expert_comm=true"]))
+    a, b = metrics(straight), metrics(run_dir)
+    for step in range(1, STEPS + 1):
+        assert (a[step]["loss"], a[step]["grad_norm"]) == (b[step]["loss"], b[step]["grad_norm"])
+    assert metrics(straight, "valid")[STEPS]["loss"] == metrics(run_dir, "valid")[STEPS]["loss"]
+
+
 @pytest.mark.parametrize("distributed", [False, True], ids=["adam", "distributed-adam"])
 def test_resume_is_exact(tmp_path, distributed, straight):
     opt = [f"optimizer.distributed={str(distributed).lower()}"]
