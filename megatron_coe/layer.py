@@ -112,7 +112,7 @@ class CoELayer(MoELayer):
         """F_t(x): route, dispatch, experts, combine, plus the shared expert."""
         self.token_dispatcher.iteration = t
         overlap = self.overlap and self.token_dispatcher.ep_size > 1
-        x_shared, x_router, x_rows = _Fan.apply(x, 3)
+        x_shared, x_router, x_rows = _Fan.apply(x)
         with current_iteration(t):
             shared_out = None if overlap else self.shared_experts_compute(x_shared)
             probs, routing_map = self.routers[t](x_router, padding_mask)
@@ -167,20 +167,22 @@ class CoELayer(MoELayer):
 
 
 class _Fan(torch.autograd.Function):
-    """x -> n aliases of x, one per consumer (shared expert, router, token rows), whose
-    gradients are summed in that fixed order.  Without it the sum's order would follow the
-    order in which autograd happens to run the consumers' backward, which differs between the
-    plain and the overlapped schedule, and float addition is not associative."""
+    """x -> three aliases of x for its consumers (shared expert, router, token rows), whose
+    gradients are summed in one fixed order: (router + rows) + shared, the order autograd
+    happens to use in Megatron's MoELayer (so a C = 1 layer stays bit-identical to it).
+    Without it the order would follow the order in which autograd runs the consumers'
+    backward, which differs between the plain and the overlapped schedule, and float addition
+    is not associative."""
 
     @staticmethod
-    def forward(ctx, x, n: int):
+    def forward(ctx, x):
         ctx.set_materialize_grads(False)
-        return tuple(x.view_as(x) for _ in range(n))
+        return x.view_as(x), x.view_as(x), x.view_as(x)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, shared, router, rows):
         total = None
-        for g in grads:
+        for g in (router, rows, shared):
             if g is not None:
                 total = g if total is None else total + g
-        return total, None
+        return total
