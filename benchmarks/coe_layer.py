@@ -9,8 +9,12 @@ shared expert counted as a pass), then times forward+backward alternately (A B A
 prints the median ratio CoE / MoE.  Also printed, per layer and step: all-to-all calls and
 bytes (summed over the expert-parallel ranks) from the dispatcher's counters with the
 expected values beside them, and the activation memory kept for backward (bytes of the tensors
-autograd saves, measured with saved-tensor hooks).  Results go to
-``--out`` as JSON.  Nothing here passes or fails: these are measurements.
+autograd saves, measured with saved-tensor hooks).  Then: time against C; at EP > 1 the
+overlapped schedule (parallel.overlap_expert_comm) against the plain one; CoE-2(4/64) / MoE(8/64)
+at other tokens per rank (--tokens-sweep); and what recomputing the whole MoE/CoE layer in
+backward (train.recompute=moe) costs in time and gives back in saved activations (kept after
+the forward, and peak over forward + backward, the recomputed forward included).  Results go
+to ``--out`` as JSON.  Nothing here passes or fails: these are measurements.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import weakref
 
 import torch
 
@@ -32,7 +37,7 @@ PAIRS = [  # (name, iterations, topk) ; CoE first, MoE at the same expert passes
 SCALING = [(c, 2) for c in (1, 2, 3, 4)]  # time vs C at fixed k
 
 
-def make_config(args, iterations, topk):
+def make_config(args, iterations, topk, overlap=False, recompute=False):
     from megatron_coe.config import config_from_dict
 
     return config_from_dict({
@@ -43,25 +48,50 @@ def make_config(args, iterations, topk):
                           "shared_expert_hidden_size": args.expert_hidden,
                           "aux_loss": "seq_aux_loss", "grouped_gemm": args.device == "cuda"},
                   "coe": {"iterations": iterations}},
-        "parallel": {"expert": args.ep},
+        "parallel": {"expert": args.ep, "overlap_expert_comm": bool(overlap) and args.ep > 1},
+        "train": {"recompute": "moe" if recompute else "none"},
     })
 
 
-def saved_activation_bytes(layer, x) -> int:
-    seen, total = set(), 0
+def saved_activation_bytes(layer, x) -> dict[str, int]:
+    """Bytes of the non-parameter tensors autograd holds for backward, over one forward +
+    backward: "kept" after the forward (what waits for backward), "peak" at any moment
+    (recompute included: the recomputed forward's tensors count while they live)."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    live: dict[tuple[int, int], list[int]] = {}
+    now = peak = 0
+
+    class Held:
+        __slots__ = ("tensor", "__weakref__")
+
+    def release(key):
+        nonlocal now
+        live[key][1] -= 1
+        if live[key][1] == 0:
+            now -= live.pop(key)[0]
 
     def pack(t):
-        nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += key[1]
-        return t
+        nonlocal now, peak
+        storage = t.untyped_storage()
+        held = Held()
+        held.tensor = t
+        if storage.data_ptr() in params:
+            return held
+        key = (storage.data_ptr(), storage.nbytes())
+        if key in live:
+            live[key][1] += 1
+        else:
+            live[key] = [key[1], 1]
+            now += key[1]
+            peak = max(peak, now)
+        weakref.finalize(held, release, key)
+        return held
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
         y, _ = layer(x)
-    y.float().sum().backward()
-    return total
+        kept = now
+        y.float().sum().backward()
+    return {"kept": kept, "peak": peak}
 
 
 def fwd_bwd(layer, x):
@@ -71,19 +101,24 @@ def fwd_bwd(layer, x):
         torch.cuda.synchronize()
 
 
-def bench_pair(args, coe_cfg, moe_cfg):
+def bench(args, configs, tokens=None):
+    """Build one layer per config (same seed), time forward+backward of each in turn (A B A B
+    ...), and read each one's all-to-all counters and saved activations."""
     from megatron_coe.model import build_moe_layer
 
-    torch.manual_seed(0)
-    layers = [build_moe_layer(coe_cfg), build_moe_layer(moe_cfg)]
+    layers = []
+    for config in configs:
+        torch.manual_seed(0)
+        layers.append(build_moe_layer(config))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     device = next(layers[0].parameters()).device
     if dtype != torch.float32:
         layers = [layer.to(dtype) for layer in layers]
     for layer in layers:
         layer.train()
-    x = torch.randn(args.tokens, 1, args.hidden, device=device, dtype=dtype, requires_grad=True)
-    times = [[], []]
+    x = torch.randn(tokens or args.tokens, 1, args.hidden, device=device, dtype=dtype,
+                    requires_grad=True)
+    times = [[] for _ in layers]
     for i in range(args.warmup + args.repeat):
         for j, layer in enumerate(layers):
             layer.token_dispatcher.counters.reset()
@@ -99,18 +134,20 @@ def bench_pair(args, coe_cfg, moe_cfg):
             torch.distributed.all_reduce(sent)
         a2a.append({"calls": total["calls"], "sent_bytes": int(sent.item())})
     acts = [saved_activation_bytes(layer, x) for layer in layers]
-    return times, a2a, acts
+    return [statistics.median(t) for t in times], a2a, acts
 
 
-def expected_a2a(args, iterations, topk, ep):
+def expected_a2a(args, iterations, topk, ep, overlap=False):
     """Per layer, one forward+backward, dropless, all EP ranks together: each rank makes 2*C
-    calls each way; every token-expert pair crosses once per direction in dispatch (hidden + a
-    4-byte prob) and once in combine (hidden), forward and backward."""
+    calls each way (4*C with the overlapped schedule: two halves per exchange); every
+    token-expert pair crosses once per direction in dispatch (hidden + a 4-byte prob) and once
+    in combine (hidden), forward and backward."""
     if ep == 1:
         return {"calls": 0, "sent_bytes": 0}
     elem = {"fp32": 4, "bf16": 2}[args.precision]
     pairs = ep * args.tokens * topk * iterations
-    return {"calls": 4 * iterations, "sent_bytes": 2 * pairs * (2 * args.hidden * elem + 4)}
+    return {"calls": 4 * iterations * (2 if overlap else 1),
+            "sent_bytes": 2 * pairs * (2 * args.hidden * elem + 4)}
 
 
 def run(rank, world, args, port, results):
@@ -124,25 +161,75 @@ def run(rank, world, args, port, results):
 
     from megatron_coe import parallel
 
-    out = []
+    ep = args.ep
+    res = {"pairs": [], "scaling_with_C": [], "overlap": [], "tokens_sweep": [], "recompute": []}
     for name, coe, moe in PAIRS:
-        times, a2a, acts = bench_pair(args, make_config(args, *coe), make_config(args, *moe))
-        out.append({"pair": name, "ep": args.ep, "tokens_per_rank": args.tokens,
-                    "median_s": [statistics.median(t) for t in times],
-                    "ratio": statistics.median(times[0]) / statistics.median(times[1]),
-                    "a2a": a2a, "a2a_expected": [expected_a2a(args, *coe, args.ep),
-                                                 expected_a2a(args, *moe, args.ep)],
-                    "activation_bytes": acts})
-    scaling = []
+        times, a2a, acts = bench(args, [make_config(args, *coe), make_config(args, *moe)])
+        res["pairs"].append({
+            "pair": name, "ep": ep, "tokens_per_rank": args.tokens, "median_s": times,
+            "ratio": times[0] / times[1], "a2a": a2a,
+            "a2a_expected": [expected_a2a(args, *coe, ep), expected_a2a(args, *moe, ep)],
+            "activation_bytes": [a["kept"] for a in acts]})
     for c, k in SCALING:
-        times, _, acts = bench_pair(args, make_config(args, c, k), make_config(args, 1, k))
-        scaling.append({"C": c, "topk": k, "median_s": statistics.median(times[0]),
-                        "ratio_to_C1": statistics.median(times[0]) / statistics.median(times[1]),
-                        "activation_bytes": acts[0]})
+        times, _, acts = bench(args, [make_config(args, c, k), make_config(args, 1, k)])
+        res["scaling_with_C"].append({"C": c, "topk": k, "median_s": times[0],
+                                      "ratio_to_C1": times[0] / times[1],
+                                      "activation_bytes": acts[0]["kept"]})
+    coe, moe = PAIRS[0][1], PAIRS[0][2]
+    if ep > 1:  # plain and overlapped schedules of CoE-2(4/64) and MoE(8/64), all alternated
+        configs = [make_config(args, *shape, overlap=o) for shape in (coe, moe) for o in (0, 1)]
+        times, a2a, _ = bench(args, configs)
+        res["overlap"].append({
+            "median_s": {"coe_plain": times[0], "coe_overlap": times[1], "moe_plain": times[2],
+                         "moe_overlap": times[3]},
+            "overlap_over_plain": {"coe": times[1] / times[0], "moe": times[3] / times[2]},
+            "coe_over_moe": {"plain": times[0] / times[2], "overlap": times[1] / times[3]},
+            "a2a": a2a,
+            "a2a_expected": [expected_a2a(args, *coe, ep, o) for o in (0, 1)]
+            + [expected_a2a(args, *moe, ep, o) for o in (0, 1)]})
+    for tokens in args.tokens_sweep:
+        times, _, _ = bench(args, [make_config(args, *coe), make_config(args, *moe)], tokens)
+        res["tokens_sweep"].append({"tokens_per_rank": tokens, "median_s": times,
+                                    "ratio": times[0] / times[1]})
+    configs = [make_config(args, *shape, recompute=r) for shape in (coe, moe) for r in (0, 1)]
+    times, _, acts = bench(args, configs)
+    for i, label in enumerate(["CoE-2(4/64)", "CoE-2(4/64) + recompute", "MoE(8/64)",
+                               "MoE(8/64) + recompute"]):
+        res["recompute"].append({"layer": label, "median_s": times[i], **acts[i]})
     if rank == 0:
-        results.put({"pairs": out, "scaling_with_C": scaling})
+        results.put(res)
     dist.barrier()
     parallel.destroy()
+
+
+def report(res, ep):
+    for r in res["pairs"]:
+        print(f"EP={ep} {r['pair']:28s} time CoE/MoE = {r['ratio']:.3f} "
+              f"({r['median_s'][0] * 1e3:.1f} / {r['median_s'][1] * 1e3:.1f} ms); "
+              f"a2a calls {r['a2a'][0]['calls']}/{r['a2a'][1]['calls']} "
+              f"(expected {r['a2a_expected'][0]['calls']}/{r['a2a_expected'][1]['calls']}), "
+              f"bytes sent {r['a2a'][0]['sent_bytes']}/{r['a2a'][1]['sent_bytes']} "
+              f"(expected {r['a2a_expected'][0]['sent_bytes']}/"
+              f"{r['a2a_expected'][1]['sent_bytes']}); activations "
+              f"{r['activation_bytes'][0] / 2**20:.1f}/{r['activation_bytes'][1] / 2**20:.1f} MiB")
+    for r in res["scaling_with_C"]:
+        print(f"EP={ep} C={r['C']} k={r['topk']}: {r['median_s'] * 1e3:.1f} ms, "
+              f"x{r['ratio_to_C1']:.2f} of C=1; activations {r['activation_bytes'] / 2**20:.1f} MiB")
+    for r in res["overlap"]:
+        t, o, c = r["median_s"], r["overlap_over_plain"], r["coe_over_moe"]
+        print(f"EP={ep} overlap: CoE-2(4/64) {t['coe_plain'] * 1e3:.1f} -> "
+              f"{t['coe_overlap'] * 1e3:.1f} ms (x{o['coe']:.3f}), MoE(8/64) "
+              f"{t['moe_plain'] * 1e3:.1f} -> {t['moe_overlap'] * 1e3:.1f} ms (x{o['moe']:.3f}); "
+              f"CoE/MoE plain {c['plain']:.3f}, overlapped {c['overlap']:.3f}; a2a calls "
+              f"{[a['calls'] for a in r['a2a']]} (expected "
+              f"{[a['calls'] for a in r['a2a_expected']]}), bytes "
+              f"{[a['sent_bytes'] for a in r['a2a']]}")
+    for r in res["tokens_sweep"]:
+        print(f"EP={ep} tokens/rank {r['tokens_per_rank']}: CoE-2(4/64)/MoE(8/64) = "
+              f"{r['ratio']:.3f} ({r['median_s'][0] * 1e3:.1f} / {r['median_s'][1] * 1e3:.1f} ms)")
+    for r in res["recompute"]:
+        print(f"EP={ep} {r['layer']:24s} {r['median_s'] * 1e3:.1f} ms; saved activations kept "
+              f"after forward {r['kept'] / 2**20:.1f} MiB, peak {r['peak'] / 2**20:.1f} MiB")
 
 
 def main(argv=None):
@@ -153,6 +240,8 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--expert-hidden", type=int, default=176)
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
+    p.add_argument("--tokens-sweep", type=int, nargs="*", default=[256, 4096],
+                   help="also time CoE-2(4/64) against MoE(8/64) at these tokens per rank")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/coe_layer.json")
@@ -171,18 +260,7 @@ def main(argv=None):
         res = q.get()
         res["ep"] = ep
         all_results.append(res)
-        for r in res["pairs"]:
-            print(f"EP={ep} {r['pair']:28s} time CoE/MoE = {r['ratio']:.3f} "
-                  f"({r['median_s'][0] * 1e3:.1f} / {r['median_s'][1] * 1e3:.1f} ms); "
-                  f"a2a calls {r['a2a'][0]['calls']}/{r['a2a'][1]['calls']} "
-                  f"(expected {r['a2a_expected'][0]['calls']}/{r['a2a_expected'][1]['calls']}), "
-                  f"bytes sent {r['a2a'][0]['sent_bytes']}/{r['a2a'][1]['sent_bytes']} "
-                  f"(expected {r['a2a_expected'][0]['sent_bytes']}/"
-                  f"{r['a2a_expected'][1]['sent_bytes']}); activations "
-                  f"{r['activation_bytes'][0] / 2**20:.1f}/{r['activation_bytes'][1] / 2**20:.1f} MiB")
-        for r in res["scaling_with_C"]:
-            print(f"EP={ep} C={r['C']} k={r['topk']}: {r['median_s'] * 1e3:.1f} ms, "
-                  f"x{r['ratio_to_C1']:.2f} of C=1; activations {r['activation_bytes'] / 2**20:.1f} MiB")
+        report(res, ep)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch "

@@ -146,78 +146,129 @@ def _all_to_all_rows(group, rows: torch.Tensor, out_splits: list[int], in_splits
     return out
 
 
-class _Ticket:
-    """One asynchronous all-to-all between its launch and its wait: the work handle, the send
-    buffer (kept alive until the collective is done) and the receive buffer, for the forward
-    exchange and, later, for the reverse one in backward."""
+class _Exchange:
+    """One expert-parallel exchange (a dispatch or a combine) in two halves, each its own
+    asynchronous all-to-all, in both directions.
 
-    def __init__(self, meta, specs):
-        self.meta, self.specs = meta, specs
-        self.work = self.send = self.recv = None
+    ``splits[h]`` = (rows sent to, rows received from) every peer by half h in the forward
+    direction (backward reverses them).  ``segments[h]`` = the row ranges of half h in this
+    rank's local row order (the dispatch's send side, the combine's receive side): a half is
+    gathered from, or scattered back into, those ranges with plain slice copies."""
 
-    def launch(self, rows: torch.Tensor, out_splits, in_splits, direction: str) -> None:
-        group, _, _, counters, iteration, phase, layer = self.meta
-        counters.record(iteration, phase, direction, in_splits, out_splits, rows.shape[1])
-        self.send = rows.contiguous()
-        self.recv = rows.new_empty((sum(out_splits), rows.shape[1]))
-        self.what = f"layer {layer}, CoE iteration {iteration + 1}, {phase} {direction}"
+    def __init__(self, meta, splits, segments, specs, n_rows):
+        self.group, self.counters, self.iteration, self.phase, self.layer = meta
+        self.splits, self.segments, self.specs, self.n_rows = splits, segments, specs, n_rows
+        self.work, self.send, self.recv, self.what = [None] * 2, [None] * 2, [None] * 2, [""] * 2
+
+    def launch(self, h: int, rows: torch.Tensor, direction: str) -> None:
+        sent, received = self.splits[h] if direction == "forward" else self.splits[h][::-1]
+        self.counters.record(self.iteration, self.phase, direction, sent, received, rows.shape[1])
+        self.send[h] = rows.contiguous()  # kept alive until the collective is done
+        self.recv[h] = rows.new_empty((sum(received), rows.shape[1]))
+        self.what[h] = (f"layer {self.layer}, CoE iteration {self.iteration + 1}, {self.phase} "
+                        f"half {h + 1} {direction}")
         try:
-            self.work = dist.all_to_all_single(self.recv, self.send, out_splits, in_splits,
-                                               group=group, async_op=True)
+            self.work[h] = dist.all_to_all_single(self.recv[h], self.send[h], received, sent,
+                                                  group=self.group, async_op=True)
         except RuntimeError as err:
-            raise _a2a_error(group, self.what, err) from err
+            raise _a2a_error(self.group, self.what[h], err) from err
 
-    def wait(self) -> torch.Tensor:
+    def wait(self, h: int) -> torch.Tensor:
         try:
-            self.work.wait()
+            self.work[h].wait()
         except RuntimeError as err:
-            raise _a2a_error(self.meta[0], self.what, err) from err
-        recv, self.work, self.send, self.recv = self.recv, None, None, None
+            raise _a2a_error(self.group, self.what[h], err) from err
+        recv = self.recv[h]
+        self.work[h] = self.send[h] = self.recv[h] = None
         return recv
 
+    def gather(self, rows: torch.Tensor, h: int) -> torch.Tensor:
+        return torch.cat([rows[a:b] for a, b in self.segments[h]])
 
-class _LaunchAllToAll(torch.autograd.Function):
-    """Forward: pack the rows and start the all-to-all; returns an empty tensor that only
-    orders the graph.  Backward: wait for the reverse all-to-all that the matching
-    :class:`_WaitAllToAll` started, and return the gradients of the rows."""
+    def scatter(self, halves: list[torch.Tensor]) -> torch.Tensor:
+        out = halves[0].new_empty((self.n_rows, halves[0].shape[1]))
+        for h, rows in enumerate(halves):
+            at = 0
+            for a, b in self.segments[h]:
+                out[a:b] = rows[at:at + b - a]
+                at += b - a
+        return out
+
+
+def _materialize(grads, specs, n_rows, device):
+    return [g if g is not None else torch.zeros((n_rows, *tail), dtype=dtype, device=device)
+            for g, (dtype, tail) in zip(grads, specs)]
+
+
+class _LaunchBothHalves(torch.autograd.Function):
+    """Dispatch, forward: pack the rows once and start both halves' all-to-alls; the empty
+    output only orders the graph.  Backward: wait for both reverse all-to-alls (started by
+    :class:`_WaitHalf`) and put each half's gradient rows back where the rows came from."""
 
     @staticmethod
-    def forward(ctx, ticket, *tensors):
-        _, out_splits, in_splits = ticket.meta[:3]
-        ctx.ticket = ticket
-        ticket.launch(pack_rows(list(tensors)), out_splits, in_splits, "forward")
+    def forward(ctx, ex, *tensors):
+        ctx.ex = ex
+        packed = pack_rows(list(tensors))
+        for h in (0, 1):
+            ex.launch(h, ex.gather(packed, h), "forward")
         return tensors[0].new_empty(0)
 
     @staticmethod
     def backward(ctx, _):
-        ticket = ctx.ticket
-        return (None, *unpack_rows(ticket.wait(), ticket.specs))
+        ex = ctx.ex
+        return (None, *unpack_rows(ex.scatter([ex.wait(0), ex.wait(1)]), ex.specs))
 
 
-class _WaitAllToAll(torch.autograd.Function):
-    """Forward: wait for the all-to-all and unpack the received rows.  Backward: start the
-    reverse all-to-all of their gradients (waited for by :class:`_LaunchAllToAll`)."""
+class _WaitHalf(torch.autograd.Function):
+    """Dispatch, forward: wait for half h and unpack its received rows.  Backward: start the
+    reverse all-to-all of their gradients."""
 
     @staticmethod
-    def forward(ctx, ticket, order):
-        ctx.ticket = ticket
-        ctx.device, ctx.order_dtype = order.device, order.dtype
-        received = ticket.wait()
-        # clone: a single unpacked tensor would otherwise alias the receive buffer
-        return tuple(t.clone() if t.data_ptr() == received.data_ptr() else t
-                     for t in unpack_rows(received, ticket.specs))
+    def forward(ctx, ex, h, order):
+        ctx.ex, ctx.h, ctx.order = ex, h, (order.dtype, order.device)
+        received = ex.wait(h)
+        ctx.n_rows = received.shape[0]
+        return tuple(unpack_rows(received, ex.specs))
 
     @staticmethod
     def backward(ctx, *grads):
-        ticket = ctx.ticket
-        _, out_splits, in_splits = ticket.meta[:3]
-        n_out = sum(out_splits)
-        grads = [
-            g if g is not None else torch.zeros((n_out, *tail), dtype=dtype, device=ctx.device)
-            for g, (dtype, tail) in zip(grads, ticket.specs)
-        ]
-        ticket.launch(pack_rows(grads), in_splits, out_splits, "backward")
-        return None, torch.zeros(0, dtype=ctx.order_dtype, device=ctx.device)
+        ex, (dtype, device) = ctx.ex, ctx.order
+        ex.launch(ctx.h, pack_rows(_materialize(grads, ex.specs, ctx.n_rows, device)), "backward")
+        return None, None, torch.zeros(0, dtype=dtype, device=device)
+
+
+class _LaunchHalf(torch.autograd.Function):
+    """Combine, forward: start half h's all-to-all of the expert outputs.  Backward: wait for
+    the reverse all-to-all started by :class:`_WaitBothHalves`."""
+
+    @staticmethod
+    def forward(ctx, ex, h, rows):
+        ctx.ex, ctx.h = ex, h
+        ex.launch(h, pack_rows([rows]), "forward")
+        return rows.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        return None, None, *unpack_rows(ctx.ex.wait(ctx.h), ctx.ex.specs)
+
+
+class _WaitBothHalves(torch.autograd.Function):
+    """Combine, forward: wait for both halves and put the rows back in their original order.
+    Backward: split the gradient into the halves and start both reverse all-to-alls."""
+
+    @staticmethod
+    def forward(ctx, ex, order0, order1):
+        ctx.ex, ctx.order = ex, (order0.dtype, order0.device)
+        return unpack_rows(ex.scatter([ex.wait(0), ex.wait(1)]), ex.specs)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        ex, (dtype, device) = ctx.ex, ctx.order
+        packed = pack_rows([grad])
+        for h in (0, 1):
+            ex.launch(h, ex.gather(packed, h), "backward")
+        empty = torch.zeros(0, dtype=dtype, device=device)
+        return None, empty, empty
 
 
 def _a2a_error(group, what: str, err: Exception) -> RuntimeError:
@@ -307,8 +358,8 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         halves of the local experts whose all-to-alls overlap the other half's expert compute
         and ``side()`` (the shared expert).  See the module docstring for the schedule.
 
-        ``experts(rows, tokens_per_expert, probs)`` runs this rank's local experts on rows
-        sorted by local expert.  Returns (rows in the order of ``tokens``, side's result)."""
+        ``experts(rows, counts, probs, lo, hi)`` runs local experts [lo, hi) on rows sorted by
+        expert, ``counts`` rows each.  Returns (rows in the order of ``tokens``, side's result)."""
         L, P = self.num_local_experts, self.ep_size
         if P == 1 or L < 2 or self.tp_size > 1 or self.drop_and_pad:
             raise ValueError("the overlapped schedule needs expert parallelism, at least 2 "
@@ -317,39 +368,32 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         recv = self.num_global_tokens_per_local_expert.view(P, L).cpu()  # [src rank, my expert]
         starts = torch.cat([sent.new_zeros(1), sent.flatten().cumsum(0)]).tolist()
         halves = [(0, L // 2), (L // 2, L)]
-        tickets, index = [], []
-        for lo, hi in halves:  # rows for experts [lo, hi) of every destination, in send order
-            index.append(torch.cat([torch.arange(starts[r * L + lo], starts[r * L + hi])
-                                    for r in range(P)]).to(tokens.device))
-            meta = (self.ep_group, recv[:, lo:hi].sum(1).tolist(), sent[:, lo:hi].sum(1).tolist(),
-                    self.counters, self.iteration, "dispatch", self.layer_number)
-            tickets.append(self._launch(meta, tokens[index[-1]], probs[index[-1]]))
+        splits = [(sent[:, lo:hi].sum(1).tolist(), recv[:, lo:hi].sum(1).tolist())
+                  for lo, hi in halves]
+        segments = [[(starts[r * L + lo], starts[r * L + hi]) for r in range(P)]
+                    for lo, hi in halves]
+        n = tokens.shape[0]
+        meta = (self.ep_group, self.counters, self.iteration, "dispatch", self.layer_number)
+        dispatch = _Exchange(meta, splits, segments,
+                             [(t.dtype, t.shape[1:]) for t in (tokens, probs)], n)
+        order = _LaunchBothHalves.apply(dispatch, tokens, probs)
         side_out = side() if side is not None else None
 
-        combines = []
-        for (lo, hi), (ticket, order) in zip(halves, tickets):
-            rows, row_probs = _WaitAllToAll.apply(ticket, order)
+        meta = (self.ep_group, self.counters, self.iteration, "combine", self.layer_number)
+        combine = _Exchange(meta, [pair[::-1] for pair in splits], segments,
+                            [(tokens.dtype, tokens.shape[1:])], n)
+        launched = []
+        for h, (lo, hi) in enumerate(halves):
+            rows, row_probs = _WaitHalf.apply(dispatch, h, order)
             width, split = hi - lo, recv[:, lo:hi]
             # [src rank][expert] -> [expert][src rank], as Megatron's dispatch_postprocess does
             by_expert = torch.arange(P * width).view(P, width).T.flatten()
             rows, row_probs = sort_chunks_by_idxs(rows, split.flatten(), by_expert,
                                                   probs=row_probs,
                                                   fused=self.config.moe_permute_fusion)
-            tokens_per_expert = torch.zeros(L, dtype=torch.long)
-            tokens_per_expert[lo:hi] = split.sum(0)
-            out = experts(rows, tokens_per_expert, row_probs)
+            out = experts(rows, split.sum(0), row_probs, lo, hi)
             by_rank = torch.arange(width * P).view(width, P).T.flatten()
             out, _ = sort_chunks_by_idxs(out, split.T.flatten(), by_rank,
                                          fused=self.config.moe_permute_fusion)
-            meta = (self.ep_group, sent[:, lo:hi].sum(1).tolist(), recv[:, lo:hi].sum(1).tolist(),
-                    self.counters, self.iteration, "combine", self.layer_number)
-            combines.append(self._launch(meta, out))
-        back = [_WaitAllToAll.apply(ticket, order)[0] for ticket, order in combines]
-        # each half's rows return in send order: put them back where they were taken from
-        inverse = torch.argsort(torch.cat(index))
-        return torch.cat(back)[inverse], side_out
-
-    @staticmethod
-    def _launch(meta, *tensors):
-        ticket = _Ticket(meta, [(t.dtype, t.shape[1:]) for t in tensors])
-        return ticket, _LaunchAllToAll.apply(ticket, *tensors)
+            launched.append(_LaunchHalf.apply(combine, h, out))
+        return _WaitBothHalves.apply(combine, *launched), side_out

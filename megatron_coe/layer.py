@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
@@ -133,8 +134,25 @@ class CoELayer(MoELayer):
             self.nonfinite[t, 1] |= ~torch.isfinite(f).all()
         return f
 
-    def _local_experts(self, rows, tokens_per_expert, probs):
-        out, bias = self.experts(rows, tokens_per_expert, probs)
+    def _local_experts(self, rows, counts, probs, lo: int, hi: int):
+        """Local experts [lo, hi) on ``rows`` (sorted by expert, ``counts`` rows each).
+
+        Megatron's SequentialMLP runs a Python loop over its experts; it is narrowed to
+        [lo, hi) for the call, so the other experts do not run (on zero rows, their weight
+        gradients would still be zero-filled).  Grouped-GEMM experts get zero rows for the
+        experts outside [lo, hi) instead."""
+        experts, n = self.experts, self.num_local_experts
+        if isinstance(experts, SequentialMLP) and (lo, hi) != (0, n):
+            every = experts.local_experts
+            experts.local_experts, experts.num_local_experts = every[lo:hi], hi - lo
+            try:
+                out, bias = experts(rows, counts, probs)
+            finally:
+                experts.local_experts, experts.num_local_experts = every, n
+        else:
+            tokens_per_expert = torch.zeros(n, dtype=torch.long)
+            tokens_per_expert[lo:hi] = counts
+            out, bias = experts(rows, tokens_per_expert, probs)
         assert bias is None, "expert bias is not supported with the all-to-all dispatcher"
         return out
 
