@@ -101,7 +101,7 @@ def fwd_bwd(layer, x):
         torch.cuda.synchronize()
 
 
-def bench(args, configs, tokens=None):
+def bench(args, configs, tokens=None, repeat=None):
     """Build one layer per config (same seed), time forward+backward of each in turn (A B A B
     ...), and read each one's all-to-all counters and saved activations."""
     from megatron_coe.model import build_moe_layer
@@ -119,7 +119,7 @@ def bench(args, configs, tokens=None):
     x = torch.randn(tokens or args.tokens, 1, args.hidden, device=device, dtype=dtype,
                     requires_grad=True)
     times = [[] for _ in layers]
-    for i in range(args.warmup + args.repeat):
+    for i in range(args.warmup + (repeat or args.repeat)):
         for j, layer in enumerate(layers):
             layer.token_dispatcher.counters.reset()
             start = time.perf_counter()
@@ -178,7 +178,7 @@ def run(rank, world, args, port, results):
     coe, moe = PAIRS[0][1], PAIRS[0][2]
     if ep > 1:  # plain and overlapped schedules of CoE-2(4/64) and MoE(8/64), all alternated
         configs = [make_config(args, *shape, overlap=o) for shape in (coe, moe) for o in (0, 1)]
-        times, a2a, _ = bench(args, configs)
+        times, a2a, _ = bench(args, configs, repeat=args.overlap_repeat)
         res["overlap"].append({
             "median_s": {"coe_plain": times[0], "coe_overlap": times[1], "moe_plain": times[2],
                          "moe_overlap": times[3]},
@@ -244,6 +244,8 @@ def main(argv=None):
                    help="also time CoE-2(4/64) against MoE(8/64) at these tokens per rank")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--overlap-repeat", type=int, default=20,
+                   help="timed runs of each layer in the overlap comparison (EP > 1)")
     p.add_argument("--out", default="benchmarks/results/coe_layer.json")
     args = p.parse_args(argv)
     import torch.multiprocessing as mp

@@ -13,6 +13,7 @@ Naming: CoE-C(k/N) is ``model.coe.iterations = C``, ``model.moe.topk = k``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,14 @@ class OptimizerConfig:
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     distributed: bool = False  # Megatron's distributed (ZeRO-1) optimizer
+    # precision=fp16 only: a fixed loss scale, or None for Megatron's dynamic scaler, which
+    # starts at initial_loss_scale, halves after `hysteresis` overflows (the step is skipped)
+    # and doubles after loss_scale_window steps without one.
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 65536.0
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
 
 
 @dataclass
@@ -267,6 +276,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if inner is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if inner is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-3 or 1e12 as strings: accept plain decimal notation
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and math.isfinite(number):
+            return number
     if inner is int and isinstance(value, bool) or not isinstance(value, inner):
         raise ValueError(f"{where}: expected {_tname(inner)}, got {value!r}")
     return value
@@ -372,9 +389,6 @@ def validate(config: Config, world_size: int | None = None) -> None:
     when given, is checked against the parallel sizes (every factor printed)."""
     _choice(config.device, DEVICES, "device")
     _choice(config.precision, PRECISIONS, "precision")
-    if config.precision == "fp16":
-        raise ValueError("precision=fp16 is not supported yet (coe-train does not wire "
-                         "Megatron's loss scaler); use bf16 or fp32")
     f8 = config.fp8
     _choice(f8.format, FP8_FORMATS, "fp8.format")
     _choice(f8.recipe, FP8_RECIPES, "fp8.recipe")
@@ -460,8 +474,14 @@ def _validate_training(config: Config) -> None:
     if len(split) != 3 or any(x < 0 for x in split) or split[0] <= 0:
         raise ValueError(f"data.split={d.split!r} must be three weights 'train,valid,test' "
                          "with train > 0, e.g. '98,1,1'")
-    for name in ("lr", "eps"):
+    for name in ("lr", "eps", "initial_loss_scale", "min_loss_scale", "loss_scale_window",
+                 "hysteresis"):
         _positive(getattr(o, name), f"optimizer.{name}")
+    if o.loss_scale is not None:
+        _positive(o.loss_scale, "optimizer.loss_scale")
+    if o.min_loss_scale > o.initial_loss_scale:
+        raise ValueError(f"optimizer.min_loss_scale={o.min_loss_scale} exceeds "
+                         f"optimizer.initial_loss_scale={o.initial_loss_scale}")
     if not 0 <= o.min_lr <= o.lr:
         raise ValueError(f"optimizer.min_lr={o.min_lr} must be in [0, optimizer.lr={o.lr}]")
     for name in ("beta1", "beta2"):

@@ -155,6 +155,8 @@ def format_line(r: dict, total_steps: int) -> str:
              "MFU " + (f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"),
              f"mem {r['mem_gib']:.2f}GiB", f"skipped {r['skipped_steps']}",
              f"eta {_hms(r['eta_s'])}"]
+    if "loss_scale" in r:  # fp16
+        parts.insert(-1, f"loss scale {r['loss_scale']:g} (overflows {r['overflow_steps']})")
     iters = sorted({k.split("/")[1] for k in r if k.startswith("coe/iter")})
     for it in iters:
         parts.append(f"{it}: aux {r.get(f'coe/{it}/aux_loss', float('nan')):.3f} "

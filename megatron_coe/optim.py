@@ -5,6 +5,11 @@ LR schedule over ``train.steps`` optimizer steps: linear warmup from 0 to ``opti
 ``schedule.warmup_steps``, then ``cosine`` / ``linear`` decay to ``min_lr`` at the last step,
 ``constant``, or ``wsd`` (warmup, stable at lr, then a final cosine decay over
 ``schedule.wsd_decay_steps`` steps).  Weight decay is constant.
+
+fp16: Megatron's fp16 optimizer keeps fp32 main weights and a loss scaler (dynamic unless
+``optimizer.loss_scale`` is set); the forward-backward schedule scales the loss through
+``config.grad_scale_func``, and ``optimizer.step()`` unscales, skips the step on overflow and
+adjusts the scale.
 """
 
 from __future__ import annotations
@@ -54,9 +59,16 @@ def build_optimizer(config: Config, model):
         fp16=config.precision == "fp16",
         params_dtype=model.config.params_dtype,
         use_distributed_optimizer=o.distributed,
+        loss_scale=o.loss_scale,
+        initial_loss_scale=o.initial_loss_scale,
+        min_loss_scale=o.min_loss_scale,
+        loss_scale_window=o.loss_scale_window,
+        hysteresis=o.hysteresis,
     )
     with cpu.cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, [model])
+    if config.precision == "fp16":  # the schedules multiply the loss by it before backward
+        model.config.grad_scale_func = optimizer.scale_loss
     s, t = config.schedule, config.train
     style = {"wsd": "WSD"}.get(s.decay, s.decay)
     scheduler = OptimizerParamScheduler(

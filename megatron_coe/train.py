@@ -223,6 +223,7 @@ def train(config) -> int:
     writer = MetricsWriter(run_dir, t.tensorboard) if rank == 0 else None
     telemetry = GPUTelemetry(device)
     flops_per_token, peak = train_flops_per_token(config), peak_tflops(config)
+    fp16 = config.precision == "fp16"
     tokens_per_step = t.global_batch_size * config.model.seq_length
     started, start_step = time.time(), state["step"]
     if rank == 0:
@@ -242,15 +243,26 @@ def train(config) -> int:
                              config, forward_only=False,
                              inject_nan=step in t.inject_nonfinite_steps)
         loss = mean_loss_over_dp(total, device)
-        finite = math.isfinite(loss) and grads_are_finite(model, device)
+        # A non-finite loss or gradient never reaches the optimizer.  Under fp16 an overflowed
+        # gradient is the loss scaler's to handle: the optimizer skips the step, lowers the
+        # scale, and the run goes on (counted apart, unless the scale is at its minimum).
+        scale = optimizer.get_loss_scale().item() if fp16 else None
+        finite = math.isfinite(loss) and (fp16 or grads_are_finite(model, device))
         lr = optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves after)
         grad_norm = float("nan")
-        if finite:  # a non-finite loss or gradient never reaches the optimizer
+        if finite:
             with torch.no_grad(), cpu.cuda_to_cpu():
                 applied, grad_norm, _ = optimizer.step()
             if applied:
                 scheduler.step(increment=1)
-            finite = applied and grad_norm is not None and math.isfinite(grad_norm)
+            elif fp16 and scale > config.optimizer.min_loss_scale:
+                state["overflow_steps"] = state.get("overflow_steps", 0) + 1
+                if rank == 0:
+                    print(f"step {step}: fp16 gradient overflow at loss scale {scale:g}; "
+                          f"optimizer step skipped, scale lowered", flush=True)
+                applied = None  # skipped, but not a non-finite step
+            finite = applied is None or (applied and grad_norm is not None
+                                         and math.isfinite(grad_norm))
         state["step"] = step
         state["consumed_samples"] += t.global_batch_size
         if not finite:
@@ -277,6 +289,8 @@ def train(config) -> int:
                 "tokens_per_s": tokens_per_step / elapsed,
                 "tflops_per_device": flops_per_token * tokens_per_step / elapsed / world / 1e12,
                 "skipped_steps": state["skipped_steps"],
+                **({"loss_scale": optimizer.get_loss_scale().item(),
+                    "overflow_steps": state.get("overflow_steps", 0)} if fp16 else {}),
                 "eta_s": (time.time() - started) / done * (t.steps - step),
                 **memory_gib(device), **telemetry.read(), **stats,
             }

@@ -1,6 +1,8 @@
 """Config loading and validation: strict keys, safe YAML, overrides, one clear ValueError per
 bad value, raised before any process group exists."""
 
+from pathlib import Path
+
 import pytest
 import torch.distributed as dist
 
@@ -28,6 +30,14 @@ def test_dotted_overrides_parse_yaml_scalars():
     assert config.model.moe.shared_expert_hidden_size is None
 
 
+def test_floats_in_exponent_notation_are_read_as_floats(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; a float field takes it as the number."""
+    path = tmp_path / "c.yaml"
+    path.write_text(Path(TINY).read_text().replace("lr: 0.003", "lr: 3e-3"))
+    config = load_config(path, ["optimizer.initial_loss_scale=1e12"])
+    assert config.optimizer.lr == 0.003 and config.optimizer.initial_loss_scale == 1e12
+
+
 def test_override_creates_missing_section():
     config = config_from_dict({"model": {"moe": {"num_experts": 4}}}, ["model.coe.iterations=2"])
     assert config.model.coe.iterations == 2 and config.model.coe.residual == "inner"
@@ -45,7 +55,12 @@ BAD = [
     ({"model.moe.pad_to_capacity": True}, "pad_to_capacity needs model.moe.capacity_factor"),
     ({"model.num_attention_heads": 5}, "must be divisible by model.num_attention_heads=5"),
     ({"device": "tpu"}, "device='tpu' is not valid"),
-    ({"precision": "fp16"}, "precision=fp16 is not supported yet"),
+    ({"optimizer.min_loss_scale": 1e6}, "optimizer.min_loss_scale=1000000.0 exceeds"),
+    ({"optimizer.lr": "fast"}, "optimizer.lr: expected float, got 'fast'"),
+    ({"parallel.overlap_expert_comm": True, "model.moe.num_experts": 2},
+     "leaves 1 per rank: use at least 2 per rank"),
+    ({"parallel.overlap_expert_comm": True, "model.moe.capacity_factor": 1.0,
+      "model.moe.pad_to_capacity": True}, "does not support"),
     ({"parallel.context": 2}, "parallel.context=2: context parallelism is not supported yet"),
     ({"parallel.tensor": 2}, "needs parallel.sequence_parallel=true"),
     ({"model.transformer_overrides": {"moe_shared_expert_overlap": True}},
