@@ -187,10 +187,14 @@ def run(rank, world, args, port, results):
             "a2a": a2a,
             "a2a_expected": [expected_a2a(args, *coe, ep, o) for o in (0, 1)]
             + [expected_a2a(args, *moe, ep, o) for o in (0, 1)]})
-    for tokens in args.tokens_sweep:
-        times, _, _ = bench(args, [make_config(args, *coe), make_config(args, *moe)], tokens)
-        res["tokens_sweep"].append({"tokens_per_rank": tokens, "median_s": times,
-                                    "ratio": times[0] / times[1]})
+    for tokens in args.tokens_sweep:  # at EP > 1 with the overlapped schedule too
+        modes = (0, 1) if ep > 1 else (0,)
+        configs = [make_config(args, *shape, overlap=o) for o in modes for shape in (coe, moe)]
+        times, _, _ = bench(args, configs, tokens)
+        res["tokens_sweep"].append({"tokens_per_rank": tokens, "median_s": times[:2],
+                                    "ratio": times[0] / times[1],
+                                    "ratio_overlapped": times[2] / times[3] if ep > 1 else None,
+                                    "median_s_overlapped": times[2:]})
     configs = [make_config(args, *shape, recompute=r) for shape in (coe, moe) for r in (0, 1)]
     times, _, acts = bench(args, configs)
     for i, label in enumerate(["CoE-2(4/64)", "CoE-2(4/64) + recompute", "MoE(8/64)",
@@ -226,7 +230,9 @@ def report(res, ep):
               f"{[a['sent_bytes'] for a in r['a2a']]}")
     for r in res["tokens_sweep"]:
         print(f"EP={ep} tokens/rank {r['tokens_per_rank']}: CoE-2(4/64)/MoE(8/64) = "
-              f"{r['ratio']:.3f} ({r['median_s'][0] * 1e3:.1f} / {r['median_s'][1] * 1e3:.1f} ms)")
+              f"{r['ratio']:.3f} ({r['median_s'][0] * 1e3:.1f} / {r['median_s'][1] * 1e3:.1f} ms)"
+              + (f"; overlapped {r['ratio_overlapped']:.3f} ({r['median_s_overlapped'][0] * 1e3:.1f}"
+                 f" / {r['median_s_overlapped'][1] * 1e3:.1f} ms)" if r["ratio_overlapped"] else ""))
     for r in res["recompute"]:
         print(f"EP={ep} {r['layer']:24s} {r['median_s'] * 1e3:.1f} ms; saved activations kept "
               f"after forward {r['kept'] / 2**20:.1f} MiB, peak {r['peak'] / 2**20:.1f} MiB")
