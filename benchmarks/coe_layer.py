@@ -119,9 +119,12 @@ def bench(args, configs, tokens=None, repeat=None):
     x = torch.randn(tokens or args.tokens, 1, args.hidden, device=device, dtype=dtype,
                     requires_grad=True)
     times = [[] for _ in layers]
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     for i in range(args.warmup + (repeat or args.repeat)):
         for j, layer in enumerate(layers):
             layer.token_dispatcher.counters.reset()
+            if distributed:  # every rank starts together: no wait leaks into the next timing
+                torch.distributed.barrier()
             start = time.perf_counter()
             fwd_bwd(layer, x)
             if i >= args.warmup:
