@@ -42,10 +42,12 @@ DISPATCHERS = ("alltoall",)
 # notes): with more than one CoE iteration they would silently compute something else.
 SINGLE_ROUTE_FEATURES = {
     "overlap_moe_expert_parallel_comm": "its fine-grained callables route and dispatch once per "
-    "layer and bypass CoELayer.forward",
+    "layer and bypass CoELayer.forward (parallel.overlap_expert_comm overlaps every iteration's "
+    "all-to-alls instead)",
     "delay_wgrad_compute": "it splits expert weight gradients assuming one expert pass per layer",
     "overlap_dispatch_backward_with_experts_wgrad": "it assumes one dispatch per layer",
-    "moe_shared_expert_overlap": "its side-stream state is cached once per layer",
+    "moe_shared_expert_overlap": "its side-stream state is cached once per layer "
+    "(parallel.overlap_expert_comm overlaps the shared expert in every iteration instead)",
     "moe_paged_stash": "it stashes one dispatch per layer",
     "moe_latent_size": "latent projections would be applied once per iteration",
     "moe_router_force_biased": "all iterations' routers would get the same bias",
