@@ -627,10 +627,14 @@ def _validate_parallel(config: Config, world_size: int | None) -> None:
         if p.expert_tensor > 1 or m.moe.pad_to_capacity:
             raise ValueError("parallel.overlap_expert_comm=true does not support "
                              "parallel.expert_tensor > 1 or model.moe.pad_to_capacity=true yet")
-    if p.context > 1:
-        raise ValueError(f"parallel.context={p.context}: context parallelism is not supported "
-                         "yet (coe-train does not split sequences per context-parallel rank); "
-                         "use parallel.context=1")
+    if p.context > 1 and m.seq_length % (2 * p.context):
+        raise ValueError(
+            f"model.seq_length={m.seq_length} must be divisible by 2 x parallel.context = "
+            f"{2 * p.context} (each context-parallel rank holds 2 of the sequence's "
+            f"{2 * p.context} chunks)")
+    if p.context > 1 and config.device == "cpu" and m.transformer_overrides.get("attention_dropout"):
+        raise ValueError("parallel.context > 1 on device=cpu has no attention dropout; "
+                         "remove model.transformer_overrides.attention_dropout")
     if p.sequence_parallel and config.device == "cpu":
         raise ValueError(
             "parallel.sequence_parallel=true needs Transformer Engine or apex norms (Megatron's "

@@ -177,7 +177,22 @@ def _patches() -> list[tuple[str, str, Callable | Any]]:
         ("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None),
         ("megatron.core.transformer.utils", "get_default_causal_mask", _cpu_causal_mask),
         ("megatron.core.fusions.fused_softmax", "get_default_causal_mask", _cpu_causal_mask),
+        ("megatron.core.models.common.embeddings.rotary_pos_embedding",
+         "get_pos_emb_on_this_cp_rank", _cpu_pos_emb_on_this_cp_rank),
+        ("megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
+         "get_pos_emb_on_this_cp_rank", _cpu_pos_emb_on_this_cp_rank),
     ]
+
+
+def _cpu_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    """Megatron's version pins memory and calls .cuda(): the rotary embedding rows of this
+    context-parallel rank's two chunks (r and 2P-1-r of the sequence's 2P), on CPU."""
+    size, rank = cp_group.size(), cp_group.rank()
+    chunks = torch.tensor([rank, 2 * size - rank - 1], device=pos_emb.device)
+    shape = pos_emb.shape
+    pos_emb = pos_emb.view(*shape[:seq_dim], 2 * size, -1, *shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, chunks)
+    return pos_emb.view(*shape[:seq_dim], -1, *shape[seq_dim + 1:])
 
 
 def enable(device: str) -> None:

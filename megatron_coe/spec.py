@@ -4,7 +4,8 @@ Megatron's local spec (CPU) and Transformer Engine spec (GPU) both put
 ``partial(MoELayer, submodules=MoESubmodules(...))`` in each MoE layer's ``submodules.mlp``.
 We swap in ``partial(CoELayer, <same submodules>, iterations=C, residual=..., router_mode=...)``
 and make the layer a :class:`CoETransformerLayer` (which only differs in "reference" residual
-mode).  Attention (standard or MLA), norms and experts are Megatron's own, whichever backend.
+mode).  Attention (standard or MLA), norms and experts are Megatron's own, whichever backend, except
+two core attentions the local spec lacks: MLA's head dims, and context parallelism.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_coe.attention import MLADotProductAttention
 from megatron_coe.config import CoEConfig
+from megatron_coe.cp_attention import ContextParallelAttention
 from megatron_coe.layer import CoELayer
 from megatron_coe.transformer_layer import CoETransformerLayer
 
@@ -31,8 +33,12 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
         use_transformer_engine=use_transformer_engine,
         normalization=transformer_config.normalization,
     )
-    if transformer_config.multi_latent_attention and not use_transformer_engine:
-        block.layer_specs = [_with_local_mla_core_attention(s) for s in block.layer_specs]
+    if not use_transformer_engine and transformer_config.context_parallel_size > 1:
+        block.layer_specs = [_with_core_attention(s, ContextParallelAttention)
+                             for s in block.layer_specs]
+    elif transformer_config.multi_latent_attention and not use_transformer_engine:
+        block.layer_specs = [_with_core_attention(s, MLADotProductAttention)
+                             for s in block.layer_specs]
     if coe is None:
         return block
     layer_specs = []
@@ -58,11 +64,12 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
     return block
 
 
-def _with_local_mla_core_attention(spec):
-    """The local spec's MLA core attention cannot take MLA's head dims: use ours."""
+def _with_core_attention(spec, core_attention):
+    """The local spec's core attention takes neither MLA's head dims nor context parallelism:
+    use ours (attention.py, cp_attention.py)."""
     attn = spec.submodules.self_attention
     attn = dataclasses.replace(
-        attn, submodules=dataclasses.replace(attn.submodules, core_attention=MLADotProductAttention)
+        attn, submodules=dataclasses.replace(attn.submodules, core_attention=core_attention)
     )
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules,
                                                                     self_attention=attn))

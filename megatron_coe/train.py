@@ -62,24 +62,39 @@ def forward_step(data_iterator, model, inject_nan=False):
     """One micro-batch: returns the per-token losses and the function reducing them."""
     from megatron_coe import cpu
 
-    batch = next(data_iterator)
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
     device = next(model.parameters()).device
-    tokens = batch["tokens"].to(device)
+    batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+    cp_group = parallel_state.get_context_parallel_group()
+    if cp_group.size() > 1:  # this rank's 2 of the sequence's 2*CP chunks (load-balanced)
+        batch = get_batch_on_this_cp_rank({**batch, "cu_seqlens": None}, False, cp_group)
     with cpu.outside_cuda_to_cpu():  # the schedule needs the CUDA remapping, the model does not
-        output = model(tokens, batch["position_ids"].to(device), None,
-                       labels=batch["labels"].to(device))
-    loss_mask = batch["loss_mask"].to(device).float()
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    loss_mask = batch["loss_mask"].float()
 
     def loss_func(per_token):
         loss_sum = (per_token.float() * loss_mask).sum()
         count = loss_mask.sum()
-        loss = loss_sum / count
+        loss = loss_sum / _sum_over(count.detach().clone(), cp_group)  # the sequence's mean
         if inject_nan:
             loss = loss * float("nan")
         # report (sum, count) so the mean over micro-batches and ranks is exact
         return loss, {"lm loss": torch.stack([loss_sum.detach().clone(), count])}
 
     return output, loss_func
+
+
+def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` summed over ``group``.  With context parallelism every rank's loss is its tokens'
+    loss sum over the whole sequence's count; Megatron's schedule multiplies it by the CP size
+    and DDP averages over data x context parallel ranks, which makes it the sequence mean."""
+    import torch.distributed as dist
+
+    if group.size() > 1:
+        dist.all_reduce(x, group=group)
+    return x
 
 
 def run_schedule(model, batches, config, forward_only, inject_nan=False):
@@ -111,7 +126,7 @@ def mean_loss_over_dp(total: torch.Tensor, device) -> float:
     from megatron.core import parallel_state
 
     total = total.to(device=device, dtype=torch.float64)  # NCCL reduces device tensors only
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # loss lives on last stage
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")

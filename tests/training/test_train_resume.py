@@ -57,6 +57,19 @@ def test_overlapped_schedule_trains_bit_identically(tmp_path, straight):
     assert metrics(straight, "valid")[STEPS]["loss"] == metrics(run_dir, "valid")[STEPS]["loss"]
 
 
+def test_context_parallel_matches_data_parallel(tmp_path, straight):
+    """parallel.context=2 (each rank holds 2 of a sequence's 4 chunks; keys and values
+    all-gathered; rotary embeddings sliced to match) trains like the straight run, where data
+    parallelism gives each rank whole sequences: same global batch, same experts (EP = 2)."""
+    run_dir = tmp_path / "cp"
+    check(torchrun([f"run_dir={run_dir}", *COMMON, "parallel.context=2", "train.exit_interval=6"]))
+    a, b = metrics(straight), metrics(run_dir)
+    assert sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        assert abs(a[step]["loss"] - b[step]["loss"]) < 1e-5, (step, a[step], b[step])
+        assert abs(a[step]["grad_norm"] - b[step]["grad_norm"]) < 1e-5 * a[step]["grad_norm"]
+
+
 def test_fp16_loss_scaling_recovers_and_resumes_exactly(tmp_path, straight):
     """precision=fp16 with Megatron's dynamic loss scaler, started too high on purpose: the
     first steps overflow, are skipped (not counted as non-finite) and lower the scale; then the

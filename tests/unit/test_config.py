@@ -61,7 +61,7 @@ BAD = [
      "leaves 1 per rank: use at least 2 per rank"),
     ({"parallel.overlap_expert_comm": True, "model.moe.capacity_factor": 1.0,
       "model.moe.pad_to_capacity": True}, "does not support"),
-    ({"parallel.context": 2}, "parallel.context=2: context parallelism is not supported yet"),
+    ({"parallel.context": 3}, "model.seq_length=64 must be divisible by 2 x parallel.context"),
     ({"parallel.tensor": 2}, "needs parallel.sequence_parallel=true"),
     ({"model.transformer_overrides": {"moe_shared_expert_overlap": True}},
      "moe_shared_expert_overlap cannot be used with model.coe.iterations=2"),
