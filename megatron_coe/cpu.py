@@ -186,13 +186,12 @@ def _patches() -> list[tuple[str, str, Callable | Any]]:
 
 def _cpu_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
     """Megatron's version pins memory and calls .cuda(): the rotary embedding rows of this
-    context-parallel rank's two chunks (r and 2P-1-r of the sequence's 2P), on CPU."""
-    size, rank = cp_group.size(), cp_group.rank()
-    chunks = torch.tensor([rank, 2 * size - rank - 1], device=pos_emb.device)
-    shape = pos_emb.shape
-    pos_emb = pos_emb.view(*shape[:seq_dim], 2 * size, -1, *shape[seq_dim + 1:])
-    pos_emb = pos_emb.index_select(seq_dim, chunks)
-    return pos_emb.view(*shape[:seq_dim], -1, *shape[seq_dim + 1:])
+    context-parallel rank's tokens, on CPU."""
+    from megatron_coe.cp_attention import chunk_positions
+
+    positions = chunk_positions(cp_group.rank(), cp_group.size(), pos_emb.shape[seq_dim],
+                                pos_emb.device)
+    return pos_emb.index_select(seq_dim, positions)
 
 
 def enable(device: str) -> None:

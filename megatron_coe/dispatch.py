@@ -196,6 +196,8 @@ class _Exchange:
 
 
 def _materialize(grads, specs, n_rows, device):
+    """Gradients of row-aligned outputs, with zeros of the right shape for those autograd
+    left as None."""
     return [g if g is not None else torch.zeros((n_rows, *tail), dtype=dtype, device=device)
             for g, (dtype, tail) in zip(grads, specs)]
 
@@ -295,12 +297,7 @@ class _CountedAllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         group, out_splits, in_splits, counters, iteration, phase, layer = ctx.meta
-        n_out = sum(out_splits)
-        grads = [
-            g if g is not None else torch.zeros((n_out, *tail), dtype=dtype, device=ctx.device)
-            for g, (dtype, tail) in zip(grads, ctx.specs)
-        ]
-        packed = pack_rows(grads)
+        packed = pack_rows(_materialize(grads, ctx.specs, sum(out_splits), ctx.device))
         counters.record(iteration, phase, "backward", out_splits, in_splits, packed.shape[1])
         what = f"layer {layer}, CoE iteration {iteration + 1}, {phase} backward"
         back = _all_to_all_rows(group, packed, in_splits, out_splits, what)

@@ -17,8 +17,8 @@ are built once and used in every iteration.  Each iteration runs Megatron's pipe
 route -> dispatch_preprocess -> all-to-all -> experts -> all-to-all -> combine, through
 :class:`CoEAlltoAllTokenDispatcher`, so with expert parallelism there are 2*C all-to-alls per
 layer per forward (4*C, same bytes, with ``overlap``: the two-half schedule of dispatch.py,
-which also runs the shared expert while the dispatch is in flight).  With C = 1 and independent routing this is exactly Megatron's MoELayer:
-the same parameters, built in the same order (the extra routers are created last, so the
+which also runs the shared expert while the dispatch is in flight).  With C = 1 and
+independent routing this is exactly Megatron's MoELayer: the same parameters, built in the same order (the extra routers are created last, so the
 random initialisation of a C = 1 layer is unchanged).
 """
 

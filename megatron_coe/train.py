@@ -270,14 +270,13 @@ def train(config) -> int:
                 applied, grad_norm, _ = optimizer.step()
             if applied:
                 scheduler.step(increment=1)
-            elif fp16 and scale > config.optimizer.min_loss_scale:
+            overflow = fp16 and not applied and scale > config.optimizer.min_loss_scale
+            if overflow:  # skipped, but not a non-finite step
                 state["overflow_steps"] = state.get("overflow_steps", 0) + 1
                 if rank == 0:
                     print(f"step {step}: fp16 gradient overflow at loss scale {scale:g}; "
                           f"optimizer step skipped, scale lowered", flush=True)
-                applied = None  # skipped, but not a non-finite step
-            finite = applied is None or (applied and grad_norm is not None
-                                         and math.isfinite(grad_norm))
+            finite = overflow or (applied and grad_norm is not None and math.isfinite(grad_norm))
         state["step"] = step
         state["consumed_samples"] += t.global_batch_size
         if not finite:
