@@ -45,7 +45,8 @@ def make_config(args, iterations, topk, overlap=False, recompute=False):
         "model": {"num_layers": 1, "hidden_size": args.hidden, "num_attention_heads": 8,
                   "moe": {"num_experts": 63 if args.ep in (1, 3, 7) else 64, "topk": topk,
                           "expert_hidden_size": args.expert_hidden,
-                          "shared_expert_hidden_size": args.expert_hidden,
+                          "shared_expert_hidden_size": None if args.no_shared_expert
+                          else args.expert_hidden,
                           "aux_loss": "seq_aux_loss", "grouped_gemm": args.device == "cuda"},
                   "coe": {"iterations": iterations}},
         "parallel": {"expert": args.ep, "overlap_expert_comm": bool(overlap) and args.ep > 1},
@@ -153,13 +154,8 @@ def expected_a2a(args, iterations, topk, ep, overlap=False):
             "sent_bytes": 2 * pairs * (2 * args.hidden * elem + 4)}
 
 
-def run(rank, world, args, port, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+def run(args):
+    """One rank's share of every comparison; rank 0's results are returned."""
     import torch.distributed as dist
 
     from megatron_coe import parallel
@@ -203,10 +199,9 @@ def run(rank, world, args, port, results):
     for i, label in enumerate(["CoE-2(4/64)", "CoE-2(4/64) + recompute", "MoE(8/64)",
                                "MoE(8/64) + recompute"]):
         res["recompute"].append({"layer": label, "median_s": times[i], **acts[i]})
-    if rank == 0:
-        results.put(res)
     dist.barrier()
     parallel.destroy()
+    return res
 
 
 def report(res, ep):
@@ -249,6 +244,8 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--expert-hidden", type=int, default=176)
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
+    p.add_argument("--no-shared-expert", action="store_true",
+                   help="routed experts only: CoE-C(k/N) and MoE(Ck/N) then do equal FLOPs")
     p.add_argument("--tokens-sweep", type=int, nargs="*", default=[256, 4096],
                    help="also time CoE-2(4/64) against MoE(8/64) at these tokens per rank")
     p.add_argument("--warmup", type=int, default=2)
@@ -257,18 +254,11 @@ def main(argv=None):
                    help="timed runs of each layer in the overlap comparison (EP > 1)")
     p.add_argument("--out", default="benchmarks/results/coe_layer.json")
     args = p.parse_args(argv)
-    import torch.multiprocessing as mp
+    from processes import spawn
 
     all_results = []
     for ep in args.ep:
-        a = argparse.Namespace(**{**vars(args), "ep": ep})
-        from megatron_coe.parallel import free_port
-
-        port = free_port()
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        mp.start_processes(run, args=(ep, a, port, q), nprocs=ep, join=True, start_method="spawn")
-        res = q.get()
+        res = spawn(run, ep, argparse.Namespace(**{**vars(args), "ep": ep}))
         res["ep"] = ep
         all_results.append(res)
         report(res, ep)

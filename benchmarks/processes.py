@@ -1,0 +1,37 @@
+"""Run a benchmark function on ``world`` local processes (gloo on CPU) and return rank 0's result.
+
+    result = spawn(fn, world, *args)      # fn(*args) runs on every rank, after the process group
+                                          # environment (RANK, WORLD_SIZE, MASTER_*) is set
+
+Each rank gets cores // world threads, as torchrun's one-thread default would starve a 1-rank run.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _entry(rank, world, port, fn, args, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    result = fn(*args)
+    if rank == 0:
+        results.put(result)
+
+
+def spawn(fn, world: int, *args):
+    import torch.multiprocessing as mp
+
+    from megatron_coe.parallel import free_port
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_entry, args=(world, free_port(), fn, args, results), nprocs=world,
+                       join=True, start_method="spawn")
+    return results.get()

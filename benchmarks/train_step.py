@@ -1,0 +1,204 @@
+"""Whole training steps of CoE against MoE at equal expert passes, as coe-train runs them.
+
+    python benchmarks/train_step.py                  # CPU: CoE-2(4/64) vs MoE(8/64), EP = 1 and 2
+    python benchmarks/train_step.py --ep 2 --rounds 40 --out benchmarks/results/train_step_cpu.json
+
+A step is what the training loop does between two log lines: zero the gradient buffers, run
+Megatron's forward-backward schedule over the step's micro-batches (train.run_schedule, real
+batches from the config's data), check the gradients are finite, and take the optimizer step
+under the loop's CPU remapping.  Every variant (CoE and MoE, and at EP > 1 each on the plain and
+the overlapped expert-parallel schedule) is built in the same processes and they take turns, one
+step each per round (A B C D A B C D ...), with a barrier before every step, so a slow moment of
+this shared host lands on all of them.  Printed per comparison: the median of the per-round
+ratios with their quartiles, each variant's median step time, and the ratio of training FLOPs
+per token (CoE-2(4/64) runs its shared expert twice: 10 expert passes per token against 9).
+Every step's loss is kept as well: the overlapped schedule must reproduce the plain one's
+exactly, and the output says whether it did.  Results go to ``--out`` as JSON.  A measurement,
+not a test.
+
+The configs are the CPU-scale paper configs (configs/tiny/coe-2-4of64.yaml and moe-8of64.yaml:
+4 layers, hidden 128, MLA, 63 routed + 1 shared expert of hidden 88).  At EP > 1 the routed
+count becomes 64, since EP must divide it (``--experts-ep``).  ``--set KEY=VALUE ...`` applies
+more overrides to both configs (e.g. ``model.seq_length=1024``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PAIR = ("configs/tiny/coe-2-4of64.yaml", "configs/tiny/moe-8of64.yaml")
+
+
+def variants(args, ep):
+    """(label, config path, overrides) of every variant timed on ``ep`` ranks."""
+    common = [f"parallel.expert={ep}", f"train.micro_batch_size={args.micro_batch}",
+              f"train.global_batch_size={args.micro_batch * args.micros * ep}"]
+    if ep > 1:
+        common.append(f"model.moe.num_experts={args.experts_ep}")
+    common += args.set
+    out = []
+    for path, name in zip(PAIR, ("CoE-2(4/64)", "MoE(8/64)")):
+        out.append((f"{name} plain", path, common))
+        if ep > 1:
+            out.append((f"{name} overlapped", path,
+                        common + ["parallel.overlap_expert_comm=true"]))
+    return out
+
+
+def run(args, ep):
+    """Build every variant on this rank, then time ``args.rounds`` rounds of one step each."""
+    import torch.distributed as dist
+
+    from megatron_coe import cpu, parallel
+    from megatron_coe.config import load_config
+    from megatron_coe.data import dataset
+    from megatron_coe.model import build_model
+    from megatron_coe.optim import build_optimizer, wrap_model
+    from megatron_coe.train import grads_are_finite, mean_loss_over_dp, run_schedule
+
+    tmp = [tempfile.mkdtemp(prefix="coe-train-step-") if int(os.environ["RANK"]) == 0 else None]
+    built = []
+    for label, path, overrides in variants(args, ep):
+        config = load_config(path, overrides)
+        device = parallel.initialize(config)
+        if not built:  # rank 0 writes the data, the others read it from the same directory
+            dist.broadcast_object_list(tmp, src=0)
+        run_dir = Path(tmp[0]) / str(len(built))
+        if dist.get_rank() == 0:
+            run_dir.mkdir()
+        dist.barrier()
+        tokenizer, prefixes = dataset.prepare(config, run_dir)
+        train_ds, _, _ = dataset.build_datasets(config, run_dir, tokenizer, prefixes)
+        torch.manual_seed(config.seed)
+        model = wrap_model(config, build_model(config))
+        optimizer, scheduler = build_optimizer(config, model)
+        built.append((label, config, model, optimizer, scheduler, train_ds))
+
+    from megatron.core import parallel_state
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+
+    def step(config, model, optimizer, scheduler, train_ds, i):
+        t = config.train
+        batches = list(dataset.micro_batches(train_ds, i * t.global_batch_size,
+                                             t.global_batch_size, t.micro_batch_size,
+                                             dp_rank, dp_size))
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        total = run_schedule(model, batches, config, forward_only=False)
+        if grads_are_finite(model, device):
+            with torch.no_grad(), cpu.cuda_to_cpu():
+                optimizer.step()
+            scheduler.step(increment=1)
+        return total
+
+    times = {label: [] for label, *_ in built}
+    losses = {label: [] for label, *_ in built}
+    for i in range(args.warmup + args.rounds):
+        for label, config, model, optimizer, scheduler, train_ds in built:
+            dist.barrier()
+            start = time.perf_counter()
+            total = step(config, model, optimizer, scheduler, train_ds, i)
+            if i >= args.warmup:
+                times[label].append(time.perf_counter() - start)
+            losses[label].append(mean_loss_over_dp(total, device))  # outside the timing
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp[0], ignore_errors=True)
+    parallel.destroy()
+    from megatron_coe.metrics import train_flops_per_token
+
+    t = built[0][1].train
+    return {"ep": ep, "tokens_per_step": t.global_batch_size * built[0][1].model.seq_length,
+            "step_s": times, "losses": losses,
+            "flops_per_token": {label: train_flops_per_token(config)
+                                for label, config, *_ in built}}
+
+
+def quartiles(xs):
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "q1": q[0], "q3": q[2]}
+
+
+def compare(step_s, a, b):
+    """Per-round ratios a / b (the rounds are alternated, so each ratio shares its moment)."""
+    return quartiles([x / y for x, y in zip(step_s[a], step_s[b])])
+
+
+def summarize(res):
+    s = res["step_s"]
+    flops = res["flops_per_token"]
+    out = {"ep": res["ep"], "tokens_per_step": res["tokens_per_step"],
+           "median_step_s": {k: statistics.median(v) for k, v in s.items()},
+           "flops_per_token": flops,
+           "flops_coe_over_moe": flops["CoE-2(4/64) plain"] / flops["MoE(8/64) plain"],
+           "coe_over_moe": {"plain": compare(s, "CoE-2(4/64) plain", "MoE(8/64) plain")}}
+    out["losses"] = res["losses"]
+    if res["ep"] > 1:  # the overlapped schedule must train exactly like the plain one
+        out["overlapped_losses_equal_plain"] = {
+            name: res["losses"][f"{name} overlapped"] == res["losses"][f"{name} plain"]
+            for name in ("CoE-2(4/64)", "MoE(8/64)")}
+        out["coe_over_moe"]["overlapped"] = compare(s, "CoE-2(4/64) overlapped",
+                                                    "MoE(8/64) overlapped")
+        out["overlapped_over_plain"] = {
+            name: compare(s, f"{name} overlapped", f"{name} plain")
+            for name in ("CoE-2(4/64)", "MoE(8/64)")}
+    return out
+
+
+def report(summary):
+    ep = summary["ep"]
+    print(f"EP={ep} training FLOPs per token CoE-2(4/64) / MoE(8/64) = "
+          f"{summary['flops_coe_over_moe']:.3f} (the shared expert runs in every iteration)")
+    for label, t in summary["median_step_s"].items():
+        print(f"EP={ep} {label:24s} step {t * 1e3:7.1f} ms "
+              f"({summary['tokens_per_step'] / t:,.0f} tokens/s)")
+    for name, same in summary.get("overlapped_losses_equal_plain", {}).items():
+        print(f"EP={ep} {name}: losses of every step, overlapped == plain: {same}")
+    for group in ("coe_over_moe", "overlapped_over_plain"):
+        for name, r in summary.get(group, {}).items():
+            what = "CoE-2(4/64) / MoE(8/64)" if group == "coe_over_moe" else "overlapped / plain"
+            print(f"EP={ep} {what}, {name}: {r['median']:.3f} "
+                  f"(quartiles {r['q1']:.3f}-{r['q3']:.3f})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ep", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--experts-ep", type=int, default=64,
+                   help="routed experts at EP > 1 (EP must divide it)")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--micros", type=int, default=1, help="micro-batches per rank per step")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more config overrides, applied to both configs")
+    p.add_argument("--out", default="benchmarks/results/train_step.json")
+    args = p.parse_args(argv)
+    from processes import spawn
+
+    summaries = []
+    for ep in args.ep:
+        summary = summarize(spawn(run, ep, args, ep))
+        report(summary)
+        summaries.append(summary)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch "
+                   f"{torch.__version__}", "results": summaries}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

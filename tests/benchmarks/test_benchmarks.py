@@ -1,0 +1,50 @@
+"""The documented benchmark commands run from a checkout, at toy sizes, and what they count is
+right: all-to-all calls and bytes equal their closed form (and CoE's bytes equal MoE's), the
+layer recompute keeps less for backward, and in whole training steps the overlapped schedule
+reproduces the plain schedule's losses exactly.  No timing is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_benchmark(script: str, out: Path, *args: str) -> dict:
+    cmd = [sys.executable, f"benchmarks/{script}", "--ep", "2", "--out", str(out), *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_layer_benchmark_counts_the_closed_form_all_to_all(tmp_path):
+    res = run_benchmark("coe_layer.py", tmp_path / "layer.json", "--hidden", "32",
+                        "--expert-hidden", "16", "--tokens", "64", "--repeat", "1",
+                        "--warmup", "0", "--overlap-repeat", "1", "--tokens-sweep")
+    (ep2,) = res["results"]
+    assert len(ep2["pairs"]) == 3
+    for pair in ep2["pairs"]:
+        coe, moe = pair["a2a"]
+        assert pair["a2a"] == pair["a2a_expected"], pair["pair"]
+        assert coe["sent_bytes"] == moe["sent_bytes"] > 0, pair["pair"]
+    (overlap,) = ep2["overlap"]
+    assert overlap["a2a"] == overlap["a2a_expected"]
+    assert [a["calls"] for a in overlap["a2a"]] == [8, 16, 4, 8]  # two halves per exchange
+    kept = {r["layer"]: r["kept"] for r in ep2["recompute"]}
+    assert kept["CoE-2(4/64) + recompute"] < kept["CoE-2(4/64)"] / 4
+    assert kept["CoE-2(4/64)"] > kept["MoE(8/64)"]
+
+
+def test_train_step_benchmark_overlapped_trains_like_plain(tmp_path):
+    res = run_benchmark("train_step.py", tmp_path / "step.json", "--rounds", "2",
+                        "--warmup", "0", "--set", "model.seq_length=64", "model.num_layers=2",
+                        "train.steps=10", "schedule.warmup_steps=1")
+    (ep2,) = res["results"]
+    assert ep2["overlapped_losses_equal_plain"] == {"CoE-2(4/64)": True, "MoE(8/64)": True}
+    assert len(ep2["losses"]["CoE-2(4/64) plain"]) == 2
+    assert ep2["losses"]["CoE-2(4/64) plain"] != ep2["losses"]["MoE(8/64) plain"]
+    # 2 x (4 + 1) expert passes against 9: the FLOP ratio is above 1 but below 10/9
+    assert 1.0 < ep2["flops_coe_over_moe"] < 10 / 9
+    assert set(ep2["median_step_s"]) == {"CoE-2(4/64) plain", "CoE-2(4/64) overlapped",
+                                         "MoE(8/64) plain", "MoE(8/64) overlapped"}
