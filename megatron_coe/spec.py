@@ -5,7 +5,9 @@ Megatron's local spec (CPU) and Transformer Engine spec (GPU) both put
 We swap in ``partial(CoELayer, <same submodules>, iterations=C, residual=..., router_mode=...)``
 and make the layer a :class:`CoETransformerLayer` (which only differs in "reference" residual
 mode).  Attention (standard or MLA), norms and experts are Megatron's own, whichever backend, except
-two core attentions the local spec lacks: MLA's head dims, and context parallelism.
+two core attentions the local spec lacks (MLA's head dims, and context parallelism) and, in the
+local spec, SequentialMLP's lean subclass :class:`~megatron_coe.experts.LocalExperts` (same
+parameters and results, less per-expert framework overhead).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import dataclasses
 import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_coe.attention import MLADotProductAttention
 from megatron_coe.config import CoEConfig
 from megatron_coe.cp_attention import ContextParallelAttention
+from megatron_coe.experts import LocalExperts
 from megatron_coe.layer import CoELayer
 from megatron_coe.transformer_layer import CoETransformerLayer
 
@@ -45,10 +49,16 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
     for spec in block.layer_specs:  # one spec object is shared by all MoE layers: copy it
         mlp = spec.submodules.mlp
         if isinstance(mlp, functools.partial) and mlp.func is MoELayer:
+            keywords = dict(mlp.keywords)
+            experts = keywords["submodules"].experts
+            if isinstance(experts, functools.partial) and experts.func is SequentialMLP:
+                keywords["submodules"] = dataclasses.replace(
+                    keywords["submodules"],
+                    experts=functools.partial(LocalExperts, *experts.args, **experts.keywords))
             coe_mlp = functools.partial(
                 CoELayer,
                 *mlp.args,
-                **mlp.keywords,
+                **keywords,
                 iterations=coe.iterations,
                 residual=coe.residual,
                 router_mode=coe.router,

@@ -82,6 +82,8 @@ def test_c1_equals_megatron_moe_layer(capacity_factor, aux):
     torch.manual_seed(7)
     stock = build_moe_layer(config, stock_megatron=True)
     assert isinstance(coe, CoELayer) and type(stock) is MoELayer
+    assert type(coe.experts).__name__ == "LocalExperts" and coe.experts._lean
+    assert type(stock.experts).__name__ == "SequentialMLP"
     assert coe.state_dict().keys() == stock.state_dict().keys()
     for (name, a), b in zip(coe.state_dict().items(), stock.state_dict().values()):
         if torch.is_tensor(a):

@@ -1,0 +1,88 @@
+"""LocalExperts: Megatron-Core's SequentialMLP with a lean forward for the local (non-TE) spec.
+
+For local expert e with rows X_e (sorted by expert), routing probabilities p_e, and weights
+W1_e [2F, H] (gated) / [F, H], W2_e [H, F]:
+
+    Z_e = X_e W1_e^T                                   (linear_fc1)
+    A_e = act(Z_e[:, :F]) * (Z_e[:, F:] + offset)      (gated linear unit; act(Z_e) if not gated)
+    Y_e = (A_e * p_e) W2_e^T                           (probabilities scale the activation,
+                                                        then linear_fc2)
+
+which is exactly what SequentialMLP computes through one Megatron MLP module per expert, op for
+op, with the linears' backward written as Megatron's (dX = dY W, dW = dY^T X): outputs and
+gradients are bit-identical (tests/layer/test_formula_parity.py).  What it drops is per-expert
+framework work: module calls, hooks, NVTX ranges, and Megatron's per-call checks for features
+that are off here.  A CoE layer calls the experts C times per step (2C with the overlapped
+schedule), so that fixed cost weighs C times as much as in an MoE layer; on 2 CPU ranks it is
+about 8 ms per 32 experts per forward + backward (benchmarks/coe_layer.py).
+
+Parameters, state dict and sharded (checkpoint) state dict are SequentialMLP's.  Any setting the
+lean forward does not implement (FP8/FP4, expert tensor parallelism, biases, fused or TE
+activations, clamped GLU, probabilities on the input, gradient-accumulation fusion, frozen
+weights, CPU offloading) runs SequentialMLP's own forward instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+
+class _Linear(torch.autograd.Function):
+    """Y = X W^T; backward as Megatron's LinearWithGradAccumulationAndAsyncCommunication
+    computes it without tensor parallelism: dX = dY W, dW = dY^T X (contiguous operands)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.matmul(x, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.contiguous().t().matmul(x.contiguous())
+        return grad_x, grad_w
+
+
+class LocalExperts(SequentialMLP):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        c = self.config
+        first = self.local_experts[0] if len(self.local_experts) else None
+        self._lean = (
+            first is not None
+            and not (c.fp8 or c.fp4)
+            and self.tp_group.size() == 1
+            and not c.add_bias_linear
+            and not c.moe_apply_probs_on_input
+            and not c.use_te_activation_func
+            and not c.bias_activation_fusion
+            and c.activation_func_clamp_value is None
+            and not c.cpu_offloading
+            and not first.linear_fc1.gradient_accumulation_fusion
+            and not first.linear_fc2.gradient_accumulation_fusion
+        )
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        if not self._lean or not all(p.requires_grad for p in self.parameters()):
+            return super().forward(permuted_local_hidden_states, tokens_per_expert,
+                                   permuted_probs)
+        c = self.config
+        counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) \
+            else list(tokens_per_expert)
+        rows = torch.split(permuted_local_hidden_states, counts)
+        probs = torch.split(permuted_probs, counts)
+        out = []
+        for expert, x, p in zip(self.local_experts, rows, probs):
+            z = _Linear.apply(x, expert.linear_fc1.weight)
+            if c.gated_linear_unit:
+                z_act, z_lin = torch.chunk(z, 2, dim=-1)
+                a = c.activation_func(z_act) * (z_lin + c.glu_linear_offset)
+            else:
+                a = c.activation_func(z)
+            a = (a * p.unsqueeze(-1)).to(a.dtype)
+            out.append(_Linear.apply(a, expert.linear_fc2.weight))
+        return torch.cat(out, dim=0), None

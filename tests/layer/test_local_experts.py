@@ -1,0 +1,80 @@
+"""LocalExperts (the local spec's experts) against Megatron-Core's SequentialMLP: the same
+weights give bit-identical outputs and gradients (rows, probabilities, every weight), for
+uneven and empty experts, fp32 and bf16, gated and plain activations; settings the lean forward
+does not implement fall back to SequentialMLP's own."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_coe.config import config_from_dict
+
+H, FFN, E = 32, 24, 6
+
+
+def build(gated: bool, dtype):
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_coe import parallel
+    from megatron_coe.experts import LocalExperts
+    from megatron_coe.model import transformer_config
+
+    config = config_from_dict({"model": {"num_layers": 1, "hidden_size": H,
+                                         "num_attention_heads": 4,
+                                         "moe": {"num_experts": E, "topk": 2,
+                                                 "expert_hidden_size": FFN}}})
+    parallel.initialize(config)
+    tf = transformer_config(config)
+    if not gated:
+        tf = dataclasses.replace(tf, gated_linear_unit=False, activation_func=F.gelu)
+    submodules = LocalSpecProvider().grouped_mlp_modules(False).keywords["submodules"]
+    pg = get_default_pg_collection()
+    torch.manual_seed(0)
+    stock = SequentialMLP(E, tf, submodules, pg_collection=pg)
+    lean = LocalExperts(E, tf, submodules, pg_collection=pg)
+    lean.load_state_dict(stock.state_dict())
+    return stock.to(dtype), lean.to(dtype)
+
+
+def run(experts, x, counts, probs, gy):
+    x = x.clone().requires_grad_(True)
+    probs = probs.clone().requires_grad_(True)
+    y, bias = experts(x, counts, probs)
+    assert bias is None
+    (y.float() * gy).sum().backward()
+    return y, x.grad, probs.grad, [p.grad for p in experts.parameters()]
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_local_experts_bit_identical_to_sequential_mlp(gated, dtype):
+    stock, lean = build(gated, dtype)
+    assert lean._lean
+    counts = torch.tensor([5, 0, 17, 1, 0, 9])  # uneven, with empty experts
+    n = int(counts.sum())
+    x = torch.randn(n, H).to(dtype)
+    probs = torch.rand(n)  # Megatron keeps routing probabilities in fp32
+    gy = torch.randn(n, H)
+    a, b = run(stock, x, counts, probs, gy), run(lean, x, counts, probs, gy)
+    assert a[0].dtype == b[0].dtype == dtype
+    for u, v in zip(a[:3], b[:3]):
+        assert torch.equal(u, v)
+    for (name, _), u, v in zip(stock.named_parameters(), a[3], b[3]):
+        assert torch.equal(u, v), name
+    assert any(g.abs().sum() > 0 for g in b[3])
+    assert lean.state_dict().keys() == stock.state_dict().keys()
+
+
+def test_local_experts_fall_back_where_the_lean_forward_does_not_apply():
+    stock, lean = build(True, torch.float32)
+    lean.local_experts[0].linear_fc1.weight.requires_grad_(False)  # frozen: Megatron's path
+    stock.local_experts[0].linear_fc1.weight.requires_grad_(False)
+    counts = torch.tensor([3, 2, 0, 4, 1, 2])
+    x, probs, gy = torch.randn(12, H), torch.rand(12), torch.randn(12, H)
+    a, b = run(stock, x, counts, probs, gy), run(lean, x, counts, probs, gy)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert b[3][0] is None
