@@ -13,7 +13,8 @@ autograd saves, measured with saved-tensor hooks).  Then: time against C; at EP 
 overlapped schedule (parallel.overlap_expert_comm) against the plain one; CoE-2(4/64) / MoE(8/64)
 at other tokens per rank (--tokens-sweep); and what recomputing the whole MoE/CoE layer in
 backward (train.recompute=moe) costs in time and gives back in saved activations (kept after
-the forward, and peak over forward + backward, the recomputed forward included).  Results go
+the forward, and peak over forward + backward, the recomputed forward included); and on CPU the
+local spec's LocalExperts against Megatron's SequentialMLP forward.  Results go
 to ``--out`` as JSON.  Nothing here passes or fails: these are measurements.
 """
 
@@ -35,6 +36,7 @@ PAIRS = [  # (name, iterations, topk) ; CoE first, MoE at the same expert passes
     ("CoE-2(8/64) vs MoE(16/64)", (2, 8), (1, 16)),
 ]
 SCALING = [(c, 2) for c in (1, 2, 3, 4)]  # time vs C at fixed k
+SECTIONS = ["pairs", "scaling", "overlap", "tokens", "recompute", "experts"]
 
 
 def make_config(args, iterations, topk, overlap=False, recompute=False):
@@ -102,15 +104,19 @@ def fwd_bwd(layer, x):
         torch.cuda.synchronize()
 
 
-def bench(args, configs, tokens=None, repeat=None):
+def bench(args, configs, tokens=None, repeat=None, megatron_experts=()):
     """Build one layer per config (same seed), time forward+backward of each in turn (A B A B
-    ...), and read each one's all-to-all counters and saved activations."""
+    ...), and read each one's all-to-all counters and saved activations.  Layers whose index is
+    in ``megatron_experts`` run their experts through SequentialMLP's own forward instead of
+    LocalExperts' lean one (same weights, bit-identical results)."""
     from megatron_coe.model import build_moe_layer
 
     layers = []
-    for config in configs:
+    for i, config in enumerate(configs):
         torch.manual_seed(0)
         layers.append(build_moe_layer(config))
+        if i in megatron_experts:
+            layers[-1].experts._lean = False
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     device = next(layers[0].parameters()).device
     if dtype != torch.float32:
@@ -161,21 +167,23 @@ def run(args):
     from megatron_coe import parallel
 
     ep = args.ep
-    res = {"pairs": [], "scaling_with_C": [], "overlap": [], "tokens_sweep": [], "recompute": []}
-    for name, coe, moe in PAIRS:
+    res = {"pairs": [], "scaling_with_C": [], "overlap": [], "tokens_sweep": [], "recompute": [],
+           "experts": []}
+    want = set(args.sections)
+    for name, coe, moe in PAIRS if "pairs" in want else ():
         times, a2a, acts = bench(args, [make_config(args, *coe), make_config(args, *moe)])
         res["pairs"].append({
             "pair": name, "ep": ep, "tokens_per_rank": args.tokens, "median_s": times,
             "ratio": times[0] / times[1], "a2a": a2a,
             "a2a_expected": [expected_a2a(args, *coe, ep), expected_a2a(args, *moe, ep)],
             "activation_bytes": [a["kept"] for a in acts]})
-    for c, k in SCALING:
+    for c, k in SCALING if "scaling" in want else ():
         times, _, acts = bench(args, [make_config(args, c, k), make_config(args, 1, k)])
         res["scaling_with_C"].append({"C": c, "topk": k, "median_s": times[0],
                                       "ratio_to_C1": times[0] / times[1],
                                       "activation_bytes": acts[0]["kept"]})
     coe, moe = PAIRS[0][1], PAIRS[0][2]
-    if ep > 1:  # plain and overlapped schedules of CoE-2(4/64) and MoE(8/64), all alternated
+    if ep > 1 and "overlap" in want:  # plain and overlapped CoE-2(4/64) and MoE(8/64), alternated
         configs = [make_config(args, *shape, overlap=o) for shape in (coe, moe) for o in (0, 1)]
         times, a2a, _ = bench(args, configs, repeat=args.overlap_repeat)
         res["overlap"].append({
@@ -186,7 +194,8 @@ def run(args):
             "a2a": a2a,
             "a2a_expected": [expected_a2a(args, *coe, ep, o) for o in (0, 1)]
             + [expected_a2a(args, *moe, ep, o) for o in (0, 1)]})
-    for tokens in args.tokens_sweep:  # at EP > 1 with the overlapped schedule too
+    # other tokens per rank; at EP > 1 with the overlapped schedule too
+    for tokens in args.tokens_sweep if "tokens" in want else ():
         modes = (0, 1) if ep > 1 else (0,)
         configs = [make_config(args, *shape, overlap=o) for o in modes for shape in (coe, moe)]
         times, _, _ = bench(args, configs, tokens)
@@ -194,11 +203,20 @@ def run(args):
                                     "ratio": times[0] / times[1],
                                     "ratio_overlapped": times[2] / times[3] if ep > 1 else None,
                                     "median_s_overlapped": times[2:]})
-    configs = [make_config(args, *shape, recompute=r) for shape in (coe, moe) for r in (0, 1)]
-    times, _, acts = bench(args, configs)
-    for i, label in enumerate(["CoE-2(4/64)", "CoE-2(4/64) + recompute", "MoE(8/64)",
-                               "MoE(8/64) + recompute"]):
-        res["recompute"].append({"layer": label, "median_s": times[i], **acts[i]})
+    if "recompute" in want:
+        configs = [make_config(args, *shape, recompute=r) for shape in (coe, moe) for r in (0, 1)]
+        times, _, acts = bench(args, configs)
+        for i, label in enumerate(["CoE-2(4/64)", "CoE-2(4/64) + recompute", "MoE(8/64)",
+                                   "MoE(8/64) + recompute"]):
+            res["recompute"].append({"layer": label, "median_s": times[i], **acts[i]})
+    if args.device == "cpu" and "experts" in want:  # LocalExperts against SequentialMLP
+        configs = [make_config(args, *shape) for shape in (coe, moe) for _ in (0, 1)]
+        times, _, _ = bench(args, configs, megatron_experts=(1, 3))
+        res["experts"].append({
+            "median_s": {"coe_local": times[0], "coe_megatron": times[1],
+                         "moe_local": times[2], "moe_megatron": times[3]},
+            "local_over_megatron": {"coe": times[0] / times[1], "moe": times[2] / times[3]},
+            "coe_over_moe": {"local": times[0] / times[2], "megatron": times[1] / times[3]}})
     dist.barrier()
     parallel.destroy()
     return res
@@ -234,6 +252,13 @@ def report(res, ep):
     for r in res["recompute"]:
         print(f"EP={ep} {r['layer']:24s} {r['median_s'] * 1e3:.1f} ms; saved activations kept "
               f"after forward {r['kept'] / 2**20:.1f} MiB, peak {r['peak'] / 2**20:.1f} MiB")
+    for r in res["experts"]:
+        t, g, c = r["median_s"], r["local_over_megatron"], r["coe_over_moe"]
+        print(f"EP={ep} experts: CoE-2(4/64) {t['coe_megatron'] * 1e3:.1f} -> "
+              f"{t['coe_local'] * 1e3:.1f} ms (x{g['coe']:.3f}), MoE(8/64) "
+              f"{t['moe_megatron'] * 1e3:.1f} -> {t['moe_local'] * 1e3:.1f} ms (x{g['moe']:.3f}) "
+              f"with LocalExperts instead of SequentialMLP; CoE/MoE {c['megatron']:.3f} -> "
+              f"{c['local']:.3f}")
 
 
 def main(argv=None):
@@ -252,6 +277,8 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--overlap-repeat", type=int, default=20,
                    help="timed runs of each layer in the overlap comparison (EP > 1)")
+    p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS,
+                   help="which comparisons to run (default: all)")
     p.add_argument("--out", default="benchmarks/results/coe_layer.json")
     args = p.parse_args(argv)
     from processes import spawn
