@@ -19,12 +19,15 @@ about 8 ms per 32 experts per forward + backward (benchmarks/coe_layer.py).
 Parameters, state dict and sharded (checkpoint) state dict are SequentialMLP's.  Any setting the
 lean forward does not implement (FP8/FP4, expert tensor parallelism, biases, fused or TE
 activations, clamped GLU, probabilities on the input, gradient-accumulation fusion, frozen
-weights, CPU offloading) runs SequentialMLP's own forward instead.
+weights, CPU offloading, Transformer Engine linears) runs SequentialMLP's own forward instead.
+The Transformer Engine spec keeps Megatron's experts: spec.py only uses this class in the local
+spec.
 """
 
 from __future__ import annotations
 
 import torch
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 
@@ -54,6 +57,8 @@ class LocalExperts(SequentialMLP):
         first = self.local_experts[0] if len(self.local_experts) else None
         self._lean = (
             first is not None
+            and type(first.linear_fc1) is ColumnParallelLinear  # Megatron's own, not TE's
+            and type(first.linear_fc2) is RowParallelLinear
             and not (c.fp8 or c.fp4)
             and self.tp_group.size() == 1
             and not c.add_bias_linear

@@ -51,7 +51,8 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
         if isinstance(mlp, functools.partial) and mlp.func is MoELayer:
             keywords = dict(mlp.keywords)
             experts = keywords["submodules"].experts
-            if isinstance(experts, functools.partial) and experts.func is SequentialMLP:
+            if (not use_transformer_engine and isinstance(experts, functools.partial)
+                    and experts.func is SequentialMLP):
                 keywords["submodules"] = dataclasses.replace(
                     keywords["submodules"],
                     experts=functools.partial(LocalExperts, *experts.args, **experts.keywords))

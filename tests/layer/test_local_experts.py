@@ -14,8 +14,13 @@ from megatron_coe.config import config_from_dict
 H, FFN, E = 32, 24, 6
 
 
-def build(gated: bool, dtype):
+def local_submodules():
     from megatron.core.models.backends import LocalSpecProvider
+
+    return LocalSpecProvider().grouped_mlp_modules(False).keywords["submodules"]
+
+
+def build(gated: bool, dtype):
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
@@ -31,7 +36,7 @@ def build(gated: bool, dtype):
     tf = transformer_config(config)
     if not gated:
         tf = dataclasses.replace(tf, gated_linear_unit=False, activation_func=F.gelu)
-    submodules = LocalSpecProvider().grouped_mlp_modules(False).keywords["submodules"]
+    submodules = local_submodules()
     pg = get_default_pg_collection()
     torch.manual_seed(0)
     stock = SequentialMLP(E, tf, submodules, pg_collection=pg)
@@ -78,3 +83,25 @@ def test_local_experts_fall_back_where_the_lean_forward_does_not_apply():
     a, b = run(stock, x, counts, probs, gy), run(lean, x, counts, probs, gy)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert b[3][0] is None
+
+
+def test_local_experts_keep_megatron_forward_for_other_linears():
+    """Transformer Engine's (or any other) linear classes: SequentialMLP's own forward."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_coe.experts import LocalExperts
+
+    stock, _ = build(True, torch.float32)
+
+    class OtherLinear(ColumnParallelLinear):
+        pass
+
+    submodules = dataclasses.replace(local_submodules(), linear_fc1=OtherLinear)
+    other = LocalExperts(E, stock.config, submodules, pg_collection=get_default_pg_collection())
+    assert not other._lean
+    other.load_state_dict(stock.state_dict())
+    counts = torch.tensor([3, 2, 0, 4, 1, 2])
+    x, probs, gy = torch.randn(12, H), torch.rand(12), torch.randn(12, H)
+    a, b = run(stock, x, counts, probs, gy), run(other, x, counts, probs, gy)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
