@@ -57,16 +57,29 @@ def variants(args, ep):
 
 def run(args, ep):
     """Build every variant on this rank, then time ``args.rounds`` rounds of one step each."""
+    from megatron_coe import parallel
+
+    tmp = [tempfile.mkdtemp(prefix="coe-train-step-") if int(os.environ["RANK"]) == 0 else None]
+    try:
+        return _timed_rounds(args, ep, tmp)
+    finally:
+        if tmp[0] and int(os.environ["RANK"]) == 0:
+            shutil.rmtree(tmp[0], ignore_errors=True)
+        parallel.destroy()
+
+
+def _timed_rounds(args, ep, tmp):
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from megatron_coe import cpu, parallel
     from megatron_coe.config import load_config
     from megatron_coe.data import dataset
+    from megatron_coe.metrics import train_flops_per_token
     from megatron_coe.model import build_model
     from megatron_coe.optim import build_optimizer, wrap_model
     from megatron_coe.train import grads_are_finite, mean_loss_over_dp, run_schedule
 
-    tmp = [tempfile.mkdtemp(prefix="coe-train-step-") if int(os.environ["RANK"]) == 0 else None]
     built = []
     for label, path, overrides in variants(args, ep):
         config = load_config(path, overrides)
@@ -83,8 +96,6 @@ def run(args, ep):
         model = wrap_model(config, build_model(config))
         optimizer, scheduler = build_optimizer(config, model)
         built.append((label, config, model, optimizer, scheduler, train_ds))
-
-    from megatron.core import parallel_state
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -114,11 +125,6 @@ def run(args, ep):
                 times[label].append(time.perf_counter() - start)
             losses[label].append(mean_loss_over_dp(total, device))  # outside the timing
     dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp[0], ignore_errors=True)
-    parallel.destroy()
-    from megatron_coe.metrics import train_flops_per_token
-
     t = built[0][1].train
     return {"ep": ep, "tokens_per_step": t.global_batch_size * built[0][1].model.seq_length,
             "step_s": times, "losses": losses,
