@@ -116,6 +116,9 @@ def bench(args, configs, tokens=None, repeat=None, megatron_experts=()):
         torch.manual_seed(0)
         layers.append(build_moe_layer(config))
         if i in megatron_experts:
+            from megatron_coe.experts import LocalExperts
+
+            assert isinstance(layers[-1].experts, LocalExperts), type(layers[-1].experts)
             layers[-1].experts._lean = False
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     device = next(layers[0].parameters()).device
@@ -281,6 +284,8 @@ def main(argv=None):
                    help="which comparisons to run (default: all)")
     p.add_argument("--out", default="benchmarks/results/coe_layer.json")
     args = p.parse_args(argv)
+    if args.repeat < 1 or args.overlap_repeat < 1 or args.warmup < 0:
+        p.error("--repeat and --overlap-repeat must be >= 1, --warmup >= 0")
     from processes import spawn
 
     all_results = []
@@ -289,7 +294,7 @@ def main(argv=None):
         res["ep"] = ep
         all_results.append(res)
         report(res, ep)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch "
                    f"{torch.__version__}", "results": all_results}, f, indent=1)

@@ -32,6 +32,12 @@ def spawn(fn, world: int, *args):
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    mp.start_processes(_entry, args=(world, free_port(), fn, args, results), nprocs=world,
-                       join=True, start_method="spawn")
-    return results.get()
+    procs = mp.start_processes(_entry, args=(world, free_port(), fn, args, results),
+                               nprocs=world, join=False, start_method="spawn")
+    # Read the result before joining: a child that put a large result on the queue exits
+    # only once the parent has drained it.  join() raises if a rank failed.
+    result = None
+    while not procs.join(timeout=1):
+        if result is None and not results.empty():
+            result = results.get()
+    return result if result is not None else results.get(timeout=60)

@@ -70,7 +70,7 @@ def run(args, ep):
 
 def _timed_rounds(args, ep, tmp):
     import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state, tensor_parallel
 
     from megatron_coe import cpu, parallel
     from megatron_coe.config import load_config
@@ -99,6 +99,7 @@ def _timed_rounds(args, ep, tmp):
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
+    tracker = tensor_parallel.get_cuda_rng_tracker()
 
     def step(config, model, optimizer, scheduler, train_ds, i):
         t = config.train
@@ -110,19 +111,26 @@ def _timed_rounds(args, ep, tmp):
         total = run_schedule(model, batches, config, forward_only=False)
         if grads_are_finite(model, device):
             with torch.no_grad(), cpu.cuda_to_cpu():
-                optimizer.step()
-            scheduler.step(increment=1)
+                applied, _, _ = optimizer.step()
+            if applied:
+                scheduler.step(increment=1)
         return total
 
+    # Each variant draws from its own random streams (torch's and Megatron's tracker), as it
+    # would alone, so that plain and overlapped runs stay comparable with dropout on.
+    rng = {label: (torch.get_rng_state(), tracker.get_states()) for label, *_ in built}
     times = {label: [] for label, *_ in built}
     losses = {label: [] for label, *_ in built}
     for i in range(args.warmup + args.rounds):
         for label, config, model, optimizer, scheduler, train_ds in built:
+            torch.set_rng_state(rng[label][0])
+            tracker.set_states(rng[label][1])
             dist.barrier()
             start = time.perf_counter()
             total = step(config, model, optimizer, scheduler, train_ds, i)
             if i >= args.warmup:
                 times[label].append(time.perf_counter() - start)
+            rng[label] = (torch.get_rng_state(), tracker.get_states())
             losses[label].append(mean_loss_over_dp(total, device))  # outside the timing
     dist.barrier()
     t = built[0][1].train
@@ -133,7 +141,7 @@ def _timed_rounds(args, ep, tmp):
 
 
 def quartiles(xs):
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
     return {"median": statistics.median(xs), "q1": q[0], "q3": q[2]}
 
 
@@ -192,6 +200,8 @@ def main(argv=None):
                    help="more config overrides, applied to both configs")
     p.add_argument("--out", default="benchmarks/results/train_step.json")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.warmup < 0 or args.micro_batch < 1 or args.micros < 1:
+        p.error("--rounds, --micro-batch and --micros must be >= 1, --warmup >= 0")
     from processes import spawn
 
     summaries = []

@@ -18,8 +18,9 @@ about 8 ms per 32 experts per forward + backward (benchmarks/coe_layer.py).
 
 Parameters, state dict and sharded (checkpoint) state dict are SequentialMLP's.  Any setting the
 lean forward does not implement (FP8/FP4, expert tensor parallelism, biases, fused or TE
-activations, clamped GLU, probabilities on the input, gradient-accumulation fusion, frozen
-weights, CPU offloading, Transformer Engine linears) runs SequentialMLP's own forward instead.
+activations, clamped GLU, probabilities on the input, gradient-accumulation fusion, weight
+rematerialisation, frozen weights, CPU offloading, autocast, forward hooks on the experts or their
+linears, Transformer Engine linears) runs SequentialMLP's own forward instead.
 The Transformer Engine spec keeps Megatron's experts: spec.py only uses this class in the local
 spec.
 """
@@ -27,6 +28,7 @@ spec.
 from __future__ import annotations
 
 import torch
+import torch.nn.modules.module as nn_hooks
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.moe.experts import SequentialMLP
 
@@ -69,10 +71,29 @@ class LocalExperts(SequentialMLP):
             and not c.cpu_offloading
             and not first.linear_fc1.gradient_accumulation_fusion
             and not first.linear_fc2.gradient_accumulation_fusion
+            and getattr(first.linear_fc1, "gtp_remat_size", 1) == 1
+            and getattr(first.linear_fc2, "gtp_remat_size", 1) == 1
         )
 
+    def _lean_applies(self) -> bool:
+        """Checked per call: things that can change after construction.  Module hooks on the
+        experts (e.g. DDP's parameter all-gather with overlap_param_gather, FSDP) only run if
+        the modules are called; autocast and frozen weights take Megatron's own paths."""
+        if not self._lean or torch.is_autocast_enabled():
+            return False
+        if nn_hooks._global_forward_pre_hooks or nn_hooks._global_forward_hooks:
+            return False
+        for expert in self.local_experts:
+            for m in (expert, expert.linear_fc1, expert.linear_fc2):
+                if m._forward_pre_hooks or m._forward_hooks:
+                    return False
+            if not (expert.linear_fc1.weight.requires_grad
+                    and expert.linear_fc2.weight.requires_grad):
+                return False
+        return True
+
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
-        if not self._lean or not all(p.requires_grad for p in self.parameters()):
+        if not self._lean_applies():
             return super().forward(permuted_local_hidden_states, tokens_per_expert,
                                    permuted_probs)
         c = self.config

@@ -31,6 +31,8 @@ def test_layer_benchmark_counts_the_closed_form_all_to_all(tmp_path):
     (overlap,) = ep2["overlap"]
     assert overlap["a2a"] == overlap["a2a_expected"]
     assert [a["calls"] for a in overlap["a2a"]] == [8, 16, 4, 8]  # two halves per exchange
+    (experts,) = ep2["experts"]  # LocalExperts and SequentialMLP both timed
+    assert set(experts["median_s"]) == {"coe_local", "coe_megatron", "moe_local", "moe_megatron"}
     kept = {r["layer"]: r["kept"] for r in ep2["recompute"]}
     assert kept["CoE-2(4/64) + recompute"] < kept["CoE-2(4/64)"] / 4
     assert kept["CoE-2(4/64)"] > kept["MoE(8/64)"]
