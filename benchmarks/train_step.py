@@ -158,7 +158,7 @@ def summarize(res):
            "flops_per_token": flops,
            "flops_coe_over_moe": flops["CoE-2(4/64) plain"] / flops["MoE(8/64) plain"],
            "coe_over_moe": {"plain": compare(s, "CoE-2(4/64) plain", "MoE(8/64) plain")}}
-    out["losses"] = res["losses"]
+    out["step_s"], out["losses"] = s, res["losses"]  # every timed step, every step's loss
     if res["ep"] > 1:  # the overlapped schedule must train exactly like the plain one
         out["overlapped_losses_equal_plain"] = {
             name: res["losses"][f"{name} overlapped"] == res["losses"][f"{name} plain"]
