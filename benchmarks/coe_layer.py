@@ -12,7 +12,8 @@ expected values beside them, and the activation memory kept for backward (bytes 
 autograd saves, measured with saved-tensor hooks).  Then: time against C; at EP > 1 the
 overlapped schedule (parallel.overlap_expert_comm) against the plain one; CoE-2(4/64) / MoE(8/64)
 at other tokens per rank (--tokens-sweep); and what recomputing the whole MoE/CoE layer in
-backward (train.recompute=moe) costs in time and gives back in saved activations (kept after
+backward (train.recompute=moe), or only each iteration's expert MLPs (train.recompute=experts),
+costs in time and gives back in saved activations (kept after
 the forward, and peak over forward + backward, the recomputed forward included); and on CPU the
 local spec's LocalExperts against Megatron's SequentialMLP forward.  Results go
 to ``--out`` as JSON.  Nothing here passes or fails: these are measurements.
@@ -39,7 +40,7 @@ SCALING = [(c, 2) for c in (1, 2, 3, 4)]  # time vs C at fixed k
 SECTIONS = ["pairs", "scaling", "overlap", "tokens", "recompute", "experts"]
 
 
-def make_config(args, iterations, topk, overlap=False, recompute=False):
+def make_config(args, iterations, topk, overlap=False, recompute="none"):
     from megatron_coe.config import config_from_dict
 
     return config_from_dict({
@@ -52,7 +53,7 @@ def make_config(args, iterations, topk, overlap=False, recompute=False):
                           "aux_loss": "seq_aux_loss", "grouped_gemm": args.device == "cuda"},
                   "coe": {"iterations": iterations}},
         "parallel": {"expert": args.ep, "overlap_expert_comm": bool(overlap) and args.ep > 1},
-        "train": {"recompute": "moe" if recompute else "none"},
+        "train": {"recompute": recompute},
     })
 
 
@@ -207,11 +208,13 @@ def run(args):
                                     "ratio_overlapped": times[2] / times[3] if ep > 1 else None,
                                     "median_s_overlapped": times[2:]})
     if "recompute" in want:
-        configs = [make_config(args, *shape, recompute=r) for shape in (coe, moe) for r in (0, 1)]
+        modes = {"none": "", "moe": " + recompute", "experts": " + expert recompute"}
+        configs = [make_config(args, *shape, recompute=r) for shape in (coe, moe) for r in modes]
+        labels = [name + suffix for name in ("CoE-2(4/64)", "MoE(8/64)")
+                  for suffix in modes.values()]
         times, _, acts = bench(args, configs)
-        for i, label in enumerate(["CoE-2(4/64)", "CoE-2(4/64) + recompute", "MoE(8/64)",
-                                   "MoE(8/64) + recompute"]):
-            res["recompute"].append({"layer": label, "median_s": times[i], **acts[i]})
+        for label, t, a in zip(labels, times, acts):
+            res["recompute"].append({"layer": label, "median_s": t, **a})
     if args.device == "cpu" and "experts" in want:  # LocalExperts against SequentialMLP
         configs = [make_config(args, *shape) for shape in (coe, moe) for _ in (0, 1)]
         times, _, _ = bench(args, configs, megatron_experts=(1, 3))
@@ -253,7 +256,7 @@ def report(res, ep):
               + (f"; overlapped {r['ratio_overlapped']:.3f} ({r['median_s_overlapped'][0] * 1e3:.1f}"
                  f" / {r['median_s_overlapped'][1] * 1e3:.1f} ms)" if r["ratio_overlapped"] else ""))
     for r in res["recompute"]:
-        print(f"EP={ep} {r['layer']:24s} {r['median_s'] * 1e3:.1f} ms; saved activations kept "
+        print(f"EP={ep} {r['layer']:31s} {r['median_s'] * 1e3:.1f} ms; saved activations kept "
               f"after forward {r['kept'] / 2**20:.1f} MiB, peak {r['peak'] / 2**20:.1f} MiB")
     for r in res["experts"]:
         t, g, c = r["median_s"], r["local_over_megatron"], r["coe_over_moe"]

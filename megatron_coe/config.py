@@ -34,7 +34,7 @@ FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 DATA_SOURCES = ("arithmetic", "jsonl", "indexed")
 LR_DECAYS = ("cosine", "linear", "constant", "wsd")
-RECOMPUTE = ("none", "full", "moe")
+RECOMPUTE = ("none", "full", "moe", "experts")
 DEVICES = ("cpu", "cuda")
 DISPATCHERS = ("alltoall",)
 
@@ -191,7 +191,9 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 10  # 0: only at the end
     eval_iters: int = 2
-    recompute: str = "none"  # none, full, moe (the whole CoE chain of each layer)
+    # none; full (every layer); moe (the whole CoE chain of each layer, all-to-alls included);
+    # experts (each iteration's expert MLPs, routed and shared: no all-to-all is repeated)
+    recompute: str = "none"
     max_nonfinite_steps: int = 5  # skipped non-finite steps allowed before the run stops
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs only
     tensorboard: bool = True
@@ -509,6 +511,9 @@ def _validate_training(config: Config) -> None:
     if t.eval_interval < 0:
         raise ValueError("train.eval_interval must be >= 0 (0: evaluate only at the end)")
     _choice(t.recompute, RECOMPUTE, "train.recompute")
+    if t.recompute == "experts" and config.model.moe is None:
+        raise ValueError("train.recompute=experts needs MoE/CoE layers (model.moe); use full "
+                         "for a dense model")
     if t.exit_interval < 0:
         raise ValueError("train.exit_interval must be >= 0 (0: never)")
     if t.max_nonfinite_steps < 0:

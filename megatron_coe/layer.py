@@ -17,7 +17,10 @@ are built once and used in every iteration.  Each iteration runs Megatron's pipe
 route -> dispatch_preprocess -> all-to-all -> experts -> all-to-all -> combine, through
 :class:`CoEAlltoAllTokenDispatcher`, so with expert parallelism there are 2*C all-to-alls per
 layer per forward (4*C, same bytes, with ``overlap``: the two-half schedule of dispatch.py,
-which also runs the shared expert while the dispatch is in flight).  With C = 1 and
+which also runs the shared expert while the dispatch is in flight).  ``recompute_experts``
+(train.recompute: experts) recomputes each iteration's expert MLPs, routed and shared, in
+backward: only their inputs are kept, no all-to-all is repeated, results are bit-identical.
+With C = 1 and
 independent routing this is exactly Megatron's MoELayer: the same parameters, built in the same order (the extra routers are created last, so the
 random initialisation of a C = 1 layer is unchanged).
 """
@@ -48,6 +51,7 @@ class CoELayer(MoELayer):
         residual: str = "inner",
         router_mode: str = "independent",
         overlap: bool = False,
+        recompute_experts: bool = False,
     ):
         if config.moe_token_dispatcher_type != "alltoall":
             raise ValueError(
@@ -61,6 +65,7 @@ class CoELayer(MoELayer):
         self.residual = residual
         self.router_mode = router_mode
         self.overlap = overlap
+        self.recompute_experts = recompute_experts
         self.token_dispatcher = CoEAlltoAllTokenDispatcher(
             self.num_local_experts,
             self.local_expert_indices,
@@ -115,18 +120,26 @@ class CoELayer(MoELayer):
         overlap = self.overlap and self.token_dispatcher.ep_size > 1
         x_shared, x_router, x_rows = _Fan.apply(x)
         with current_iteration(t):
-            shared_out = None if overlap else self.shared_experts_compute(x_shared)
+            shared_out = None if overlap else self._shared_expert(x_shared)
             probs, routing_map = self.routers[t](x_router, padding_mask)
         router_probs = probs
         self.tokens_per_expert[t] += routing_map.detach().sum(dim=0).to(self.tokens_per_expert)
         hidden, probs = self.preprocess(x_rows, probs, routing_map)
         if overlap:
             out, shared_out = self.token_dispatcher.overlapped_experts(
-                hidden, probs, self._local_experts, lambda: self.shared_experts_compute(x_shared)
+                hidden, probs, self._local_experts, lambda: self._shared_expert(x_shared)
             )
         else:
             hidden, probs = self.dispatch(hidden, probs)
-            out, _ = self.routed_experts_compute(hidden, probs)
+            if self.recompute_experts:
+                # only the expert MLPs are recomputed: the dispatcher's per-iteration state
+                # (counts, sort order) is used here, not in backward
+                rows, counts, row_probs = self.token_dispatcher.dispatch_postprocess(hidden,
+                                                                                     probs)
+                out = self._local_experts(rows, counts, row_probs, 0, self.num_local_experts)
+                out = self.token_dispatcher.combine_preprocess(out)
+            else:
+                out, _ = self.routed_experts_compute(hidden, probs)
             out = self.combine(out)
         f = self.postprocess(out, shared_out)
         with torch.no_grad():
@@ -134,7 +147,24 @@ class CoELayer(MoELayer):
             self.nonfinite[t, 1] |= ~torch.isfinite(f).all()
         return f
 
+    def _recomputed(self, fn, *tensors):
+        """fn(*tensors), recomputed in backward under ``recompute_experts`` (only ``tensors``
+        are kept; the RNG state is replayed), else run plainly."""
+        if self.recompute_experts and self.training and torch.is_grad_enabled():
+            return tensor_parallel.checkpoint(fn, False, *tensors)
+        return fn(*tensors)
+
+    def _shared_expert(self, x):
+        if not self.use_shared_expert or self.shared_expert_overlap:
+            return self.shared_experts_compute(x)  # None, or Megatron's own overlap
+        return self._recomputed(self.shared_experts_compute, x)
+
     def _local_experts(self, rows, counts, probs, lo: int, hi: int):
+        """See :meth:`_local_experts_now`; recomputed in backward under ``recompute_experts``."""
+        return self._recomputed(
+            lambda r, p: self._local_experts_now(r, counts, p, lo, hi), rows, probs)
+
+    def _local_experts_now(self, rows, counts, probs, lo: int, hi: int):
         """Local experts [lo, hi) on ``rows`` (sorted by expert, ``counts`` rows each).
 
         Megatron's SequentialMLP runs a Python loop over its experts; it is narrowed to

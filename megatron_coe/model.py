@@ -142,7 +142,8 @@ def build_model(config: Config) -> GPTModel:
     model = GPTModel(
         config=tf_config,
         transformer_layer_spec=coe_block_spec(tf_config, _coe(config), te,
-                                              config.parallel.overlap_expert_comm),
+                                              config.parallel.overlap_expert_comm,
+                                              config.train.recompute == "experts"),
         vocab_size=config.model.vocab_size,
         max_sequence_length=config.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -164,7 +165,8 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     tf_config = transformer_config(config)
     install_tracker()
     coe = None if stock_megatron else (config.model.coe or CoEConfig(iterations=1))
-    block = coe_block_spec(tf_config, coe, te, config.parallel.overlap_expert_comm)
+    block = coe_block_spec(tf_config, coe, te, config.parallel.overlap_expert_comm,
+                           config.train.recompute == "experts" and not stock_megatron)
     moe_index = next(i for i in range(config.model.num_layers) if i not in config.model.dense_layers)
     layer = block.layer_specs[moe_index].submodules.mlp(
         config=tf_config, pg_collection=None, is_mtp_layer=False
@@ -174,9 +176,11 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
 
 
 def _coe(config: Config) -> CoEConfig | None:
-    """The CoE section; an MoE model asking for the overlapped schedule gets CoE layers with
-    C = 1 (the same layer as Megatron's MoELayer, with this package's dispatcher)."""
-    if config.model.coe is None and config.parallel.overlap_expert_comm:
+    """The CoE section; an MoE model asking for the overlapped schedule or for expert recompute
+    gets CoE layers with C = 1 (the same layer as Megatron's MoELayer, with this package's
+    dispatcher)."""
+    if config.model.coe is None and (config.parallel.overlap_expert_comm
+                                     or config.train.recompute == "experts"):
         return CoEConfig(iterations=1)
     return config.model.coe
 

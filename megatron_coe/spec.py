@@ -28,10 +28,12 @@ from megatron_coe.transformer_layer import CoETransformerLayer
 
 
 def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_engine: bool,
-                   overlap: bool = False):
+                   overlap: bool = False, recompute_experts: bool = False):
     """Decoder block spec for ``transformer_config``; MoE layers become CoE layers when
     ``coe`` is given (C = 1 included: then it equals Megatron's MoE layer).  ``overlap``
-    selects the overlapped expert-parallel schedule (``parallel.overlap_expert_comm``)."""
+    selects the overlapped expert-parallel schedule (``parallel.overlap_expert_comm``);
+    ``recompute_experts`` recomputes each iteration's expert MLPs in backward
+    (``train.recompute: experts``)."""
     block = get_gpt_decoder_block_spec(
         transformer_config,
         use_transformer_engine=use_transformer_engine,
@@ -64,6 +66,7 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
                 residual=coe.residual,
                 router_mode=coe.router,
                 overlap=overlap,
+                recompute_experts=recompute_experts,
             )
             spec = dataclasses.replace(
                 spec,

@@ -35,6 +35,8 @@ def test_layer_benchmark_counts_the_closed_form_all_to_all(tmp_path):
     assert set(experts["median_s"]) == {"coe_local", "coe_megatron", "moe_local", "moe_megatron"}
     kept = {r["layer"]: r["kept"] for r in ep2["recompute"]}
     assert kept["CoE-2(4/64) + recompute"] < kept["CoE-2(4/64)"] / 4
+    assert kept["CoE-2(4/64) + recompute"] < kept["CoE-2(4/64) + expert recompute"]
+    assert kept["CoE-2(4/64) + expert recompute"] < kept["CoE-2(4/64)"] * 0.75
     assert kept["CoE-2(4/64)"] > kept["MoE(8/64)"]
 
 

@@ -16,7 +16,7 @@ from ranks import run_ranks
 S, B, H = 8, 2, 16
 
 
-def make_config(overlap, iterations, num_experts, shared, capacity_factor):
+def make_config(overlap, iterations, num_experts, shared, capacity_factor, recompute="none"):
     from megatron_coe.config import config_from_dict
 
     moe = {"num_experts": num_experts, "topk": 2, "expert_hidden_size": 12,
@@ -27,10 +27,14 @@ def make_config(overlap, iterations, num_experts, shared, capacity_factor):
         "model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4, "moe": moe,
                   "coe": {"iterations": iterations}},
         "parallel": {"expert": 2, "overlap_expert_comm": overlap},
+        "train": {"recompute": recompute},
     })
 
 
-def _compare(rank, world, iterations, num_experts, shared, capacity_factor):
+def _compare(rank, world, iterations, num_experts, shared, capacity_factor, overlap=True,
+             recompute="none"):
+    """The plain schedule against ``overlap`` / ``recompute`` (the overlapped schedule, and
+    train.recompute=experts: each iteration's expert MLPs recomputed in backward)."""
     import torch.distributed as dist
 
     from megatron_coe.model import build_moe_layer
@@ -38,9 +42,10 @@ def _compare(rank, world, iterations, num_experts, shared, capacity_factor):
     args = (iterations, num_experts, shared, capacity_factor)
     torch.manual_seed(0)
     plain = build_moe_layer(make_config(False, *args))
-    overlapped = build_moe_layer(make_config(True, *args))
+    overlapped = build_moe_layer(make_config(overlap, *args, recompute=recompute))
     overlapped.load_state_dict(plain.state_dict())
-    assert overlapped.overlap and not plain.overlap
+    assert overlapped.overlap == overlap and not plain.overlap
+    assert overlapped.recompute_experts == (recompute == "experts")
 
     torch.manual_seed(100 + rank)  # each rank its own tokens
     for _ in range(2):
@@ -65,7 +70,8 @@ def _compare(rank, world, iterations, num_experts, shared, capacity_factor):
     assert len(a.entries) == iterations * 2 * 2  # (iteration, phase, direction)
     for key, ea in a.entries.items():
         eb = b.entries[key]
-        assert (ea.calls, eb.calls) == (2, 4), key  # 2 passes; 1 vs 2 all-to-alls per pass
+        # 2 passes; 1 vs 2 all-to-alls per pass (recompute repeats none)
+        assert (ea.calls, eb.calls) == (2, 4 if overlap else 2), key
         assert (ea.sent_rows, ea.recv_rows) == (eb.sent_rows, eb.recv_rows), key
         assert (ea.sent_bytes, ea.recv_bytes) == (eb.sent_bytes, eb.recv_bytes), key
     # something really crossed between the ranks
@@ -81,3 +87,9 @@ def _compare(rank, world, iterations, num_experts, shared, capacity_factor):
 )
 def test_overlapped_schedule_is_bit_identical(iterations, num_experts, shared, capacity_factor):
     run_ranks(_compare, 2, iterations, num_experts, shared, capacity_factor)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "plain"])
+def test_expert_recompute_is_bit_identical(overlap):
+    """train.recompute=experts recomputes only expert MLPs: same bits, no extra all-to-all."""
+    run_ranks(_compare, 2, 2, 8, True, None, overlap, "experts")

@@ -1,0 +1,61 @@
+"""train.recompute=experts: each CoE iteration's expert MLPs (routed and shared) are recomputed
+in backward.  Same outputs and gradients, bit for bit, as without recompute; the activations
+kept for backward shrink (only the experts' inputs are kept).  One process, EP = 1."""
+
+import pytest
+import torch
+
+from megatron_coe.config import config_from_dict
+
+S, B, H = 6, 3, 32
+
+
+def make_config(iterations, shared, recompute, capacity_factor=None):
+    moe = {"num_experts": 8, "topk": 2, "expert_hidden_size": 24,
+           "capacity_factor": capacity_factor}
+    if shared:
+        moe["shared_expert_hidden_size"] = 16
+    return config_from_dict({
+        "model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4, "moe": moe,
+                  "coe": {"iterations": iterations}},
+        "train": {"recompute": recompute},
+    })
+
+
+def forward_backward(layer, x, gy):
+    """(output, input grad, parameter grads, bytes of the tensors saved for backward)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    x = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = layer(x)
+    (y * gy).sum().backward()
+    return y.detach(), x.grad, [p.grad for p in layer.parameters()], sum(saved)
+
+
+@pytest.mark.parametrize("iterations,shared,capacity_factor",
+                         [(1, True, None), (2, True, None), (3, False, None), (2, True, 0.5)])
+def test_expert_recompute_is_bit_identical_and_keeps_less(iterations, shared, capacity_factor):
+    from megatron_coe.model import build_moe_layer
+
+    torch.manual_seed(0)
+    plain = build_moe_layer(make_config(iterations, shared, "none", capacity_factor))
+    recomputed = build_moe_layer(make_config(iterations, shared, "experts", capacity_factor))
+    recomputed.load_state_dict(plain.state_dict())
+    assert recomputed.recompute_experts and not plain.recompute_experts
+    x, gy = torch.randn(S, B, H), torch.randn(S, B, H)
+    a, b = forward_backward(plain, x, gy), forward_backward(recomputed, x, gy)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for (name, _), u, v in zip(plain.named_parameters(), a[2], b[2]):
+        assert torch.equal(u, v), name
+    assert b[3] < a[3]  # the experts' hidden activations are not kept
+
+
+def test_expert_recompute_needs_moe_layers():
+    with pytest.raises(ValueError, match="recompute=experts needs MoE"):
+        config_from_dict({"model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4},
+                          "train": {"recompute": "experts"}})
