@@ -22,8 +22,6 @@ to ``--out`` as JSON.  Nothing here passes or fails: these are measurements.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -164,6 +162,23 @@ def expected_a2a(args, iterations, topk, ep, overlap=False):
             "sent_bytes": 2 * pairs * (2 * args.hidden * elem + 4)}
 
 
+def side_by_side(times, before: str, after: str) -> dict:
+    """Medians of [CoE before, CoE after, MoE before, MoE after] (one alternated run), with
+    the after / before ratio of each layer and the CoE / MoE ratio of each variant."""
+    names = [f"{layer}_{variant}" for layer in ("coe", "moe") for variant in (before, after)]
+    return {"median_s": dict(zip(names, times)),
+            f"{after}_over_{before}": {"coe": times[1] / times[0], "moe": times[3] / times[2]},
+            "coe_over_moe": {before: times[0] / times[2], after: times[1] / times[3]}}
+
+
+def side_by_side_line(r, before: str, after: str) -> str:
+    t, g, c = r["median_s"], r[f"{after}_over_{before}"], r["coe_over_moe"]
+    return (f"CoE-2(4/64) {t[f'coe_{before}'] * 1e3:.1f} -> {t[f'coe_{after}'] * 1e3:.1f} ms "
+            f"(x{g['coe']:.3f}), MoE(8/64) {t[f'moe_{before}'] * 1e3:.1f} -> "
+            f"{t[f'moe_{after}'] * 1e3:.1f} ms (x{g['moe']:.3f}); CoE/MoE {c[before]:.3f} -> "
+            f"{c[after]:.3f}")
+
+
 def run(args):
     """One rank's share of every comparison; rank 0's results are returned."""
     import torch.distributed as dist
@@ -191,10 +206,7 @@ def run(args):
         configs = [make_config(args, *shape, overlap=o) for shape in (coe, moe) for o in (0, 1)]
         times, a2a, _ = bench(args, configs, repeat=args.overlap_repeat)
         res["overlap"].append({
-            "median_s": {"coe_plain": times[0], "coe_overlap": times[1], "moe_plain": times[2],
-                         "moe_overlap": times[3]},
-            "overlap_over_plain": {"coe": times[1] / times[0], "moe": times[3] / times[2]},
-            "coe_over_moe": {"plain": times[0] / times[2], "overlap": times[1] / times[3]},
+            **side_by_side(times, "plain", "overlap"),
             "a2a": a2a,
             "a2a_expected": [expected_a2a(args, *coe, ep, o) for o in (0, 1)]
             + [expected_a2a(args, *moe, ep, o) for o in (0, 1)]})
@@ -217,12 +229,8 @@ def run(args):
             res["recompute"].append({"layer": label, "median_s": t, **a})
     if args.device == "cpu" and "experts" in want:  # LocalExperts against SequentialMLP
         configs = [make_config(args, *shape) for shape in (coe, moe) for _ in (0, 1)]
-        times, _, _ = bench(args, configs, megatron_experts=(1, 3))
-        res["experts"].append({
-            "median_s": {"coe_local": times[0], "coe_megatron": times[1],
-                         "moe_local": times[2], "moe_megatron": times[3]},
-            "local_over_megatron": {"coe": times[0] / times[1], "moe": times[2] / times[3]},
-            "coe_over_moe": {"local": times[0] / times[2], "megatron": times[1] / times[3]}})
+        times, _, _ = bench(args, configs, megatron_experts=(0, 2))
+        res["experts"].append(side_by_side(times, "megatron", "local"))
     dist.barrier()
     parallel.destroy()
     return res
@@ -242,11 +250,7 @@ def report(res, ep):
         print(f"EP={ep} C={r['C']} k={r['topk']}: {r['median_s'] * 1e3:.1f} ms, "
               f"x{r['ratio_to_C1']:.2f} of C=1; activations {r['activation_bytes'] / 2**20:.1f} MiB")
     for r in res["overlap"]:
-        t, o, c = r["median_s"], r["overlap_over_plain"], r["coe_over_moe"]
-        print(f"EP={ep} overlap: CoE-2(4/64) {t['coe_plain'] * 1e3:.1f} -> "
-              f"{t['coe_overlap'] * 1e3:.1f} ms (x{o['coe']:.3f}), MoE(8/64) "
-              f"{t['moe_plain'] * 1e3:.1f} -> {t['moe_overlap'] * 1e3:.1f} ms (x{o['moe']:.3f}); "
-              f"CoE/MoE plain {c['plain']:.3f}, overlapped {c['overlap']:.3f}; a2a calls "
+        print(f"EP={ep} overlap: {side_by_side_line(r, 'plain', 'overlap')}; a2a calls "
               f"{[a['calls'] for a in r['a2a']]} (expected "
               f"{[a['calls'] for a in r['a2a_expected']]}), bytes "
               f"{[a['sent_bytes'] for a in r['a2a']]}")
@@ -259,12 +263,8 @@ def report(res, ep):
         print(f"EP={ep} {r['layer']:31s} {r['median_s'] * 1e3:.1f} ms; saved activations kept "
               f"after forward {r['kept'] / 2**20:.1f} MiB, peak {r['peak'] / 2**20:.1f} MiB")
     for r in res["experts"]:
-        t, g, c = r["median_s"], r["local_over_megatron"], r["coe_over_moe"]
-        print(f"EP={ep} experts: CoE-2(4/64) {t['coe_megatron'] * 1e3:.1f} -> "
-              f"{t['coe_local'] * 1e3:.1f} ms (x{g['coe']:.3f}), MoE(8/64) "
-              f"{t['moe_megatron'] * 1e3:.1f} -> {t['moe_local'] * 1e3:.1f} ms (x{g['moe']:.3f}) "
-              f"with LocalExperts instead of SequentialMLP; CoE/MoE {c['megatron']:.3f} -> "
-              f"{c['local']:.3f}")
+        print(f"EP={ep} experts, SequentialMLP -> LocalExperts: "
+              f"{side_by_side_line(r, 'megatron', 'local')}")
 
 
 def main(argv=None):
@@ -289,7 +289,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.repeat < 1 or args.overlap_repeat < 1 or args.warmup < 0:
         p.error("--repeat and --overlap-repeat must be >= 1, --warmup >= 0")
-    from processes import spawn
+    from processes import spawn, write_results
 
     all_results = []
     for ep in args.ep:
@@ -297,10 +297,7 @@ def main(argv=None):
         res["ep"] = ep
         all_results.append(res)
         report(res, ep)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch "
-                   f"{torch.__version__}", "results": all_results}, f, indent=1)
+    write_results(args.out, args, all_results)
     return 0
 
 

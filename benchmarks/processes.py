@@ -1,7 +1,9 @@
-"""Run a benchmark function on ``world`` local processes (gloo on CPU) and return rank 0's result.
+"""Run a benchmark function on ``world`` local processes (gloo on CPU) and return rank 0's result;
+write a benchmark's results.
 
     result = spawn(fn, world, *args)      # fn(*args) runs on every rank, after the process group
                                           # environment (RANK, WORLD_SIZE, MASTER_*) is set
+    write_results(path, args, results)    # JSON: the arguments, the machine, the results
 
 Each rank gets cores // world threads, as torchrun's one-thread default would starve a 1-rank run.
 """
@@ -41,3 +43,14 @@ def spawn(fn, world: int, *args):
         if result is None and not results.empty():
             result = results.get()
     return result if result is not None else results.get(timeout=60)
+
+
+def write_results(path: str, args, results) -> None:
+    import json
+
+    import torch
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch "
+                   f"{torch.__version__}", "results": results}, f, indent=1)

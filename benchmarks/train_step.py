@@ -25,7 +25,6 @@ more overrides to both configs (e.g. ``model.seq_length=1024``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -202,17 +201,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or args.micro_batch < 1 or args.micros < 1:
         p.error("--rounds, --micro-batch and --micros must be >= 1, --warmup >= 0")
-    from processes import spawn
+    from processes import spawn, write_results
 
     summaries = []
     for ep in args.ep:
         summary = summarize(spawn(run, ep, args, ep))
         report(summary)
         summaries.append(summary)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "machine": f"{os.cpu_count()} CPU cores, torch "
-                   f"{torch.__version__}", "results": summaries}, f, indent=1)
+    write_results(args.out, args, summaries)
     return 0
 
 

@@ -93,6 +93,18 @@ def test_local_experts_take_the_lean_path(monkeypatch):
     assert len(calls) == 2 * E  # fc1 and fc2 of every expert, empty ones included
 
 
+def assert_megatron_forward(stock, other, monkeypatch):
+    """``other`` runs SequentialMLP's own forward (no lean linear call) and gives ``stock``'s
+    output and input gradient; returns ``other``'s run."""
+    calls = lean_calls(monkeypatch)
+    counts = torch.tensor([3, 2, 0, 4, 1, 2])
+    x, probs, gy = torch.randn(12, H), torch.rand(12), torch.randn(12, H)
+    a, b = run(stock, x, counts, probs, gy), run(other, x, counts, probs, gy)
+    assert calls == []
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    return b
+
+
 @pytest.mark.parametrize("change", ["frozen weight", "forward pre-hook", "forward hook"])
 def test_local_experts_fall_back_where_the_lean_forward_does_not_apply(change, monkeypatch):
     """Megatron's own forward (no lean linear call) and the same results."""
@@ -105,12 +117,7 @@ def test_local_experts_fall_back_where_the_lean_forward_does_not_apply(change, m
             linear.register_forward_pre_hook(lambda module, args: None)
         else:
             linear.register_forward_hook(lambda module, args, out: None)
-    calls = lean_calls(monkeypatch)
-    counts = torch.tensor([3, 2, 0, 4, 1, 2])
-    x, probs, gy = torch.randn(12, H), torch.rand(12), torch.randn(12, H)
-    a, b = run(stock, x, counts, probs, gy), run(lean, x, counts, probs, gy)
-    assert calls == []
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    b = assert_megatron_forward(stock, lean, monkeypatch)
     if change == "frozen weight":
         assert b[3][0] is None
 
@@ -131,9 +138,4 @@ def test_local_experts_keep_megatron_forward_for_other_linears(monkeypatch):
     other = LocalExperts(E, stock.config, submodules, pg_collection=get_default_pg_collection())
     assert not other._lean
     other.load_state_dict(stock.state_dict())
-    calls = lean_calls(monkeypatch)
-    counts = torch.tensor([3, 2, 0, 4, 1, 2])
-    x, probs, gy = torch.randn(12, H), torch.rand(12), torch.randn(12, H)
-    a, b = run(stock, x, counts, probs, gy), run(other, x, counts, probs, gy)
-    assert calls == []
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert_megatron_forward(stock, other, monkeypatch)
