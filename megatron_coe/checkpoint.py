@@ -151,6 +151,7 @@ def save(root: Path, step: int, model, optimizer, scheduler, config: Config,
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
+    _write_results_in_process()
     with cpu.cuda_to_cpu():
         dist_checkpointing.save(_sharded_state(model, optimizer, config, is_loading=False), str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
@@ -178,6 +179,20 @@ def save(root: Path, step: int, model, optimizer, scheduler, config: Config,
             shutil.rmtree(old)
     _barrier()
     return final
+
+
+def _write_results_in_process() -> None:
+    """Megatron's torch_dist writer hands each rank's write results back through a queue that,
+    on first use, it creates with a ``multiprocessing`` Manager: a spawned server process
+    (about 3 s per training process here, at its first save).  That queue exists for Megatron's
+    asynchronous save, where a forked process writes.  Saves here are synchronous: the writer
+    threads and the reader are in this process, so an in-process queue carries the results."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,69 @@
+"""checkpoint.save / load in one process: a synchronous save starts no helper process, and what
+it wrote restores the model and the optimizer's moments exactly."""
+
+import multiprocessing
+import queue
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _built(seed: int):
+    from megatron_coe.config import load_config
+    from megatron_coe.model import build_model
+    from megatron_coe.optim import build_optimizer, wrap_model
+
+    config = load_config(ROOT / "configs" / "tiny" / "coe.yaml",
+                         ["parallel.expert=1", "model.seq_length=32", f"seed={seed}"])
+    model = wrap_model(config, build_model(config))
+    optimizer, scheduler = build_optimizer(config, model)
+    return config, model, optimizer, scheduler
+
+
+def _train_one_step(model, optimizer):
+    from megatron_coe import cpu
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    tokens = torch.randint(0, 200, (2, 32))
+    out = model(tokens, torch.arange(32)[None].expand(2, -1), None, labels=tokens)
+    out.float().mean().backward()
+    model.finish_grad_sync()
+    with torch.no_grad(), cpu.cuda_to_cpu():
+        assert optimizer.step()[0]
+
+
+def _adam_moments(optimizer):
+    from megatron_coe.checkpoint import _torch_optimizers
+
+    return [(key, opt.state[p][key].clone()) for opt in _torch_optimizers(optimizer)
+            for group in opt.param_groups for p in group["params"]
+            for key in sorted(opt.state[p]) if torch.is_tensor(opt.state[p][key])]
+
+
+def test_save_starts_no_process_and_load_restores_model_and_optimizer(tmp_path):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_coe import checkpoint
+
+    config, model, optimizer, scheduler = _built(seed=1)
+    _train_one_step(model, optimizer)
+    path = checkpoint.save(tmp_path, 1, model, optimizer, scheduler, config, {"step": 1})
+    # Megatron's default would have started a multiprocessing Manager (a spawned server
+    # process) to carry the write results of this synchronous save
+    assert multiprocessing.active_children() == []
+    assert isinstance(filesystem_async._results_queue, queue.Queue)
+
+    _, other, other_opt, other_sched = _built(seed=2)
+    _train_one_step(other, other_opt)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    assert checkpoint.load(path, other, other_opt, other_sched, config) == {"step": 1}
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    moments, restored = _adam_moments(optimizer), _adam_moments(other_opt)
+    assert len(moments) == len(restored) > 0
+    assert {key for key, _ in moments} >= {"exp_avg", "exp_avg_sq"}
+    for (key, a), (other_key, b) in zip(moments, restored):
+        assert key == other_key and torch.equal(a, b), key
