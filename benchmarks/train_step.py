@@ -71,13 +71,14 @@ def _timed_rounds(args, ep, tmp):
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_coe import cpu, parallel
+    from megatron_coe import parallel
     from megatron_coe.config import load_config
     from megatron_coe.data import dataset
     from megatron_coe.metrics import train_flops_per_token
     from megatron_coe.model import build_model
     from megatron_coe.optim import build_optimizer, wrap_model
-    from megatron_coe.train import grads_are_finite, mean_loss_over_dp, run_schedule
+    from megatron_coe.train import (grads_are_finite, mean_loss_over_dp, optimizer_step,
+                                    run_schedule)
 
     built = []
     for label, path, overrides in variants(args, ep):
@@ -109,10 +110,7 @@ def _timed_rounds(args, ep, tmp):
         optimizer.zero_grad()
         total = run_schedule(model, batches, config, forward_only=False)
         if grads_are_finite(model, device):
-            with torch.no_grad(), cpu.cuda_to_cpu():
-                applied, _, _ = optimizer.step()
-            if applied:
-                scheduler.step(increment=1)
+            optimizer_step(optimizer, scheduler)
         return total
 
     # Each variant draws from its own random streams (torch's and Megatron's tracker), as it

@@ -132,6 +132,19 @@ def mean_loss_over_dp(total: torch.Tensor, device) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
+def optimizer_step(optimizer, scheduler) -> tuple[bool, float | None]:
+    """Megatron's optimizer step (under the CPU backend's remapping on a CPU run); the LR
+    scheduler moves only if the step was applied (an fp16 overflow skips it).  Returns
+    (applied, grad_norm)."""
+    from megatron_coe import cpu
+
+    with torch.no_grad(), cpu.cuda_to_cpu():
+        applied, grad_norm, _ = optimizer.step()
+    if applied:
+        scheduler.step(increment=1)
+    return applied, grad_norm
+
+
 def grads_are_finite(model, device) -> bool:
     """True iff every gradient on every rank is finite (one all-reduce)."""
     import torch.distributed as dist
@@ -161,7 +174,7 @@ def train(config) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_coe import checkpoint, cpu, parallel, router_stats
+    from megatron_coe import checkpoint, parallel, router_stats
     from megatron_coe.config import dump_config
     from megatron_coe.data import dataset
     from megatron_coe.metrics import (GPUTelemetry, MetricsWriter, format_line, memory_gib,
@@ -266,10 +279,7 @@ def train(config) -> int:
         lr = optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves after)
         grad_norm = float("nan")
         if finite:
-            with torch.no_grad(), cpu.cuda_to_cpu():
-                applied, grad_norm, _ = optimizer.step()
-            if applied:
-                scheduler.step(increment=1)
+            applied, grad_norm = optimizer_step(optimizer, scheduler)
             overflow = fp16 and not applied and scale > config.optimizer.min_loss_scale
             if overflow:  # skipped, but not a non-finite step
                 state["overflow_steps"] = state.get("overflow_steps", 0) + 1
