@@ -34,6 +34,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_coe.dispatch import CoEAlltoAllTokenDispatcher
+from megatron_coe.finite import all_finite
 from megatron_coe.router_stats import current_iteration
 
 
@@ -143,8 +144,8 @@ class CoELayer(MoELayer):
             out = self.combine(out)
         f = self.postprocess(out, shared_out)
         with torch.no_grad():
-            self.nonfinite[t, 0] |= ~torch.isfinite(router_probs).all()
-            self.nonfinite[t, 1] |= ~torch.isfinite(f).all()
+            self.nonfinite[t, 0] |= ~all_finite(router_probs)
+            self.nonfinite[t, 1] |= ~all_finite(f)
         return f
 
     def _recomputed(self, fn, *tensors):

@@ -149,12 +149,14 @@ def grads_are_finite(model, device) -> bool:
     """True iff every gradient on every rank is finite (one all-reduce)."""
     import torch.distributed as dist
 
+    from megatron_coe.finite import all_finite
+
     flags = []
     for p in model.parameters():
         g = getattr(p, "main_grad", None)
         g = p.grad if g is None else g
         if g is not None:
-            flags.append(torch.isfinite(g).all())
+            flags.append(all_finite(g))
     # one device tensor, one sync: not one per parameter
     ok = torch.stack(flags).all().float().reshape(1) if flags else torch.ones(1, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
