@@ -80,6 +80,11 @@ def _timed_rounds(args, ep, tmp):
     from megatron_coe.train import (grads_are_finite, mean_loss_over_dp, optimizer_step,
                                     run_schedule)
 
+    timers = None
+    if args.phases:
+        from phases import PhaseTimers
+
+        timers = PhaseTimers().install()
     built = []
     for label, path, overrides in variants(args, ep):
         config = load_config(path, overrides)
@@ -118,21 +123,28 @@ def _timed_rounds(args, ep, tmp):
     rng = {label: (torch.get_rng_state(), tracker.get_states()) for label, *_ in built}
     times = {label: [] for label, *_ in built}
     losses = {label: [] for label, *_ in built}
+    phase_ms = {label: [] for label, *_ in built}
+    phase_calls = {}
     for i in range(args.warmup + args.rounds):
         for label, config, model, optimizer, scheduler, train_ds in built:
             torch.set_rng_state(rng[label][0])
             tracker.set_states(rng[label][1])
             dist.barrier()
+            before = timers.snapshot() if timers else None
             start = time.perf_counter()
             total = step(config, model, optimizer, scheduler, train_ds, i)
             if i >= args.warmup:
                 times[label].append(time.perf_counter() - start)
+                if timers:
+                    ms, phase_calls[label] = timers.since(before)
+                    phase_ms[label].append(ms)
             rng[label] = (torch.get_rng_state(), tracker.get_states())
             losses[label].append(mean_loss_over_dp(total, device))  # outside the timing
     dist.barrier()
     t = built[0][1].train
     return {"ep": ep, "tokens_per_step": t.global_batch_size * built[0][1].model.seq_length,
             "step_s": times, "losses": losses,
+            "phase_ms": phase_ms if timers else None, "phase_calls": phase_calls,
             "flops_per_token": {label: train_flops_per_token(config)
                                 for label, config, *_ in built}}
 
@@ -155,6 +167,11 @@ def summarize(res):
            "flops_per_token": flops,
            "flops_coe_over_moe": flops["CoE-2(4/64) plain"] / flops["MoE(8/64) plain"],
            "coe_over_moe": {"plain": compare(s, "CoE-2(4/64) plain", "MoE(8/64) plain")}}
+    if res["phase_ms"]:  # rank 0's forward phases: median ms per step, calls per step
+        out["phase_ms"] = {label: {k: statistics.median(step.get(k, 0.0) for step in steps)
+                                   for k in sorted({k for step in steps for k in step})}
+                           for label, steps in res["phase_ms"].items()}
+        out["phase_calls"] = res["phase_calls"]
     out["step_s"], out["losses"] = s, res["losses"]  # every timed step, every step's loss
     if res["ep"] > 1:  # the overlapped schedule must train exactly like the plain one
         out["overlapped_losses_equal_plain"] = {
@@ -177,11 +194,36 @@ def report(summary):
               f"({summary['tokens_per_step'] / t:,.0f} tokens/s)")
     for name, same in summary.get("overlapped_losses_equal_plain", {}).items():
         print(f"EP={ep} {name}: losses of every step, overlapped == plain: {same}")
+    if "phase_ms" in summary:
+        _report_phases(summary)
     for group in ("coe_over_moe", "overlapped_over_plain"):
         for name, r in summary.get(group, {}).items():
             what = "CoE-2(4/64) / MoE(8/64)" if group == "coe_over_moe" else "overlapped / plain"
             print(f"EP={ep} {what}, {name}: {r['median']:.3f} "
                   f"(quartiles {r['q1']:.3f}-{r['q3']:.3f})")
+
+
+def _report_phases(summary):
+    """Rank 0's forward time per layer phase (benchmarks/phases.py), one column per variant."""
+    ep, phases = summary["ep"], summary["phase_ms"]
+    labels = list(phases)
+    names = ["router", "preprocess", "dispatch", "experts", "combine", "postprocess", "shared",
+             "overlapped"]
+    print(f"EP={ep} forward ms per step on rank 0 (calls): " + " | ".join(labels))
+    for name in names:
+        if any(name in phases[label] for label in labels):
+            print(f"EP={ep}   {name:12s}" + "".join(
+                f"{phases[label].get(name, 0.0):9.1f} ({summary['phase_calls'][label].get(name, 0):3d})"
+                for label in labels))
+    for what, value in (("layer glue", lambda p: p.get("layer", 0.0) - sum(
+            p.get(n, 0.0) for n in names)), ("layer total", lambda p: p.get("layer", 0.0)),
+            ("rest of step", None)):
+        cells = []
+        for label in labels:
+            v = (summary["median_step_s"][label] * 1e3 - phases[label].get("layer", 0.0)
+                 if value is None else value(phases[label]))
+            cells.append(f"{v:9.1f}      ")
+        print(f"EP={ep}   {what:12s}" + "".join(cells))
 
 
 def main(argv=None):
@@ -195,6 +237,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more config overrides, applied to both configs")
+    p.add_argument("--phases", action="store_true",
+                   help="also time the layer's forward phases (router, permutation, all-to-alls, "
+                   "experts, ...) on rank 0: benchmarks/phases.py")
     p.add_argument("--out", default="benchmarks/results/train_step.json")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or args.micro_batch < 1 or args.micros < 1:

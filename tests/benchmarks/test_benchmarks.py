@@ -43,7 +43,7 @@ def test_layer_benchmark_counts_the_closed_form_all_to_all(tmp_path):
 def test_train_step_benchmark_overlapped_trains_like_plain(tmp_path):
     res = run_benchmark("train_step.py", tmp_path / "step.json", "--rounds", "2",
                         "--warmup", "0", "--set", "model.seq_length=64", "model.num_layers=2",
-                        "train.steps=10", "schedule.warmup_steps=1")
+                        "train.steps=10", "schedule.warmup_steps=1", "--phases")
     (ep2,) = res["results"]
     assert ep2["overlapped_losses_equal_plain"] == {"CoE-2(4/64)": True, "MoE(8/64)": True}
     assert len(ep2["losses"]["CoE-2(4/64) plain"]) == 2
@@ -52,3 +52,15 @@ def test_train_step_benchmark_overlapped_trains_like_plain(tmp_path):
     assert 1.0 < ep2["flops_coe_over_moe"] < 10 / 9
     assert set(ep2["median_step_s"]) == {"CoE-2(4/64) plain", "CoE-2(4/64) overlapped",
                                          "MoE(8/64) plain", "MoE(8/64) overlapped"}
+    # the phase timers see the layer's structure: per step, 2 layers x C iterations of routing,
+    # permutation and un-permutation; the plain schedule's two all-to-alls and experts call, or
+    # the overlapped schedule's one call that holds them
+    calls = ep2["phase_calls"]
+    for name, c in (("CoE-2(4/64)", 2), ("MoE(8/64)", 1)):
+        per_layer = {"router": 2 * c, "preprocess": 2 * c, "postprocess": 2 * c, "shared": 2 * c,
+                     "layer": 2}
+        assert calls[f"{name} plain"] == {**per_layer, "dispatch": 2 * c, "experts": 2 * c,
+                                          "combine": 2 * c}, name
+        assert calls[f"{name} overlapped"] == {**per_layer, "overlapped": 2 * c}, name
+    for label, ms in ep2["phase_ms"].items():
+        assert 0 < ms["router"] < ms["layer"] < ep2["median_step_s"][label] * 1e3 * 1.5, label
