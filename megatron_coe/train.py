@@ -230,8 +230,12 @@ def train(config) -> int:
         # lands on a save_interval step): replacing it would briefly leave none
         nonlocal saved_step
         if saved_step != state["step"]:
-            checkpoint.save(ckpt_root, state["step"], model, optimizer, scheduler, config, state)
+            began = time.time()
+            path = checkpoint.save(ckpt_root, state["step"], model, optimizer, scheduler, config,
+                                   state)
             saved_step = state["step"]
+            if rank == 0:
+                print(f"checkpoint {path.name} saved in {time.time() - began:.2f}s", flush=True)
 
     def evaluate():
         model.eval()
