@@ -114,20 +114,31 @@ def test_resume_is_exact(tmp_path, distributed, straight):
     assert metrics(base, "valid")[STEPS]["loss"] == metrics(split, "valid")[STEPS]["loss"]
 
 
+MORE = [f"train.steps={STEPS + 3}", "train.eval_interval=0", "checkpoint.save_interval=0"]
+
+
+@pytest.fixture(scope="module")
+def resumed_in_own_layout(tmp_path_factory, straight):
+    """The straight run's checkpoint resumed for 3 more steps in its own layout (2 ranks)."""
+    import shutil
+
+    same = tmp_path_factory.mktemp("same") / "run"
+    shutil.copytree(straight, same)
+    check(torchrun([f"run_dir={same}", *MORE]))
+    return same
+
+
 @pytest.mark.parametrize("layout", [["parallel.expert=4"], ["parallel.expert=2"]],
                          ids=["ep4-dp4", "ep2-dp4"])
-def test_resume_into_another_parallel_layout(tmp_path, straight, layout):
+def test_resume_into_another_parallel_layout(tmp_path, straight, resumed_in_own_layout, layout):
     """The 2-rank EP = 2 checkpoint of the straight run, resumed on 4 ranks (Megatron reshards
     model and optimizer; micro-batches of 2 instead of 4), trains on with the same losses as
     resuming it in its own layout (float tolerance: reduction orders differ)."""
     import shutil
 
-    more = [f"train.steps={STEPS + 3}", "train.eval_interval=0", "checkpoint.save_interval=0"]
-    same, other = tmp_path / "same", tmp_path / "other"
-    shutil.copytree(straight, same)
+    same, other = resumed_in_own_layout, tmp_path / "other"
     shutil.copytree(straight, other)
-    check(torchrun([f"run_dir={same}", *more]))
-    result = torchrun([f"run_dir={other}", *more, "train.micro_batch_size=2", *layout], nproc=4)
+    result = torchrun([f"run_dir={other}", *MORE, "train.micro_batch_size=2", *layout], nproc=4)
     check(result)
     assert f"resumed from {other}/checkpoints/step_{STEPS:07d}" in result.stdout
     a, b = metrics(same), metrics(other)
