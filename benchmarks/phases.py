@@ -19,7 +19,8 @@ runs once per iteration (see megatron_coe/layer.py):
                 all-to-alls in flight
 
 Times are exclusive: a phase called inside another (the shared expert inside ``overlapped``)
-counts only for itself.  ``layer`` is the whole forward of the layer, so ``layer`` minus the
+counts only for itself.  Calls made during backward (a recompute re-running the forward) are
+not timed.  ``layer`` is the whole forward of the layer, so ``layer`` minus the
 phases is the layer's own glue (CoE's residual adds, non-finite checks, load counters).  On CPU
 every op runs before the call returns, so a phase's wall time is its compute plus, for a phase
 with a collective, the wait for the slowest rank.  Backward runs inside autograd and is not
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+
+import torch
 
 
 def _targets():
@@ -56,11 +59,14 @@ class PhaseTimers:
     def install(self) -> PhaseTimers:
         """Wrap the phase methods of the classes (in this process) with this timer."""
         for phase, cls, name in _targets():
-            setattr(cls, name, self._timed(phase, cls.__dict__[name]))
+            fn = cls.__dict__[name]
+            setattr(cls, name, self._timed(phase, getattr(fn, "__wrapped__", fn)))  # no stacking
         return self
 
     def _timed(self, phase: str, fn):
         def timed(*args, **kwargs):
+            if torch._C._current_graph_task_id() != -1:  # re-run in backward by a recompute
+                return fn(*args, **kwargs)
             frame = [time.perf_counter(), 0.0]
             self._stack.append(frame)
             try:

@@ -19,6 +19,7 @@ directory is modified by a failed load.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -151,8 +152,7 @@ def save(root: Path, step: int, model, optimizer, scheduler, config: Config,
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    _write_results_in_process()
-    with cpu.cuda_to_cpu():
+    with cpu.cuda_to_cpu(), _write_results_in_process():
         dist_checkpointing.save(_sharded_state(model, optimizer, config, is_loading=False), str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     adam_steps = _adam_steps(optimizer)
@@ -181,18 +181,28 @@ def save(root: Path, step: int, model, optimizer, scheduler, config: Config,
     return final
 
 
-def _write_results_in_process() -> None:
+@contextlib.contextmanager
+def _write_results_in_process():
     """Megatron's torch_dist writer hands each rank's write results back through a queue that,
     on first use, it creates with a ``multiprocessing`` Manager: a spawned server process
     (about 3 s per training process here, at its first save).  That queue exists for Megatron's
-    asynchronous save, where a forked process writes.  Saves here are synchronous: the writer
-    threads and the reader are in this process, so an in-process queue carries the results."""
+    asynchronous save, where a forked process writes.  Our saves are synchronous: the writer
+    threads and the reader are in this process, so for the duration of the save an in-process
+    queue carries the results; Megatron's own (None, or a Manager queue) is put back after, so
+    an asynchronous save elsewhere in the process still gets a cross-process one."""
     import queue
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", "absent") is None:
-        filesystem_async._results_queue = queue.Queue()
+    if not hasattr(filesystem_async, "_results_queue"):  # another Megatron: leave it alone
+        yield
+        return
+    before = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = before
 
 
 def _sha256(path: Path) -> str:

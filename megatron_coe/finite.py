@@ -19,6 +19,8 @@ def all_finite(x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0 or not (x.is_floating_point() or x.is_complex()):
         return torch.ones((), dtype=torch.bool, device=x.device)
     if x.is_complex():
-        x = torch.view_as_real(x)
+        x = torch.view_as_real(x.resolve_conj())
+    if x.element_size() == 1:  # FP8: no aminmax kernel
+        return torch.isfinite(x).all()
     lo, hi = torch.aminmax(x)
     return torch.isfinite(lo) & torch.isfinite(hi)

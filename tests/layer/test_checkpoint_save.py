@@ -43,18 +43,24 @@ def _adam_moments(optimizer):
             for key in sorted(opt.state[p]) if torch.is_tensor(opt.state[p][key])]
 
 
-def test_save_starts_no_process_and_load_restores_model_and_optimizer(tmp_path):
+def test_save_starts_no_process_and_load_restores_model_and_optimizer(tmp_path, monkeypatch):
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     from megatron_coe import checkpoint
 
     config, model, optimizer, scheduler = _built(seed=1)
     _train_one_step(model, optimizer)
+    filesystem_async._results_queue = None  # as in a fresh process
+    seen = []
+    get_queue = filesystem_async.get_write_results_queue
+    monkeypatch.setattr(filesystem_async, "get_write_results_queue",
+                        lambda *a, **k: seen.append(get_queue(*a, **k)) or seen[-1])
     path = checkpoint.save(tmp_path, 1, model, optimizer, scheduler, config, {"step": 1})
     # Megatron's default would have started a multiprocessing Manager (a spawned server
     # process) to carry the write results of this synchronous save
-    assert multiprocessing.active_children() == []
-    assert isinstance(filesystem_async._results_queue, queue.Queue)
+    assert not [p for p in multiprocessing.active_children() if "Manager" in p.name]
+    assert seen and all(isinstance(q, queue.Queue) for q in seen)
+    assert filesystem_async._results_queue is None  # Megatron's own state put back
 
     _, other, other_opt, other_sched = _built(seed=2)
     _train_one_step(other, other_opt)

@@ -34,3 +34,15 @@ def test_large_finite_values_and_odd_inputs():
     assert all_finite(z).item() is True
     z[2] = complex(0.0, float("inf"))
     assert all_finite(z).item() is False
+
+
+def test_fp8_and_conjugated_views():
+    x = torch.randn(40).to(torch.float8_e5m2)  # no aminmax kernel for FP8: the slow path
+    assert all_finite(x).item() is True
+    x[17] = float("inf")
+    assert all_finite(x).item() is False
+    z = torch.randn(6, dtype=torch.complex64).conj()
+    assert all_finite(z).item() is True
+    z = z.resolve_conj()
+    z[4] = complex(float("nan"), 0.0)
+    assert all_finite(z.conj()).item() is False
