@@ -19,6 +19,9 @@ What each redirect does on CPU:
                                         all_to_all_single needs split sizes as Python ints
   transformer.utils.get_default_causal_mask (+ fused_softmax's copy) -> built on CPU
   moe_utils.te_general_gemm = None   -> 0.19.2 references it unguarded when TE is absent
+  token_dispatcher.permute           -> finds the (expert, token) pairs with nonzero instead of
+                                        the stable argsort Megatron uses to keep shapes static for
+                                        CUDA-graph capture: same indices, linear time
   cuda_to_cpu(): a scoped TorchFunctionMode for the optimizer / grad-clip / checkpoint calls
                  that hard-code device="cuda", .cuda() and pin_memory()
 """
@@ -175,6 +178,7 @@ def _patches() -> list[tuple[str, str, Callable | Any]]:
         ("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu",
          _maybe_move_tensor_to_cpu),
         ("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None),
+        ("megatron.core.transformer.moe.token_dispatcher", "permute", _cpu_permute),
         ("megatron.core.transformer.utils", "get_default_causal_mask", _cpu_causal_mask),
         ("megatron.core.fusions.fused_softmax", "get_default_causal_mask", _cpu_causal_mask),
         ("megatron.core.models.common.embeddings.rotary_pos_embedding",
@@ -182,6 +186,35 @@ def _patches() -> list[tuple[str, str, Callable | Any]]:
         ("megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
          "get_pos_emb_on_this_cp_rank", _cpu_pos_emb_on_this_cp_rank),
     ]
+
+
+def _cpu_permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False,
+                 drop_and_pad=False, **kwargs):
+    """moe_utils.permute for the dispatcher, without its CUDA-graph device.
+
+    Megatron lists the selected (expert, token) pairs of the [tokens, experts] routing map,
+    expert-major, with a stable descending argsort of the whole transposed mask cut to
+    ``num_out_tokens``: a fixed-shape op that CUDA graphs can capture.  When the map selects
+    exactly ``num_out_tokens`` pairs (dropless, and capacity dropping without padding), those are
+    the mask's nonzero positions in the same order, which ``nonzero`` finds in one linear pass
+    (64 experts x 2048 tokens: 1.9 -> 0.2 ms on one thread, per MoE layer and CoE iteration).
+    Rows, probabilities and indices are then gathered as Megatron gathers them.  Every other
+    case (fused, padded to capacity, other counts) runs Megatron's own."""
+    from megatron.core.transformer.moe import moe_utils
+
+    def megatron():
+        return moe_utils.permute(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad,
+                                 **kwargs)
+
+    if fused or drop_and_pad or num_out_tokens is None or kwargs.get("align_size", 0):
+        return megatron()
+    flat = routing_map.bool().T.contiguous().reshape(-1).nonzero().squeeze(1)
+    if flat.numel() != int(num_out_tokens):
+        return megatron()
+    sorted_indices = flat % tokens.shape[0]
+    permuted_probs = None if probs is None else probs.T.contiguous().reshape(-1)[flat]
+    return (tokens.index_select(0, sorted_indices), permuted_probs, sorted_indices, None,
+            kwargs.get("tokens_per_expert"))
 
 
 def _cpu_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
