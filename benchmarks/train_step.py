@@ -215,15 +215,14 @@ def _report_phases(summary):
             print(f"EP={ep}   {name:12s}" + "".join(
                 f"{phases[label].get(name, 0.0):9.1f} ({summary['phase_calls'][label].get(name, 0):3d})"
                 for label in labels))
-    for what, value in (("layer glue", lambda p: p.get("layer", 0.0) - sum(
-            p.get(n, 0.0) for n in names)), ("layer total", lambda p: p.get("layer", 0.0)),
-            ("rest of step", None)):
-        cells = []
-        for label in labels:
-            v = (summary["median_step_s"][label] * 1e3 - phases[label].get("layer", 0.0)
-                 if value is None else value(phases[label]))
-            cells.append(f"{v:9.1f}      ")
-        print(f"EP={ep}   {what:12s}" + "".join(cells))
+    layer = {label: phases[label].get("layer", 0.0) for label in labels}
+    rows = {"layer glue": {label: layer[label] - sum(phases[label].get(n, 0.0) for n in names)
+                           for label in labels},
+            "layer total": layer,
+            "rest of step": {label: summary["median_step_s"][label] * 1e3 - layer[label]
+                             for label in labels}}
+    for what, row in rows.items():
+        print(f"EP={ep}   {what:12s}" + "".join(f"{row[label]:9.1f}      " for label in labels))
 
 
 def main(argv=None):
