@@ -75,16 +75,20 @@ def _timed_rounds(args, ep, tmp):
     from megatron_coe.config import load_config
     from megatron_coe.data import dataset
     from megatron_coe.metrics import train_flops_per_token
-    from megatron_coe.model import build_model
+    from megatron_coe.model import build_model, coe_layers
     from megatron_coe.optim import build_optimizer, wrap_model
     from megatron_coe.train import (grads_are_finite, mean_loss_over_dp, optimizer_step,
                                     run_schedule)
 
-    timers = None
+    timers = comm = None
     if args.phases:
         from phases import PhaseTimers
 
         timers = PhaseTimers().install()
+    if args.comm:
+        from comm import CollectiveTimers
+
+        comm = CollectiveTimers().install()
     built = []
     for label, path, overrides in variants(args, ep):
         config = load_config(path, overrides)
@@ -125,12 +129,17 @@ def _timed_rounds(args, ep, tmp):
     losses = {label: [] for label, *_ in built}
     phase_ms = {label: [] for label, *_ in built}
     phase_calls = {}
+    comm_ms = {label: [] for label, *_ in built}  # this rank's, per step: collective -> ms
+    comm_calls, a2a_bytes = {}, {label: [] for label, *_ in built}
     for i in range(args.warmup + args.rounds):
         for label, config, model, optimizer, scheduler, train_ds in built:
             torch.set_rng_state(rng[label][0])
             tracker.set_states(rng[label][1])
             dist.barrier()
             before = timers.snapshot() if timers else None
+            before_comm = comm.snapshot() if comm else None
+            for layer in coe_layers(model):
+                layer.token_dispatcher.counters.reset()
             start = time.perf_counter()
             total = step(config, model, optimizer, scheduler, train_ds, i)
             if i >= args.warmup:
@@ -138,13 +147,28 @@ def _timed_rounds(args, ep, tmp):
                 if timers:
                     ms, phase_calls[label] = timers.since(before)
                     phase_ms[label].append(ms)
+                if comm:
+                    ms, comm_calls[label] = comm.since(before_comm)
+                    comm_ms[label].append(ms)
+                    sent = [layer.token_dispatcher.counters.total() for layer in coe_layers(model)]
+                    a2a_bytes[label].append(sum(t["sent_bytes"] - t["self_bytes"] for t in sent))
             rng[label] = (torch.get_rng_state(), tracker.get_states())
             losses[label].append(mean_loss_over_dp(total, device))  # outside the timing
     dist.barrier()
+    comm_ranks = None
+    if comm:  # every rank's collective times, and the idle transport's, gathered on rank 0
+        from comm import probe_all_to_all
+
+        probe = probe_all_to_all(parallel_state.get_expert_model_parallel_group())
+        comm.uninstall()
+        comm_ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(comm_ranks, {"ms": comm_ms, "calls": comm_calls,
+                                            "a2a_bytes_to_peers": a2a_bytes, "probe": probe})
     t = built[0][1].train
     return {"ep": ep, "tokens_per_step": t.global_batch_size * built[0][1].model.seq_length,
             "step_s": times, "losses": losses,
             "phase_ms": phase_ms if timers else None, "phase_calls": phase_calls,
+            "comm": comm_ranks,
             "flops_per_token": {label: train_flops_per_token(config)
                                 for label, config, *_ in built}}
 
@@ -172,6 +196,8 @@ def summarize(res):
                                    for k in sorted({k for step in steps for k in step})}
                            for label, steps in res["phase_ms"].items()}
         out["phase_calls"] = res["phase_calls"]
+    if res.get("comm"):
+        out["comm"] = _summarize_comm(res["comm"])
     out["step_s"], out["losses"] = s, res["losses"]  # every timed step, every step's loss
     if res["ep"] > 1:  # the overlapped schedule must train exactly like the plain one
         out["overlapped_losses_equal_plain"] = {
@@ -185,6 +211,46 @@ def summarize(res):
     return out
 
 
+def _summarize_comm(ranks):
+    """Per variant and rank: median ms per step in each collective, calls per step, and the
+    all-to-alls' time against what their calls and bytes take on the idle transport (comm.py)."""
+    out = {"probe": [r["probe"] for r in ranks], "variants": {}}
+    for label in ranks[0]["ms"]:
+        per_rank = []
+        for r in ranks:
+            steps, calls = r["ms"][label], r["calls"][label]
+            ms = {k: statistics.median(step.get(k, 0.0) for step in steps)
+                  for k in sorted({k for step in steps for k in step})}
+            sent = statistics.median(r["a2a_bytes_to_peers"][label])
+            a2a_calls = calls.get("all_to_all_single", 0)
+            idle = (a2a_calls * r["probe"]["latency_ms"]
+                    + sent / (r["probe"]["gb_per_s"] * 1e9) * 1e3)
+            per_rank.append({"ms": ms, "calls": calls, "a2a_bytes_to_peers": sent,
+                             "a2a_idle_transport_ms": idle,
+                             "a2a_beyond_transport_ms": ms.get("all_to_all_single", 0.0) - idle})
+        out["variants"][label] = per_rank
+    return out
+
+
+def _report_comm(summary):
+    ep, comm = summary["ep"], summary["comm"]
+    probes = "; ".join(f"rank {i}: latency {p['latency_ms']:.2f} ms, {p['gb_per_s']:.2f} GB/s"
+                       for i, p in enumerate(comm["probe"]))
+    print(f"EP={ep} idle all-to-all transport: {probes}")
+    print(f"EP={ep} collectives, median ms per step (calls per step), rank 0 / rank 1 ...")
+    for label, ranks in comm["variants"].items():
+        names = sorted({k for r in ranks for k in r["ms"]})
+        for name in names:
+            print(f"EP={ep}   {label:24s} {name:24s}" + " /".join(
+                f"{r['ms'].get(name, 0.0):7.1f} ({r['calls'].get(name, 0):3d})" for r in ranks))
+        print(f"EP={ep}   {label:24s} {'a2a on idle transport':24s}" + " /".join(
+            f"{r['a2a_idle_transport_ms']:7.1f}      " for r in ranks)
+            + "  (" + ", ".join(f"{r['a2a_bytes_to_peers'] / 2**20:.1f} MiB" for r in ranks)
+            + " to peers)")
+        print(f"EP={ep}   {label:24s} {'a2a beyond it':24s}" + " /".join(
+            f"{r['a2a_beyond_transport_ms']:7.1f}      " for r in ranks))
+
+
 def report(summary):
     ep = summary["ep"]
     print(f"EP={ep} training FLOPs per token CoE-2(4/64) / MoE(8/64) = "
@@ -196,6 +262,8 @@ def report(summary):
         print(f"EP={ep} {name}: losses of every step, overlapped == plain: {same}")
     if "phase_ms" in summary:
         _report_phases(summary)
+    if "comm" in summary:
+        _report_comm(summary)
     for group in ("coe_over_moe", "overlapped_over_plain"):
         for name, r in summary.get(group, {}).items():
             what = "CoE-2(4/64) / MoE(8/64)" if group == "coe_over_moe" else "overlapped / plain"
@@ -239,6 +307,9 @@ def main(argv=None):
     p.add_argument("--phases", action="store_true",
                    help="also time the layer's forward phases (router, permutation, all-to-alls, "
                    "experts, ...) on rank 0: benchmarks/phases.py")
+    p.add_argument("--comm", action="store_true",
+                   help="also time every rank's collectives per step, and the idle all-to-all "
+                   "transport's latency and bandwidth: benchmarks/comm.py")
     p.add_argument("--out", default="benchmarks/results/train_step.json")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or args.micro_batch < 1 or args.micros < 1:

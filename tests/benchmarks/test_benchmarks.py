@@ -43,7 +43,7 @@ def test_layer_benchmark_counts_the_closed_form_all_to_all(tmp_path):
 def test_train_step_benchmark_overlapped_trains_like_plain(tmp_path):
     res = run_benchmark("train_step.py", tmp_path / "step.json", "--rounds", "2",
                         "--warmup", "0", "--set", "model.seq_length=64", "model.num_layers=2",
-                        "train.steps=10", "schedule.warmup_steps=1", "--phases")
+                        "train.steps=10", "schedule.warmup_steps=1", "--phases", "--comm")
     (ep2,) = res["results"]
     assert ep2["overlapped_losses_equal_plain"] == {"CoE-2(4/64)": True, "MoE(8/64)": True}
     assert len(ep2["losses"]["CoE-2(4/64) plain"]) == 2
@@ -64,3 +64,17 @@ def test_train_step_benchmark_overlapped_trains_like_plain(tmp_path):
         assert calls[f"{name} overlapped"] == {**per_layer, "overlapped": 2 * c}, name
     for label, ms in ep2["phase_ms"].items():
         assert 0 < ms["router"] < ms["layer"] < ep2["median_step_s"][label] * 1e3 * 1.5, label
+    # every rank's collectives: per step, 2 layers x C x (dispatch, combine) x (forward,
+    # backward) all-to-alls (twice that in halves when overlapped) and one token-count
+    # all-gather per layer and iteration; the overlapped schedule moves the same bytes
+    comm = ep2["comm"]
+    assert len(comm["probe"]) == 2 and all(p["latency_ms"] > 0 < p["gb_per_s"]
+                                           for p in comm["probe"])
+    for name, c in (("CoE-2(4/64)", 2), ("MoE(8/64)", 1)):
+        for mode, halves in (("plain", 1), ("overlapped", 2)):
+            for rank in comm["variants"][f"{name} {mode}"]:
+                assert rank["calls"]["all_to_all_single"] == 2 * c * 2 * 2 * halves, (name, mode)
+                assert rank["calls"]["all_gather_into_tensor"] == 2 * c, (name, mode)
+                assert rank["ms"]["all_to_all_single"] > 0 < rank["a2a_bytes_to_peers"]
+        assert ([r["a2a_bytes_to_peers"] for r in comm["variants"][f"{name} plain"]]
+                == [r["a2a_bytes_to_peers"] for r in comm["variants"][f"{name} overlapped"]])
