@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+from tally import CallTally
 
 COLLECTIVES = ("all_to_all_single", "all_gather_into_tensor", "all_reduce",
                "reduce_scatter_tensor", "all_gather", "broadcast")
@@ -60,10 +60,9 @@ class _TimedWork:
         return getattr(self._work, attr)
 
 
-class CollectiveTimers:
+class CollectiveTimers(CallTally):
     def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
+        super().__init__()
         self._originals: list[tuple[object, str, object]] = []
 
     def install(self) -> CollectiveTimers:
@@ -92,16 +91,6 @@ class CollectiveTimers:
 
         timed.__wrapped__ = fn
         return timed
-
-    def snapshot(self) -> tuple[dict, dict]:
-        return dict(self.seconds), dict(self.calls)
-
-    def since(self, snapshot) -> tuple[dict[str, float], dict[str, int]]:
-        """(ms, calls) of each collective called since ``snapshot``."""
-        seconds, calls = snapshot
-        called = [k for k, v in self.calls.items() if v > calls.get(k, 0)]
-        return ({k: (self.seconds[k] - seconds.get(k, 0.0)) * 1e3 for k in called},
-                {k: self.calls[k] - calls.get(k, 0) for k in called})
 
 
 def probe_all_to_all(group=None, repeat: int = 20, big_bytes: int = 4 << 20) -> dict[str, float]:

@@ -30,9 +30,9 @@ split.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import torch
+from tally import CallTally
 
 
 def _targets():
@@ -50,10 +50,9 @@ def _targets():
             ("layer", MoELayer, "forward"), ("layer", CoELayer, "forward")]
 
 
-class PhaseTimers:
+class PhaseTimers(CallTally):
     def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
+        super().__init__()
         self._stack: list[list[float]] = []  # [start, time spent in nested phases]
 
     def install(self) -> PhaseTimers:
@@ -84,13 +83,3 @@ class PhaseTimers:
 
         timed.__wrapped__ = fn
         return timed
-
-    def snapshot(self) -> tuple[dict, dict]:
-        return dict(self.seconds), dict(self.calls)
-
-    def since(self, snapshot) -> tuple[dict[str, float], dict[str, int]]:
-        """(ms, calls) of each phase called since ``snapshot``."""
-        seconds, calls = snapshot
-        called = [k for k, v in self.calls.items() if v > calls.get(k, 0)]
-        return ({k: (self.seconds[k] - seconds.get(k, 0.0)) * 1e3 for k in called},
-                {k: self.calls[k] - calls.get(k, 0) for k in called})

@@ -183,6 +183,12 @@ def compare(step_s, a, b):
     return quartiles([x / y for x, y in zip(step_s[a], step_s[b])])
 
 
+def _median_per_name(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Median over steps of each name's ms (0 in a step that did not call it)."""
+    return {k: statistics.median(step.get(k, 0.0) for step in steps)
+            for k in sorted({k for step in steps for k in step})}
+
+
 def summarize(res):
     s = res["step_s"]
     flops = res["flops_per_token"]
@@ -192,8 +198,7 @@ def summarize(res):
            "flops_coe_over_moe": flops["CoE-2(4/64) plain"] / flops["MoE(8/64) plain"],
            "coe_over_moe": {"plain": compare(s, "CoE-2(4/64) plain", "MoE(8/64) plain")}}
     if res["phase_ms"]:  # rank 0's forward phases: median ms per step, calls per step
-        out["phase_ms"] = {label: {k: statistics.median(step.get(k, 0.0) for step in steps)
-                                   for k in sorted({k for step in steps for k in step})}
+        out["phase_ms"] = {label: _median_per_name(steps)
                            for label, steps in res["phase_ms"].items()}
         out["phase_calls"] = res["phase_calls"]
     if res.get("comm"):
@@ -219,8 +224,7 @@ def _summarize_comm(ranks):
         per_rank = []
         for r in ranks:
             steps, calls = r["ms"][label], r["calls"][label]
-            ms = {k: statistics.median(step.get(k, 0.0) for step in steps)
-                  for k in sorted({k for step in steps for k in step})}
+            ms = _median_per_name(steps)
             sent = statistics.median(r["a2a_bytes_to_peers"][label])
             a2a_calls = calls.get("all_to_all_single", 0)
             idle = (a2a_calls * r["probe"]["latency_ms"]
