@@ -20,8 +20,9 @@ class CallTally:
         return dict(self.seconds), dict(self.calls)
 
     def since(self, snapshot) -> tuple[dict[str, float], dict[str, int]]:
-        """(ms, calls) of each name called since ``snapshot``."""
+        """(ms, calls) of each name called (or timed) since ``snapshot``."""
         seconds, calls = snapshot
-        called = [k for k, v in self.calls.items() if v > calls.get(k, 0)]
+        called = [k for k in self.seconds
+                  if self.calls[k] > calls.get(k, 0) or self.seconds[k] > seconds.get(k, 0.0)]
         return ({k: (self.seconds[k] - seconds.get(k, 0.0)) * 1e3 for k in called},
                 {k: self.calls[k] - calls.get(k, 0) for k in called})

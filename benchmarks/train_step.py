@@ -130,7 +130,8 @@ def _timed_rounds(args, ep, tmp):
     phase_ms = {label: [] for label, *_ in built}
     phase_calls = {}
     comm_ms = {label: [] for label, *_ in built}  # this rank's, per step: collective -> ms
-    comm_calls, a2a_bytes = {}, {label: [] for label, *_ in built}
+    comm_calls = {label: [] for label, *_ in built}
+    a2a_bytes = {label: [] for label, *_ in built}
     for i in range(args.warmup + args.rounds):
         for label, config, model, optimizer, scheduler, train_ds in built:
             torch.set_rng_state(rng[label][0])
@@ -148,8 +149,9 @@ def _timed_rounds(args, ep, tmp):
                     ms, phase_calls[label] = timers.since(before)
                     phase_ms[label].append(ms)
                 if comm:
-                    ms, comm_calls[label] = comm.since(before_comm)
+                    ms, calls = comm.since(before_comm)
                     comm_ms[label].append(ms)
+                    comm_calls[label].append(calls)
                     sent = [layer.token_dispatcher.counters.total() for layer in coe_layers(model)]
                     a2a_bytes[label].append(sum(t["sent_bytes"] - t["self_bytes"] for t in sent))
             rng[label] = (torch.get_rng_state(), tracker.get_states())
@@ -159,8 +161,8 @@ def _timed_rounds(args, ep, tmp):
     if comm:  # every rank's collective times, and the idle transport's, gathered on rank 0
         from comm import probe_all_to_all
 
-        probe = probe_all_to_all(parallel_state.get_expert_model_parallel_group())
         comm.uninstall()
+        probe = probe_all_to_all(parallel_state.get_expert_model_parallel_group())
         comm_ranks = [None] * dist.get_world_size()
         dist.all_gather_object(comm_ranks, {"ms": comm_ms, "calls": comm_calls,
                                             "a2a_bytes_to_peers": a2a_bytes, "probe": probe})
@@ -217,41 +219,44 @@ def summarize(res):
 
 
 def _summarize_comm(ranks):
-    """Per variant and rank: median ms per step in each collective, calls per step, and the
-    all-to-alls' time against what their calls and bytes take on the idle transport (comm.py)."""
+    """Per variant and rank: median ms and calls per step of each collective, and (with a peer)
+    the all-to-alls' time against what their calls and bytes take on the idle transport."""
     out = {"probe": [r["probe"] for r in ranks], "variants": {}}
     for label in ranks[0]["ms"]:
         per_rank = []
         for r in ranks:
-            steps, calls = r["ms"][label], r["calls"][label]
-            ms = _median_per_name(steps)
+            ms, calls = _median_per_name(r["ms"][label]), _median_per_name(r["calls"][label])
             sent = statistics.median(r["a2a_bytes_to_peers"][label])
-            a2a_calls = calls.get("all_to_all_single", 0)
-            idle = (a2a_calls * r["probe"]["latency_ms"]
-                    + sent / (r["probe"]["gb_per_s"] * 1e9) * 1e3)
-            per_rank.append({"ms": ms, "calls": calls, "a2a_bytes_to_peers": sent,
-                             "a2a_idle_transport_ms": idle,
-                             "a2a_beyond_transport_ms": ms.get("all_to_all_single", 0.0) - idle})
+            entry = {"ms": ms, "calls": calls, "a2a_bytes_to_peers": sent}
+            if r["probe"] is not None:  # EP = 1 has no peer, and no all-to-all
+                idle = (calls.get("all_to_all_single", 0) * r["probe"]["latency_ms"]
+                        + sent / (r["probe"]["gb_per_s"] * 1e9) * 1e3)
+                entry["a2a_idle_transport_ms"] = idle
+                entry["a2a_beyond_transport_ms"] = ms.get("all_to_all_single", 0.0) - idle
+            per_rank.append(entry)
         out["variants"][label] = per_rank
     return out
 
 
 def _report_comm(summary):
     ep, comm = summary["ep"], summary["comm"]
-    probes = "; ".join(f"rank {i}: latency {p['latency_ms']:.2f} ms, {p['gb_per_s']:.2f} GB/s"
-                       for i, p in enumerate(comm["probe"]))
-    print(f"EP={ep} idle all-to-all transport: {probes}")
+    if all(p is not None for p in comm["probe"]):
+        probes = "; ".join(f"rank {i}: latency {p['latency_ms']:.2f} ms, {p['gb_per_s']:.2f} GB/s"
+                           for i, p in enumerate(comm["probe"]))
+        print(f"EP={ep} idle all-to-all transport: {probes}")
     print(f"EP={ep} collectives, median ms per step (calls per step), rank 0 / rank 1 ...")
     for label, ranks in comm["variants"].items():
         names = sorted({k for r in ranks for k in r["ms"]})
         for name in names:
-            print(f"EP={ep}   {label:24s} {name:24s}" + " /".join(
-                f"{r['ms'].get(name, 0.0):7.1f} ({r['calls'].get(name, 0):3d})" for r in ranks))
-        print(f"EP={ep}   {label:24s} {'a2a on idle transport':24s}" + " /".join(
+            print(f"EP={ep}   {label:24s} {name:28s}" + " /".join(
+                f"{r['ms'].get(name, 0.0):7.1f} ({r['calls'].get(name, 0):3.0f})" for r in ranks))
+        if "a2a_idle_transport_ms" not in ranks[0]:
+            continue
+        print(f"EP={ep}   {label:24s} {'a2a on idle transport':28s}" + " /".join(
             f"{r['a2a_idle_transport_ms']:7.1f}      " for r in ranks)
             + "  (" + ", ".join(f"{r['a2a_bytes_to_peers'] / 2**20:.1f} MiB" for r in ranks)
             + " to peers)")
-        print(f"EP={ep}   {label:24s} {'a2a beyond it':24s}" + " /".join(
+        print(f"EP={ep}   {label:24s} {'a2a beyond it':28s}" + " /".join(
             f"{r['a2a_beyond_transport_ms']:7.1f}      " for r in ranks))
 
 

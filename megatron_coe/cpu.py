@@ -263,9 +263,9 @@ def _aux_scores_from_routing(logits, topk, score_function, fused=False, padding_
 
     When the routing just took that top-k of these very logits (same tensor, unmodified, same
     k: see :func:`_topk_routing_remembered`), its map is reused instead of a second
-    ``torch.topk`` + scatter: for 2048 tokens x 64 experts, 1.4 ms of a router's 2.2 ms on one
-    thread.  The scores are computed as Megatron computes them.  Any other call (padding mask,
-    other score function, fused) runs Megatron's own."""
+    ``torch.topk`` + scatter (one router's forward + backward, 2048 tokens x 64 experts, one
+    thread: see ``benchmarks/cpu_backend.py``).  The scores are computed as Megatron computes
+    them.  Any other call (padding mask, other score function, fused) runs Megatron's own."""
     global _LAST_ROUTING
     from megatron.core.transformer.moe import moe_utils
 
@@ -313,7 +313,8 @@ def enable(device: str) -> None:
 
 def disable() -> None:
     """Restore every redirected name."""
-    global _ACTIVE
+    global _ACTIVE, _LAST_ROUTING
+    _LAST_ROUTING = None
     while _ORIGINALS:
         module, attr, original = _ORIGINALS.pop()
         setattr(module, attr, original)

@@ -65,8 +65,9 @@ def test_train_step_benchmark_overlapped_trains_like_plain(tmp_path):
     for label, ms in ep2["phase_ms"].items():
         assert 0 < ms["router"] < ms["layer"] < ep2["median_step_s"][label] * 1e3 * 1.5, label
     # every rank's collectives: per step, 2 layers x C x (dispatch, combine) x (forward,
-    # backward) all-to-alls (twice that in halves when overlapped) and one token-count
-    # all-gather per layer and iteration; the overlapped schedule moves the same bytes
+    # backward) all-to-alls (twice that in halves when overlapped), one token-count all-gather
+    # per layer and iteration, and DDP's coalesced gradient reductions; the overlapped schedule
+    # moves the same bytes
     comm = ep2["comm"]
     assert len(comm["probe"]) == 2 and all(p["latency_ms"] > 0 < p["gb_per_s"]
                                            for p in comm["probe"])
@@ -75,6 +76,7 @@ def test_train_step_benchmark_overlapped_trains_like_plain(tmp_path):
             for rank in comm["variants"][f"{name} {mode}"]:
                 assert rank["calls"]["all_to_all_single"] == 2 * c * 2 * 2 * halves, (name, mode)
                 assert rank["calls"]["all_gather_into_tensor"] == 2 * c, (name, mode)
+                assert rank["calls"]["coalesced buffer reductions"] >= 1  # DDP's gradients
                 assert rank["ms"]["all_to_all_single"] > 0 < rank["a2a_bytes_to_peers"]
         assert ([r["a2a_bytes_to_peers"] for r in comm["variants"][f"{name} plain"]]
                 == [r["a2a_bytes_to_peers"] for r in comm["variants"][f"{name} overlapped"]])

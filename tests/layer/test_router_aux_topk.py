@@ -94,33 +94,43 @@ def test_aux_loss_topk_reuse_is_bit_identical(moe, padded, reused, monkeypatch):
     assert all(torch.count_nonzero(g) for g in grads[:2])  # routers' weights got gradients
 
 
-def test_no_reuse_of_another_or_modified_tensor():
-    """The remembered top-k serves only the logits it was taken from, unmodified, once."""
+def test_reuse_only_for_the_same_topk():
+    """The remembered top-k serves only the logits it was taken from, unmodified, once, with the
+    same k, and only when the routing's top-k was the aux loss's; otherwise Megatron's own runs."""
     from megatron.core.transformer.moe import moe_utils, router
 
     from megatron_coe import cpu
 
     if not cpu.is_active():
         cpu.enable("cpu")
+
+    def aux_map(logits, k=3):
+        got, scores = router.compute_routing_scores_for_aux_loss(logits, k, "softmax")
+        want, want_scores = moe_utils.compute_routing_scores_for_aux_loss(logits, k, "softmax")
+        assert torch.equal(got, want) and torch.equal(scores, want_scores)
+        return got
+
     logits = torch.randn(10, N)
-    probs, routing_map = router.topk_routing_with_score_function(logits, 3, use_pre_softmax=True)
-    want_map, want_scores = moe_utils.compute_routing_scores_for_aux_loss(logits, 3, "softmax")
-    got_map, got_scores = router.compute_routing_scores_for_aux_loss(logits, 3, "softmax")
-    assert torch.equal(got_map, want_map) and torch.equal(got_scores, want_scores)
-    assert got_map is routing_map  # reused
-    for change in ("other tensor", "in place", "twice", "other k"):
-        router.topk_routing_with_score_function(logits, 3, use_pre_softmax=True)
+    _, routing_map = router.topk_routing_with_score_function(logits, 3, use_pre_softmax=True)
+    assert aux_map(logits) is routing_map  # reused
+    assert aux_map(logits) is not routing_map  # once
+    for change in ("other tensor", "logits in place", "map in place", "other k", "no grad",
+                   "renormalised", "group top-k", "precomputed indices"):
+        routing = dict(use_pre_softmax=True)
+        if change == "renormalised":
+            routing["use_pre_softmax"] = False
+        elif change == "group top-k":
+            routing.update(num_groups=2, group_topk=2)
+        elif change == "precomputed indices":
+            routing["precomputed_indices"] = torch.randn(10, N).topk(3, dim=1).indices
+        with torch.set_grad_enabled(change != "no grad"):
+            _, routing_map = router.topk_routing_with_score_function(logits, 3, **routing)
+        other = logits
         if change == "other tensor":
-            other = logits.flip(1)
-        elif change == "in place":
+            other = logits.clone()
+        elif change == "logits in place":
             logits.mul_(-1)
-            other = logits
-        elif change == "twice":
-            router.compute_routing_scores_for_aux_loss(logits, 3, "softmax")
-            other = logits
-        else:
-            other = logits
-        k = 2 if change == "other k" else 3
-        got_map, _ = router.compute_routing_scores_for_aux_loss(other, k, "softmax")
-        want_map, _ = moe_utils.compute_routing_scores_for_aux_loss(other, k, "softmax")
-        assert torch.equal(got_map, want_map), change
+        elif change == "map in place":
+            routing_map[:, 0] = ~routing_map[:, 0]
+        got = aux_map(other, 2 if change == "other k" else 3)
+        assert got is not routing_map, change
