@@ -12,8 +12,8 @@ in the overlapped schedule) it is the launch plus the ``wait()`` on its handle, 
 other work ran while it was in flight is not counted.  That time includes waiting for the
 slowest rank to arrive.  Megatron's DDP reduces its gradient buffers inside torch's coalescing
 manager, which runs the collectives when the block exits: that block is timed as one call
-("coalesced buffer reductions").  The probe times back-to-back all-to-alls of a few bytes (the per-call
-latency) and of 4 MiB to every peer (the bandwidth) while no rank computes, so that
+("coalesced buffer reductions").  The probe times back-to-back all-to-alls of a few bytes (the
+per-call latency) and of 4 MiB to every peer (the bandwidth) while no rank computes, so that
 
     measured all-to-all time  -  (calls x latency + bytes to peers / bandwidth)
 

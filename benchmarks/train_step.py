@@ -132,6 +132,8 @@ def _timed_rounds(args, ep, tmp):
     comm_ms = {label: [] for label, *_ in built}  # this rank's, per step: collective -> ms
     comm_calls = {label: [] for label, *_ in built}
     a2a_bytes = {label: [] for label, *_ in built}
+    counters = {label: [layer.token_dispatcher.counters for layer in coe_layers(model)]
+                for label, _, model, *_ in built} if comm else {}
     for i in range(args.warmup + args.rounds):
         for label, config, model, optimizer, scheduler, train_ds in built:
             torch.set_rng_state(rng[label][0])
@@ -139,8 +141,8 @@ def _timed_rounds(args, ep, tmp):
             dist.barrier()
             before = timers.snapshot() if timers else None
             before_comm = comm.snapshot() if comm else None
-            for layer in coe_layers(model):
-                layer.token_dispatcher.counters.reset()
+            for counter in counters.get(label, ()):
+                counter.reset()
             start = time.perf_counter()
             total = step(config, model, optimizer, scheduler, train_ds, i)
             if i >= args.warmup:
@@ -152,7 +154,7 @@ def _timed_rounds(args, ep, tmp):
                     ms, calls = comm.since(before_comm)
                     comm_ms[label].append(ms)
                     comm_calls[label].append(calls)
-                    sent = [layer.token_dispatcher.counters.total() for layer in coe_layers(model)]
+                    sent = [counter.total() for counter in counters[label]]
                     a2a_bytes[label].append(sum(t["sent_bytes"] - t["self_bytes"] for t in sent))
             rng[label] = (torch.get_rng_state(), tracker.get_states())
             losses[label].append(mean_loss_over_dp(total, device))  # outside the timing

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -226,9 +226,17 @@ def _cpu_permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=Fal
             kwargs.get("tokens_per_expert"))
 
 
-# The last routing top-k: (weak reference to its logits, their version counter, k, routing map,
-# its version counter).
-_LAST_ROUTING: tuple | None = None
+class _Routing(NamedTuple):
+    """The last routing top-k that the aux losses may reuse."""
+
+    logits: weakref.ref  # the logits it was taken from
+    logits_version: int  # their version counter then (an in-place change bumps it)
+    topk: int
+    routing_map: torch.Tensor
+    map_version: int
+
+
+_LAST_ROUTING: _Routing | None = None
 
 
 def _topk_routing_remembered(logits, topk, use_pre_softmax=False, num_groups=None,
@@ -253,8 +261,8 @@ def _topk_routing_remembered(logits, topk, use_pre_softmax=False, num_groups=Non
     same_topk = (score_function == "softmax" and use_pre_softmax and not group_topk
                  and router_replay is None and precomputed_indices is None and not fused
                  and not dense_output and torch.is_grad_enabled())
-    _LAST_ROUTING = ((weakref.ref(logits), logits._version, topk, routing_map,
-                      routing_map._version) if same_topk else None)
+    _LAST_ROUTING = (_Routing(weakref.ref(logits), logits._version, topk, routing_map,
+                              routing_map._version) if same_topk else None)
     return probs, routing_map
 
 
@@ -270,13 +278,13 @@ def _aux_scores_from_routing(logits, topk, score_function, fused=False, padding_
     from megatron.core.transformer.moe import moe_utils
 
     last, _LAST_ROUTING = _LAST_ROUTING, None
-    if (last is None or last[0]() is not logits or last[1] != logits._version or last[2] != topk
-            or last[4] != last[3]._version or score_function != "softmax" or fused
-            or padding_mask is not None):
+    if (last is None or last.logits() is not logits or last.logits_version != logits._version
+            or last.topk != topk or last.map_version != last.routing_map._version
+            or score_function != "softmax" or fused or padding_mask is not None):
         return moe_utils.compute_routing_scores_for_aux_loss(logits, topk, score_function,
                                                              fused=fused,
                                                              padding_mask=padding_mask)
-    return last[3], torch.softmax(logits, dim=-1, dtype=torch.float32)
+    return last.routing_map, torch.softmax(logits, dim=-1, dtype=torch.float32)
 
 
 def _cpu_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
