@@ -115,7 +115,7 @@ def bench(args, configs, tokens=None, repeat=None, megatron_experts=()):
         torch.manual_seed(0)
         layers.append(build_moe_layer(config))
         if i in megatron_experts:
-            from megatron_coe.experts import LocalExperts
+            from megatron_coe.model.experts import LocalExperts
 
             assert isinstance(layers[-1].experts, LocalExperts), type(layers[-1].experts)
             layers[-1].experts._lean = False

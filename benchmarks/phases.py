@@ -6,7 +6,7 @@
     ms, calls = timers.since(before)     # {phase: ms}, {phase: calls} for that step
 
 The phases are the methods Megatron-Core's MoELayer splits its forward into, which CoELayer
-runs once per iteration (see megatron_coe/layer.py):
+runs once per iteration (see megatron_coe/model/layer.py):
 
     router      TopKRouter.forward: gate GEMM, softmax, top-k, aux losses
     preprocess  token counts per expert, their all-gather over EP ranks, permutation by expert
@@ -39,8 +39,8 @@ def _targets():
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from megatron_coe.dispatch import CoEAlltoAllTokenDispatcher
-    from megatron_coe.layer import CoELayer
+    from megatron_coe.model.dispatch import CoEAlltoAllTokenDispatcher
+    from megatron_coe.model.layer import CoELayer
 
     return [("router", TopKRouter, "forward"), ("preprocess", MoELayer, "preprocess"),
             ("dispatch", MoELayer, "dispatch"), ("experts", MoELayer, "routed_experts_compute"),

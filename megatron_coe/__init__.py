@@ -18,7 +18,7 @@ def __getattr__(name):
 
         return build_model
     if name == "CoELayer":
-        from megatron_coe.layer import CoELayer
+        from megatron_coe.model.layer import CoELayer
 
         return CoELayer
     raise AttributeError(name)

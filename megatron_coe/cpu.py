@@ -290,7 +290,7 @@ def _aux_scores_from_routing(logits, topk, score_function, fused=False, padding_
 def _cpu_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
     """Megatron's version pins memory and calls .cuda(): the rotary embedding rows of this
     context-parallel rank's tokens, on CPU."""
-    from megatron_coe.cp_attention import chunk_positions
+    from megatron_coe.model.cp_attention import chunk_positions
 
     positions = chunk_positions(cp_group.rank(), cp_group.size(), pos_emb.shape[seq_dim],
                                 pos_emb.device)

@@ -73,7 +73,7 @@ def test_c1_equals_megatron_moe_layer(capacity_factor, aux):
     (bit for bit) as Megatron-Core's MoELayer, aux losses included."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from megatron_coe.layer import CoELayer
+    from megatron_coe.model.layer import CoELayer
     from megatron_coe.model import build_moe_layer
 
     config = make_config(1, "inner", "independent", True, capacity_factor, aux)
@@ -125,7 +125,7 @@ def test_capacity_drops_tokens_over_capacity_in_every_iteration():
 def test_transformer_layer_residual(residual):
     """The decoder layer adds the CoE output to the residual (inner, outer) or replaces the
     stream with x(C) (reference)."""
-    from megatron_coe.layer import CoELayer
+    from megatron_coe.model.layer import CoELayer
     from megatron_coe.model import build_model
 
     config = make_config(2, residual, "independent", True)

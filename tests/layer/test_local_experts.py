@@ -25,7 +25,7 @@ def build(gated: bool, dtype):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
     from megatron_coe import parallel
-    from megatron_coe.experts import LocalExperts
+    from megatron_coe.model.experts import LocalExperts
     from megatron_coe.model import transformer_config
 
     config = config_from_dict({"model": {"num_layers": 1, "hidden_size": H,
@@ -77,7 +77,7 @@ def test_local_experts_bit_identical_to_sequential_mlp(gated, dtype, monkeypatch
 
 def lean_calls(monkeypatch) -> list:
     """Counts the lean path's linear calls."""
-    from megatron_coe import experts
+    from megatron_coe.model import experts
 
     calls = []
     apply = experts._Linear.apply
@@ -127,7 +127,7 @@ def test_local_experts_keep_megatron_forward_for_other_linears(monkeypatch):
     from megatron.core.tensor_parallel import ColumnParallelLinear
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-    from megatron_coe.experts import LocalExperts
+    from megatron_coe.model.experts import LocalExperts
 
     stock, _ = build(True, torch.float32)
 

@@ -22,7 +22,7 @@ def test_mla_core_attention_matches_sdpa():
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_coe import parallel
-    from megatron_coe.attention import MLADotProductAttention
+    from megatron_coe.model.attention import MLADotProductAttention
     from megatron_coe.model import transformer_config
 
     config = _config()

@@ -41,7 +41,9 @@ def test_aux_and_z_loss_logged_per_iteration(router):
         assert f"z_loss/iter{t}" in names
     assert "load_balancing_loss" not in names  # nothing summed across iterations
     values = [tracker.metrics[f"load_balancing_loss/iter{t}"].values[0].item() for t in (1, 2, 3)]
-    assert all(v > 0 for v in values) and len(set(values)) == 3
+    # one router's balance loss each (about 1 when balanced), not a running sum over the
+    # iterations (which would read about 2 and 3 in iterations 2 and 3)
+    assert all(0.5 < v < 1.5 for v in values), values
     # the layer's per-iteration expert load equals each iteration's routing map
     assert len(maps) == 3
     for t, m in enumerate(maps):

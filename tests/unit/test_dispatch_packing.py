@@ -3,7 +3,7 @@ counters add up rows and bytes per peer."""
 
 import torch
 
-from megatron_coe.dispatch import A2ACounters, pack_rows, unpack_rows
+from megatron_coe.model.dispatch import A2ACounters, pack_rows, unpack_rows
 
 
 def test_pack_unpack_is_bit_exact():

@@ -17,9 +17,9 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from megatron_coe import parallel
 from megatron_coe.config import CoEConfig, Config
-from megatron_coe.layer import CoELayer
+from megatron_coe.model.layer import CoELayer
 from megatron_coe.router_stats import install_tracker
-from megatron_coe.spec import coe_block_spec
+from megatron_coe.model.spec import coe_block_spec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

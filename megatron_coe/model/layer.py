@@ -33,7 +33,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-from megatron_coe.dispatch import CoEAlltoAllTokenDispatcher
+from megatron_coe.model.dispatch import CoEAlltoAllTokenDispatcher
 from megatron_coe.finite import all_finite
 from megatron_coe.router_stats import current_iteration
 

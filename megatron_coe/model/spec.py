@@ -6,7 +6,7 @@ We swap in ``partial(CoELayer, <same submodules>, iterations=C, residual=..., ro
 and make the layer a :class:`CoETransformerLayer` (which only differs in "reference" residual
 mode).  Attention (standard or MLA), norms and experts are Megatron's own, whichever backend, except
 two core attentions the local spec lacks (MLA's head dims, and context parallelism) and, in the
-local spec, SequentialMLP's lean subclass :class:`~megatron_coe.experts.LocalExperts` (same
+local spec, SequentialMLP's lean subclass :class:`~megatron_coe.model.experts.LocalExperts` (same
 parameters and results, less per-expert framework overhead).
 """
 
@@ -19,12 +19,12 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_coe.attention import MLADotProductAttention
+from megatron_coe.model.attention import MLADotProductAttention
 from megatron_coe.config import CoEConfig
-from megatron_coe.cp_attention import ContextParallelAttention
-from megatron_coe.experts import LocalExperts
-from megatron_coe.layer import CoELayer
-from megatron_coe.transformer_layer import CoETransformerLayer
+from megatron_coe.model.cp_attention import ContextParallelAttention
+from megatron_coe.model.experts import LocalExperts
+from megatron_coe.model.layer import CoELayer
+from megatron_coe.model.transformer_layer import CoETransformerLayer
 
 
 def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_engine: bool,

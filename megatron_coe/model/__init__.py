@@ -1,0 +1,17 @@
+"""The model: Megatron-Core's GPTModel with Chain-of-Experts layers.
+
+    build.py              Config -> TransformerConfig, module spec choice, build_model
+    spec.py               decoder block spec: every MoE layer made a CoE layer
+    transformer_layer.py  CoETransformerLayer (the reference residual mode)
+    layer.py              CoELayer: C iterations of route -> dispatch -> experts -> combine
+    dispatch.py           the CoE token dispatcher (expert-parallel all-to-alls per iteration)
+    experts.py            LocalExperts: SequentialMLP with a lean forward (local spec)
+    attention.py          MLA core attention for the local spec
+    cp_attention.py       context-parallel core attention for the local spec
+"""
+
+from megatron_coe.model.build import (build_model, build_moe_layer, coe_layers,
+                                      transformer_config, use_transformer_engine)
+
+__all__ = ["build_model", "build_moe_layer", "coe_layers", "transformer_config",
+           "use_transformer_engine"]
