@@ -469,6 +469,15 @@ def _validate_fp8(config: Config) -> None:
         if moe is None or not moe.grouped_gemm:
             raise ValueError("fp8.backend=torch quantizes the grouped experts of the local spec: "
                              "it needs model.moe with model.moe.grouped_gemm=true")
+        if f8.format != "e4m3":
+            raise ValueError("fp8.backend=torch computes gradients in e4m3 too (torch's grouped "
+                             "FP8 kernel takes e4m3 operands only); set fp8.format=e4m3")
+        sizes = {"model.hidden_size": config.model.hidden_size,
+                 "model.moe.expert_hidden_size": moe.expert_hidden_size}
+        for name, size in sizes.items():
+            if size % 16:
+                raise ValueError(f"fp8.backend=torch needs {name}={size} to be a multiple of 16 "
+                                 f"(FP8 GEMM alignment)")
         if f8.recipe not in ("tensorwise", "rowwise"):
             raise ValueError(f"fp8.backend=torch scales every call from its own amax; "
                              f"fp8.recipe={f8.recipe} is a Transformer Engine recipe: use "

@@ -38,8 +38,11 @@ def test_delayed_scaling_is_kept_for_one_call_per_micro_batch(overrides):
 
 @pytest.mark.parametrize("overrides,message", [
     (["fp8.backend=torch"], "it needs model.moe with model.moe.grouped_gemm=true"),
-    (["fp8.backend=torch", "model.moe.grouped_gemm=true", "fp8.recipe=delayed"],
-     "fp8.recipe=delayed is a Transformer Engine recipe"),
+    (["fp8.backend=torch", "model.moe.grouped_gemm=true", "fp8.format=e4m3",
+      "fp8.recipe=delayed"], "fp8.recipe=delayed is a Transformer Engine recipe"),
+    (["fp8.backend=torch", "model.moe.grouped_gemm=true"], "set fp8.format=e4m3"),
+    (["fp8.backend=torch", "model.moe.grouped_gemm=true", "fp8.format=e4m3",
+      "model.moe.expert_hidden_size=40"], "model.moe.expert_hidden_size=40 to be a multiple of 16"),
     (["fp8.recipe=rowwise"], "fp8.recipe=rowwise is the torch backend's"),
     (["fp8.backend=jax"], "fp8.backend='jax' is not valid"),
     (["precision=fp32"], "fp8.enabled=true runs on top of bf16"),
@@ -55,13 +58,15 @@ def test_bad_fp8_settings_raise_clear_errors(overrides, message):
 def test_torch_backend_runs_on_grouped_experts_on_any_device(recipe):
     for device in ("cpu", "cuda"):
         config = load_config(TINY, GPU + [f"device={device}", "fp8.backend=torch",
-                                          "model.moe.grouped_gemm=true", f"fp8.recipe={recipe}"])
+                                          "model.moe.grouped_gemm=true", "fp8.format=e4m3",
+                                          f"fp8.recipe={recipe}"])
         assert config.fp8.backend == "torch"
 
 
 def test_torch_backend_is_not_built_before_the_grouped_experts_call_it():
     from megatron_coe.model.build import transformer_config
 
-    config = load_config(TINY, GPU + ["fp8.backend=torch", "model.moe.grouped_gemm=true"])
+    config = load_config(TINY, GPU + ["fp8.backend=torch", "model.moe.grouped_gemm=true",
+                                      "fp8.format=e4m3"])
     with pytest.raises(RuntimeError, match="do not call megatron_coe/model/fp8.py yet"):
         transformer_config(config)
