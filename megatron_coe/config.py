@@ -31,7 +31,8 @@ ATTENTION_TYPES = ("mha", "mla")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FP8_FORMATS = ("hybrid", "e4m3")
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise", "rowwise")
+FP8_BACKENDS = ("transformer_engine", "torch")
 DATA_SOURCES = ("arithmetic", "jsonl", "indexed")
 LR_DECAYS = ("cosine", "linear", "constant", "wsd")
 RECOMPUTE = ("none", "full", "moe", "experts")
@@ -213,13 +214,18 @@ class CheckpointConfig:
 
 @dataclass
 class FP8Config:
-    """FP8 through Transformer Engine (GPU only), on top of precision=bf16."""
+    """FP8 GEMMs on top of precision=bf16 (bf16 master weights and gradients)."""
 
     enabled: bool = False
+    # transformer_engine: TE's linears (GPU, TE spec); torch: the local spec's grouped experts
+    # through torch's scaled GEMMs (megatron_coe/model/fp8.py)
+    backend: str = "transformer_engine"
     format: str = "hybrid"  # hybrid: e4m3 forward, e5m2 gradients; or e4m3 everywhere
-    # delayed: amax history scaling; tensorwise: current (per-tensor, per-step) scaling;
-    # mxfp8: block scaling (Blackwell); blockwise: DeepSeek-style 128x128 blocks
-    recipe: str = "delayed"
+    # tensorwise: current (per-tensor, per-call) scaling; rowwise (torch backend): one scale per
+    # activation row and per weight output column, per call; delayed: amax-history scaling, one
+    # scale per GEMM shared by all calls of a step (refused when a CoE layer calls its experts
+    # more than once); mxfp8: block scaling (Blackwell); blockwise: DeepSeek-style 128x128
+    recipe: str = "tensorwise"
     amax_history_len: int = 1024
     amax_compute_algo: str = "max"
 
@@ -398,12 +404,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _choice(f8.recipe, FP8_RECIPES, "fp8.recipe")
     _positive(f8.amax_history_len, "fp8.amax_history_len")
     _choice(f8.amax_compute_algo, ("max", "most_recent"), "fp8.amax_compute_algo")
-    if f8.enabled and config.device == "cpu":
-        raise ValueError("fp8.enabled=true needs Transformer Engine on a GPU: FP8 does not run "
-                         "on device=cpu; set device=cuda (NGC container) or fp8.enabled=false")
-    if f8.enabled and config.precision != "bf16":
-        raise ValueError(f"fp8.enabled=true runs on top of bf16; set precision=bf16 "
-                         f"(got {config.precision})")
+    _choice(f8.backend, FP8_BACKENDS, "fp8.backend")
+    if f8.enabled:
+        _validate_fp8(config)
 
     if not config.run_dir:
         raise ValueError("run_dir is empty; give a directory for logs and checkpoints")
@@ -445,6 +448,56 @@ def validate(config: Config, world_size: int | None = None) -> None:
         _validate_coe(m.coe)
     _validate_transformer_overrides(m)
     _validate_parallel(config, world_size)
+
+
+def expert_calls_per_microbatch(config: Config) -> int:
+    """How many times each MoE/CoE layer calls its routed experts per micro-batch forward:
+    C, twice that with parallel.overlap_expert_comm (two halves per iteration)."""
+    c = config.model.coe.iterations if config.model.coe is not None else 1
+    return c * (2 if config.parallel.overlap_expert_comm else 1)
+
+
+def _validate_fp8(config: Config) -> None:
+    """FP8 prerequisites, and the recipes that assume one call per module and step (the
+    reasons and TE source locations: docs/reliability.md, "FP8 with Transformer Engine")."""
+    f8 = config.fp8
+    if config.precision != "bf16":
+        raise ValueError(f"fp8.enabled=true runs on top of bf16; set precision=bf16 "
+                         f"(got {config.precision})")
+    if f8.backend == "torch":
+        moe = config.model.moe
+        if moe is None or not moe.grouped_gemm:
+            raise ValueError("fp8.backend=torch quantizes the grouped experts of the local spec: "
+                             "it needs model.moe with model.moe.grouped_gemm=true")
+        if f8.format != "e4m3":
+            raise ValueError("fp8.backend=torch computes gradients in e4m3 too (torch's grouped "
+                             "FP8 kernel takes e4m3 operands only); set fp8.format=e4m3")
+        sizes = {"model.hidden_size": config.model.hidden_size,
+                 "model.moe.expert_hidden_size": moe.expert_hidden_size}
+        for name, size in sizes.items():
+            if size % 16:
+                raise ValueError(f"fp8.backend=torch needs {name}={size} to be a multiple of 16 "
+                                 f"(FP8 GEMM alignment)")
+        if f8.recipe not in ("tensorwise", "rowwise"):
+            raise ValueError(f"fp8.backend=torch scales every call from its own amax; "
+                             f"fp8.recipe={f8.recipe} is a Transformer Engine recipe: use "
+                             f"fp8.recipe=rowwise or tensorwise, or fp8.backend=transformer_engine")
+        return
+    if f8.recipe == "rowwise":
+        raise ValueError("fp8.recipe=rowwise is the torch backend's; set fp8.backend=torch, or "
+                         "use a Transformer Engine recipe (tensorwise, delayed, mxfp8, blockwise)")
+    if config.device == "cpu":
+        raise ValueError("fp8.enabled=true needs Transformer Engine on a GPU: FP8 does not run "
+                         "on device=cpu; set device=cuda (NGC container) or fp8.enabled=false")
+    calls = expert_calls_per_microbatch(config)
+    if f8.recipe == "delayed" and calls > 1 and config.model.moe is not None:
+        raise ValueError(
+            f"fp8.recipe=delayed cannot scale CoE experts: they run {calls} times per "
+            f"micro-batch (model.coe.iterations x 2 with parallel.overlap_expert_comm), and "
+            f"delayed scaling gives all calls of a step one scale from earlier steps' amax "
+            f"history and pools their amaxes into one slot (Transformer Engine's autocast "
+            f"documents more than one call per region as unsupported); use "
+            f"fp8.recipe=tensorwise (each call scaled from its own amax), blockwise or mxfp8")
 
 
 def _validate_training(config: Config) -> None:

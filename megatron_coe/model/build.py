@@ -84,6 +84,9 @@ def transformer_config(config: Config) -> TransformerConfig:
                       recompute_num_layers=1)
     elif config.train.recompute == "moe":
         kwargs.update(recompute_granularity="selective", recompute_modules=["moe"])
+    if config.fp8.enabled and config.fp8.backend == "torch":
+        raise RuntimeError("fp8.backend=torch: the grouped experts do not call "
+                           "megatron_coe/model/fp8.py yet; use fp8.backend=transformer_engine")
     if config.fp8.enabled:
         f8 = config.fp8
         kwargs.update(fp8=f8.format, fp8_recipe=f8.recipe,

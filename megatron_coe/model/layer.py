@@ -28,11 +28,11 @@ random initialisation of a C = 1 layer is unchanged).
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
+from megatron_coe.model import repeated_calls
 from megatron_coe.model.dispatch import CoEAlltoAllTokenDispatcher
 from megatron_coe.finite import all_finite
 from megatron_coe.router_stats import current_iteration
@@ -87,6 +87,13 @@ class CoELayer(MoELayer):
         # Non-finite values seen since the last reset, per iteration: [C, 2] for (router
         # probabilities, iteration output F_t).  Tensor ops only: no device sync per iteration.
         self.nonfinite = torch.zeros(iterations, 2, dtype=torch.bool)
+        # TE linears called more than once per micro-batch must add every call's weight
+        # gradient (repeated_calls.py): the routed experts with C > 1 or the two-half
+        # schedule, the shared expert with C > 1.
+        if iterations > 1 or overlap:
+            repeated_calls.accumulate_every_call(self.experts)
+        if iterations > 1:
+            repeated_calls.accumulate_every_call(getattr(self, "shared_experts", None))
 
     @property
     def routers(self) -> list:
@@ -152,7 +159,7 @@ class CoELayer(MoELayer):
         """fn(*tensors), recomputed in backward under ``recompute_experts`` (only ``tensors``
         are kept; the RNG state is replayed), else run plainly."""
         if self.recompute_experts and self.training and torch.is_grad_enabled():
-            return tensor_parallel.checkpoint(fn, False, *tensors)
+            return repeated_calls.checkpoint(self.config, self.tp_group, fn, *tensors)
         return fn(*tensors)
 
     def _shared_expert(self, x):
@@ -211,7 +218,8 @@ class CoELayer(MoELayer):
             padding_mask = padding_mask.transpose(0, 1).bool()
         if self.moe_layer_recompute and self.training:
             # Recomputes all C iterations in backward (2*C more all-to-alls).
-            return tensor_parallel.checkpoint(self._chain, False, hidden_states, padding_mask)
+            return repeated_calls.checkpoint(self.config, self.tp_group, self._chain,
+                                             hidden_states, padding_mask)
         return self._chain(hidden_states, padding_mask)
 
 
