@@ -59,7 +59,7 @@ def _smallest_safe_count(split: str) -> int | None:
 
     bounds = [m for m in convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
               if m is not None]
-    # a part of width w holds at least round(w * n) - 1 documents: n > 2 / w is always safe
+    # a part of width w holds more than w * n - 1 documents: every n > 2 / w is safe
     limit = int(2 / min(b - a for a, b in bounds)) + 2
     if limit > 1_000_000:
         return None

@@ -7,7 +7,7 @@ the size of the BPE trained on the data; a tokenizer file's SHA-256), and the se
 decide which documents train: text keys, split, blend weights and data seed.  Edit any of
 them and the fingerprint changes, so the data is prepared afresh (Megatron's index cache
 included) and a resume from a checkpoint of the old data is refused, naming what changed.
-Hashing reads every input once per start (about 1 s per GB).
+Hashing reads every input once per start (a few seconds per GB).
 """
 
 from __future__ import annotations
