@@ -531,6 +531,9 @@ def _validate_training(config: Config) -> None:
     if len(split) != 3 or any(x < 0 for x in split) or split[0] <= 0:
         raise ValueError(f"data.split={d.split!r} must be three weights 'train,valid,test' "
                          "with train > 0, e.g. '98,1,1'")
+    if split[1] <= 0:  # the run evaluates on the valid part (every eval_interval, and at the end)
+        raise ValueError(f"data.split={d.split!r} leaves no validation part, which every run "
+                         "evaluates on; give valid a weight > 0, e.g. '99,1,0' (test may be 0)")
     for name in ("lr", "eps", "initial_loss_scale", "min_loss_scale", "loss_scale_window",
                  "hysteresis"):
         _positive(getattr(o, name), f"optimizer.{name}")

@@ -210,10 +210,13 @@ def train(config) -> int:
     model = wrap_model(config, gpt)
     optimizer, scheduler = build_optimizer(config, model)
     ckpt_root = run_dir / "checkpoints"
-    state = {"step": 0, "skipped_steps": 0, "consumed_samples": 0}
+    data_record = dataset.prepared_record(run_dir)  # saved with every checkpoint's state
+    state = {"step": 0, "skipped_steps": 0, "consumed_samples": 0, "data": data_record}
     resume_from = checkpoint.find_resume(config, ckpt_root)
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer, scheduler, config)
+        dataset.check_resume(state.get("data"), data_record, resume_from)
+        state["data"] = data_record
         if rank == 0:
             print(f"resumed from {resume_from} at step {state['step']}", flush=True)
             if config.checkpoint.resume not in ("auto", "none"):
