@@ -168,3 +168,15 @@ def test_fp8_smoke_on_gpu(tmp_path):
         pytest.skip("needs a CUDA GPU")
     check(torchrun([f"run_dir={tmp_path}", "device=cuda", "precision=bf16", "fp8.enabled=true",
                     "train.steps=4", "parallel.expert=1"], nproc=1))
+
+
+def test_unwritable_checkpoint_directory_is_refused_at_start_up(tmp_path):
+    """A file where checkpoints/ should be: refused before any data preparation or training,
+    not at the first save after the work is done."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("")
+    result = torchrun([f"run_dir={run_dir}", *BASE])
+    assert result.returncode != 0
+    assert f"{run_dir / 'checkpoints'} is a file, not a directory" in result.stderr
+    assert not metrics(run_dir) and not (run_dir / "data").exists()
