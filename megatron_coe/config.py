@@ -210,6 +210,10 @@ class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
     keep_last: int = 2
     resume: str = "auto"  # auto: latest in run_dir/checkpoints; none; or a checkpoint path
+    # Copy the state to host memory at the save step and write it in a background thread while
+    # training goes on (finalized at a later step boundary, before the next save, and at exit).
+    # Costs one extra host copy of model + optimizer state while the write runs.
+    async_save: bool = False
 
 
 @dataclass

@@ -83,8 +83,11 @@ def build_optimizer(config: Config, model):
         end_wd=o.weight_decay,
         wd_incr_steps=t.steps,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # on resume the schedule follows the config (warmup, decay length and style), as
+        # Megatron-LM's --override-opt_param-scheduler: a larger train.steps stretches the
+        # decay instead of holding min_lr.  lr / min_lr cannot change (checkpoint.py)
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
         wsd_decay_steps=s.wsd_decay_steps if s.decay == "wsd" else None,
         lr_wsd_decay_style="cosine" if s.decay == "wsd" else None,
     )

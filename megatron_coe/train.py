@@ -191,6 +191,7 @@ def train(config) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    checkpoint.check_writable(run_dir / "checkpoints")  # now, not at the first save
 
     # 3. data
     tokenizer, prefixes = dataset.prepare(config, run_dir)
@@ -227,6 +228,7 @@ def train(config) -> int:
         (run_dir / "config.yaml").write_text(dump_config(config))
 
     saved_step = state["step"] if resume_from is not None else None
+    saver = checkpoint.Saver(ckpt_root, config, device)
 
     def save():
         # never rewrite a checkpoint of the same step (e.g. the resumed one, or a stop that
@@ -234,11 +236,12 @@ def train(config) -> int:
         nonlocal saved_step
         if saved_step != state["step"]:
             began = time.time()
-            path = checkpoint.save(ckpt_root, state["step"], model, optimizer, scheduler, config,
-                                   state)
+            path = saver.save(state["step"], model, optimizer, scheduler, state)
             saved_step = state["step"]
             if rank == 0:
-                print(f"checkpoint {path.name} saved in {time.time() - began:.2f}s", flush=True)
+                print(f"checkpoint {path.name} saved in {time.time() - began:.2f}s" if path else
+                      f"checkpoint step {state['step']}: state copied in "
+                      f"{time.time() - began:.2f}s, writing in the background", flush=True)
 
     def evaluate():
         model.eval()
@@ -336,9 +339,11 @@ def train(config) -> int:
         ck = config.checkpoint
         if ck.save_interval and step % ck.save_interval == 0 and step < t.steps:
             save()
+        saver.poll()  # finalizes a background save once every rank has written it
         exit_now = t.exit_interval and step % t.exit_interval == 0 and step < t.steps
         if stop.agreed(device) or exit_now:
             save()
+            saver.finish()
             if rank == 0:
                 why = "exit_interval reached" if exit_now else "stop requested"
                 print(f"{why}: checkpoint saved at step {step}, exiting", flush=True)
@@ -347,6 +352,7 @@ def train(config) -> int:
     # 6. the end
     evaluate()
     save()
+    saver.finish()
     if rank == 0:
         writer.close()
         print(f"done: {t.steps} steps in {time.time() - started:.1f}s, "

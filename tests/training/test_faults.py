@@ -201,3 +201,15 @@ def test_coe_fp8_loss_tracks_bf16_on_gpu(tmp_path):
     diffs = [abs(runs["fp8"][s]["loss"] - runs["bf16"][s]["loss"]) for s in range(1, FP8_STEPS + 1)]
     assert max(diffs) <= FP8_STEP_TOL, diffs
     assert sum(diffs[-FP8_LAST:]) / FP8_LAST <= FP8_MEAN_TOL, diffs
+
+
+def test_unwritable_checkpoint_directory_is_refused_at_start_up(tmp_path):
+    """A file where checkpoints/ should be: refused before any data preparation or training,
+    not at the first save after the work is done."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("")
+    result = torchrun([f"run_dir={run_dir}", *BASE])
+    assert result.returncode != 0
+    assert f"{run_dir / 'checkpoints'} is a file, not a directory" in result.stderr
+    assert not metrics(run_dir) and not (run_dir / "data").exists()

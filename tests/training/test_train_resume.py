@@ -155,3 +155,22 @@ def test_expert_parallel_on_off_change_is_refused_clearly(tmp_path, straight):
                        "parallel.expert=1"])
     assert result.returncode != 0
     assert "cannot be loaded into this one" in result.stderr
+
+
+def test_async_saves_resume_exactly(tmp_path, straight):
+    """checkpoint.async_save=true: a save at step 6 written in the background while training
+    goes on, then an exit right after the step-12 save (finalized before the process ends).
+    Both are complete checkpoints, and resuming from step 12 reproduces the straight run's
+    losses bit for bit."""
+    split = tmp_path / "async"
+    first = torchrun([f"run_dir={split}", *COMMON, "checkpoint.async_save=true",
+                      "checkpoint.save_interval=6", f"train.exit_interval={STEPS // 2}"])
+    check(first)
+    assert "written in the background" in first.stdout
+    ckpts = split / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000006", "step_0000012"]
+    check(torchrun([f"run_dir={split}", *COMMON, "checkpoint.async_save=true"]))
+    a, b = metrics(straight), metrics(split)
+    for step in range(1, STEPS + 1):
+        assert a[step]["loss"] == b[step]["loss"], step
+        assert a[step]["grad_norm"] == b[step]["grad_norm"], step
