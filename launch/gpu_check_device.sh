@@ -19,7 +19,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import megatron.core, torch; print('torch', torch.__version__, '| megatron-core',
     megatron.core.__version__, '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 set +e
-python3 -m megatron_coe.gpu_check --keep --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"
+python3 -m megatron_coe.gpu_check --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"
 status=${PIPESTATUS[0]}
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 exit "$status"
