@@ -488,11 +488,28 @@ def read_meta(path: Path) -> dict:
 
 def check_compatible(meta: dict, config: Config, path: Path) -> None:
     saved, current = _flatten(meta["model"]), _flatten(model_definition(config))
+    # A key that a checkpoint predates: its default is what that checkpoint was built with
+    # (model.impl was then the device's only spec: nothing to compare).
+    defaults = _flatten(model_definition(_definition_defaults(config)))
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)
+             and not (k not in saved and (k == "impl" or current.get(k) == defaults.get(k)))]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was saved from a different model; "
                               + "; ".join(diffs))
+
+
+def _definition_defaults(config: Config) -> Config:
+    """``config`` with every model field at its default (sub-sections present where
+    ``config`` has them), for the keys an older checkpoint does not record."""
+    from dataclasses import replace
+
+    from megatron_coe.config import CoEConfig, MLAConfig, ModelConfig, MoEConfig
+
+    m = config.model
+    model = ModelConfig(mla=MLAConfig(), moe=MoEConfig() if m.moe is not None else None,
+                        coe=CoEConfig() if m.coe is not None else None, attention=m.attention)
+    return replace(config, model=model)
 
 
 def check_optimizer(meta: dict, config: Config, path: Path) -> None:

@@ -37,6 +37,19 @@ DATA_SOURCES = ("arithmetic", "jsonl", "indexed")
 LR_DECAYS = ("cosine", "linear", "constant", "wsd")
 RECOMPUTE = ("none", "full", "moe", "experts")
 DEVICES = ("cpu", "cuda")
+# model.impl: Megatron's two layer implementations (Megatron-LM's --transformer-impl), or auto:
+# Transformer Engine on CUDA when it is importable, else the local spec (always on CPU).
+IMPLS = ("auto", "transformer_engine", "local")
+# TransformerConfig fields that only Transformer Engine layers implement (truthy = in use).
+TE_ONLY_OVERRIDES = {
+    "fp8": "FP8 layers", "fp8_recipe": "FP8 recipes", "fp8_param": "FP8 parameters",
+    "fp8_dot_product_attention": "FP8 attention", "fp8_multi_head_attention": "FP8 attention",
+    "fp4": "FP4 layers", "fp4_recipe": "FP4 recipes", "fp4_param": "FP4 parameters",
+    "use_te_activation_func": "TE activation functions", "use_te_rng_tracker": "TE's RNG tracker",
+    "tp_comm_overlap": "userbuffer GEMM/communication overlap",
+    "moe_permute_fusion": "fused permutation kernels", "moe_router_fusion": "fused router kernels",
+    "fused_single_qkv_rope": "fused QKV rotary kernels",
+}
 DISPATCHERS = ("alltoall",)
 
 # TransformerConfig fields that assume one route/dispatch per MoE layer (see the Megatron-Core
@@ -121,6 +134,10 @@ class ModelConfig:
     coe: Optional[CoEConfig] = None
     # Extra Megatron TransformerConfig fields, passed through after validation.
     transformer_overrides: dict[str, Any] = field(default_factory=dict)
+    # Layer implementation: auto (Transformer Engine on CUDA when importable, else local),
+    # transformer_engine, or local (Megatron's plain-PyTorch spec; the only one on CPU).  A run
+    # writes the resolved choice into its config.yaml.
+    impl: str = "auto"
 
 
 @dataclass
@@ -214,6 +231,9 @@ class CheckpointConfig:
     # training goes on (finalized at a later step boundary, before the next save, and at exit).
     # Costs one extra host copy of model + optimizer state while the write runs.
     async_save: bool = False
+    # false: no checkpoint when the run ends (save_interval, exit_interval and stop requests
+    # still save); for measurements and checks whose weights nobody keeps.
+    save_final: bool = True
 
 
 @dataclass
@@ -411,6 +431,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _choice(f8.backend, FP8_BACKENDS, "fp8.backend")
     if f8.enabled:
         _validate_fp8(config)
+    _validate_impl(config)
 
     if not config.run_dir:
         raise ValueError("run_dir is empty; give a directory for logs and checkpoints")
@@ -504,6 +525,37 @@ def _validate_fp8(config: Config) -> None:
             f"fp8.recipe=tensorwise (each call scaled from its own amax), blockwise or mxfp8")
 
 
+def te_only_overrides(model: ModelConfig) -> list[str]:
+    """The transformer_overrides in use that only Transformer Engine layers implement."""
+    return [key for key in TE_ONLY_OVERRIDES
+            if model.transformer_overrides.get(key) not in (None, False, 0, "none")]
+
+
+def _validate_impl(config: Config) -> None:
+    """model.impl against the device and the features that need Transformer Engine.  Whether
+    TE is importable is checked at start-up (model.build.resolve_impl), not here."""
+    impl = config.model.impl
+    _choice(impl, IMPLS, "model.impl")
+    if impl == "transformer_engine" and config.device == "cpu":
+        raise ValueError("model.impl=transformer_engine needs device=cuda: Transformer Engine "
+                         "does not run on CPU; use model.impl=local (or auto) with device=cpu")
+    if impl == "transformer_engine" or (impl == "auto" and config.device != "cpu"):
+        return  # auto on CUDA: decided at start-up, where a TE-only feature then needs TE
+    if config.fp8.enabled and config.fp8.backend == "transformer_engine":
+        raise ValueError("fp8.enabled=true with fp8.backend=transformer_engine needs Transformer "
+                         "Engine layers; "
+                         f"model.impl={impl} uses the local spec, which has none: set "
+                         "model.impl=transformer_engine (or auto) on a GPU with TE, "
+                         "fp8.backend=torch (grouped experts), or fp8.enabled=false")
+    for key in te_only_overrides(config.model):
+        value, what = config.model.transformer_overrides[key], TE_ONLY_OVERRIDES[key]
+        raise ValueError(f"model.transformer_overrides.{key}={value!r} ({what}) needs "
+                             f"Transformer Engine; the local spec (model.impl={impl}"
+                             f"{', device=cpu' if config.device == 'cpu' else ''}) has no such "
+                             "layers: remove it, or use model.impl=transformer_engine on a GPU "
+                             "with TE")
+
+
 def _validate_training(config: Config) -> None:
     d, o, sch, t, ck = config.data, config.optimizer, config.schedule, config.train, config.checkpoint
     _choice(d.source, DATA_SOURCES, "data.source")
@@ -583,6 +635,7 @@ def _validate_training(config: Config) -> None:
     if ck.save_interval < 0:
         raise ValueError("checkpoint.save_interval must be >= 0 (0: only at the end)")
     _positive(ck.keep_last, "checkpoint.keep_last")
+
     if not ck.resume:
         raise ValueError("checkpoint.resume is empty; use auto, none or a checkpoint path")
 

@@ -72,6 +72,11 @@ def initialize(config: Config) -> torch.device:
     # Megatron-LM offsets the seed per pipeline stage (the RNG tracker only offsets by TP/EP
     # rank), so stages do not initialise their layers from the same random stream.
     seed = config.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    # The CPU generator too, on every device: Megatron initialises routers (and, with
+    # use_cpu_initialization, every weight) from it.  On CPU the backend's seeding already does
+    # this; on CUDA it would otherwise be left unseeded, so the same seed gives the same weights
+    # on both.
+    torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return device
 

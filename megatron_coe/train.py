@@ -14,7 +14,7 @@ The loop, top to bottom:
      and every gradient are finite - the optimizer step; else the step is skipped and counted.
      Log line / metrics.jsonl / TensorBoard every log_interval; validation every eval_interval;
      checkpoint every save_interval; SIGTERM/SIGINT -> checkpoint and exit.
-  6. final validation and checkpoint.
+  6. final validation and checkpoint (unless checkpoint.save_final is false).
 """
 
 from __future__ import annotations
@@ -181,11 +181,13 @@ def train(config) -> int:
     from megatron_coe.data import dataset
     from megatron_coe.metrics import (GPUTelemetry, MetricsWriter, format_line, memory_gib,
                                       peak_tflops, train_flops_per_token)
-    from megatron_coe.model import build_model, coe_layers
+    from megatron_coe.model import build_model, coe_layers, with_resolved_impl
     from megatron_coe.optim import build_optimizer, wrap_model
 
-    # 2. process groups and run directory
+    # 2. process groups, layer implementation (before any work: config.yaml records it), run
+    # directory
     device = parallel.initialize(config)
+    config = with_resolved_impl(config)
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(config.run_dir)
     if rank == 0:
@@ -351,12 +353,14 @@ def train(config) -> int:
 
     # 6. the end
     evaluate()
-    save()
+    if config.checkpoint.save_final:
+        save()
     saver.finish()
     if rank == 0:
         writer.close()
         print(f"done: {t.steps} steps in {time.time() - started:.1f}s, "
-              f"checkpoint {ckpt_root / f'step_{t.steps:07d}'}", flush=True)
+              + (f"checkpoint {ckpt_root / f'step_{t.steps:07d}'}" if config.checkpoint.save_final
+                 else "no final checkpoint (checkpoint.save_final=false)"), flush=True)
     return 0
 
 

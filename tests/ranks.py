@@ -1,4 +1,4 @@
-"""Run a function on N CPU ranks (gloo), each in its own spawned process.
+"""Run a function on N ranks (gloo on CPU, NCCL on CUDA), each in its own spawned process.
 
 ``run_ranks(fn, world_size, *args)`` starts the ranks with the torchrun environment variables
 set, so ``megatron_coe.parallel.initialize`` takes the env:// path exactly as under torchrun.
@@ -11,9 +11,16 @@ from __future__ import annotations
 import os
 import re
 
+import pytest
 import torch.multiprocessing as mp
 
 from megatron_coe.parallel import free_port
+
+
+# The device switch of the expert-parallel tests: "cpu" runs the ranks on gloo as always;
+# "cuda" (marked gpu, ``pytest -m gpu``) runs them on NCCL, one GPU per rank (LOCAL_RANK), with
+# the same assertions, and skips (saying why) with fewer than 2 GPUs (tests/conftest.py).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu(gpus=2))]
 
 
 def global_expert_name(name: str, ep_rank: int, num_local: int) -> str:

@@ -1,6 +1,6 @@
 """The model: Megatron-Core's GPTModel with Chain-of-Experts layers.
 
-    build.py              Config -> TransformerConfig, module spec choice, build_model
+    build.py              Config -> TransformerConfig, model.impl (TE or local), build_model
     spec.py               decoder block spec: every MoE layer made a CoE layer
     transformer_layer.py  CoETransformerLayer (the reference residual mode)
     layer.py              CoELayer: C iterations of route -> dispatch -> experts -> combine
@@ -10,8 +10,9 @@
     cp_attention.py       context-parallel core attention for the local spec
 """
 
-from megatron_coe.model.build import (build_model, build_moe_layer, coe_layers,
-                                      transformer_config, use_transformer_engine)
+from megatron_coe.model.build import (build_model, build_moe_layer, coe_layers, resolve_impl,
+                                      transformer_config, use_transformer_engine,
+                                      with_resolved_impl)
 
-__all__ = ["build_model", "build_moe_layer", "coe_layers", "transformer_config",
-           "use_transformer_engine"]
+__all__ = ["build_model", "build_moe_layer", "coe_layers", "resolve_impl", "transformer_config",
+           "use_transformer_engine", "with_resolved_impl"]

@@ -2,12 +2,14 @@
 
 The model is Megatron's own GPTModel (embeddings, rotary or MLA attention, norms, output layer);
 the only CoE-specific pieces are the module spec (spec.py) and the layers it points to.
-Attention, experts and norms come from the local spec on CPU and from the Transformer Engine
-spec on CUDA (TE is imported only then, and a missing TE is reported by name).
+Attention, experts and norms come from Megatron's local spec or its Transformer Engine spec,
+as ``model.impl`` says (:func:`resolve_impl`): the local spec on CPU, and on CUDA Transformer
+Engine when it is importable (``auto``) or asked for by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_coe import parallel
-from megatron_coe.config import CoEConfig, Config
+from megatron_coe.config import CoEConfig, Config, te_only_overrides
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.router_stats import install_tracker
 from megatron_coe.model.spec import coe_block_spec
@@ -107,21 +109,67 @@ def transformer_config(config: Config) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
-def use_transformer_engine(config: Config) -> bool:
-    """The TE spec on CUDA, the local spec on CPU.  Fails early, by name, without TE, and for
-    an FP8 recipe that the installed TE or the GPU cannot run."""
-    if config.device == "cpu":
-        return False
+def _te_import_error() -> str | None:
+    """None when Transformer Engine's PyTorch layers import here, else why not."""
     try:
         import transformer_engine  # noqa: F401
         import transformer_engine.pytorch  # noqa: F401
-    except ImportError as err:
-        raise RuntimeError(
-            "device=cuda uses Transformer Engine, which is not importable here "
-            f"({err}): run inside the NGC PyTorch container (it ships TE and apex) or install "
-            "transformer-engine[pytorch]"
-        ) from None
+    except ImportError as err:  # absent, or a build that does not match this torch/CUDA
+        return str(err)
+    return None
+
+
+def resolve_impl(config: Config) -> tuple[str, str]:
+    """(model.impl as this run uses it: "transformer_engine" or "local", and why).
+
+    CPU is always local.  On CUDA, ``auto`` takes Transformer Engine when it is importable,
+    else the local spec; ``transformer_engine`` without TE, or ``auto`` falling back to local
+    while a feature needs TE, stops here with a ValueError naming TE (before any work)."""
+    impl = config.model.impl
+    if config.device == "cpu":
+        return "local", "device=cpu runs the local spec"
+    if impl == "local":
+        return "local", "model.impl=local"
+    error = _te_import_error()
+    if impl == "transformer_engine":
+        if error is not None:
+            raise ValueError(
+                f"model.impl=transformer_engine but Transformer Engine is not importable here "
+                f"({error}): run inside the NGC PyTorch container (it ships TE and apex), "
+                "install transformer-engine[pytorch], or set model.impl=local (or auto)")
+        return "transformer_engine", "model.impl=transformer_engine"
+    if error is None:
+        return "transformer_engine", "auto: device=cuda and Transformer Engine is importable"
+    te_fp8 = config.fp8.enabled and config.fp8.backend == "transformer_engine"
+    needs_te = (["fp8.enabled=true"] if te_fp8 else []) + [
+        f"model.transformer_overrides.{key}" for key in te_only_overrides(config.model)]
+    if needs_te:
+        raise ValueError(
+            f"{', '.join(needs_te)} needs Transformer Engine, which is not importable here "
+            f"({error}); model.impl=auto would fall back to the local spec, which has no such "
+            "layers: run where TE is installed (NGC PyTorch container) or turn it off")
+    return "local", f"auto: Transformer Engine is not importable ({error})"
+
+
+def with_resolved_impl(config: Config) -> Config:
+    """``config`` with model.impl resolved (see :func:`resolve_impl`); prints the choice and
+    the reason once, on rank 0."""
+    import torch.distributed as dist
+
+    impl, why = resolve_impl(config)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"model.impl: {impl} ({why})", flush=True)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, impl=impl))
+
+
+def use_transformer_engine(config: Config) -> bool:
+    """Whether this run builds the Transformer Engine spec (model.impl, resolved if ``auto``).
+    Fails early, by name, for an FP8 recipe that the installed TE or the GPU cannot run."""
+    impl, _ = resolve_impl(config)
+    if impl == "local":
+        return False
     if config.fp8.enabled:
+        import transformer_engine
         from megatron.core.utils import is_te_min_version
 
         recipe = config.fp8.recipe

@@ -20,10 +20,11 @@ import torch.multiprocessing as mp
 N, H, C = 8, 16, 2
 
 
-def _config(ep, topk, capacity):
+def _config(ep, topk, capacity, device):
     from megatron_coe.config import config_from_dict
 
     return config_from_dict({
+        "device": device,
         "model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4,
                   "moe": {"num_experts": N, "topk": topk, "expert_hidden_size": 12,
                           "shared_expert_hidden_size": 8, "aux_loss": "none",
@@ -43,7 +44,7 @@ def _force(layer, case, offset_ref):
             logits = logits.view(-1, N)
             n = logits.shape[0]
             rows = case["plans"][t][offset_ref[0]: offset_ref[0] + n]
-            mask = torch.zeros(n, N, dtype=torch.bool)
+            mask = torch.zeros(n, N, dtype=torch.bool, device=logits.device)
             for i, experts in enumerate(rows):
                 mask[i, experts] = True
             probs = F.softmax(logits.float(), dim=-1) * mask
@@ -54,7 +55,7 @@ def _force(layer, case, offset_ref):
         router.routing = routing
 
 
-def _layers(ep, rank):
+def _layers(ep, rank, device):
     """One layer per (topk, capacity); same weights everywhere (EP = 1 weights, sliced)."""
     from megatron_coe.model import build_moe_layer
 
@@ -62,8 +63,8 @@ def _layers(ep, rank):
     for topk in (1, 2):
         for capacity in (None, 0.5, 1.0):
             torch.manual_seed(1)
-            ref = build_moe_layer(_config(1, topk, capacity)) if ep == 1 else None
-            layer = ref if ep == 1 else build_moe_layer(_config(ep, topk, capacity))
+            ref = build_moe_layer(_config(1, topk, capacity, device)) if ep == 1 else None
+            layer = ref if ep == 1 else build_moe_layer(_config(ep, topk, capacity, device))
             layers[(topk, capacity)] = layer
     return layers
 
@@ -79,17 +80,17 @@ def _run(layer, case, x, gy, offset):
                                 if p.grad is not None}
 
 
-def ep1_worker(inbox, outbox, port):
+def ep1_worker(inbox, outbox, port, device):
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import warnings
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    layers = _layers(1, 0)
+    layers = _layers(1, 0, device)
     weights = {k: {n: v.clone() for n, v in layer.state_dict().items() if torch.is_tensor(v)}
                for k, layer in layers.items()}
-    outbox.put(("weights", weights))
+    outbox.put(("weights", _cpu(weights)))
     while True:
         case = inbox.get()
         if case is None:
@@ -98,8 +99,8 @@ def ep1_worker(inbox, outbox, port):
             layer = layers[(case["topk"], case["capacity"])]
             T = case["tokens"]
             g = torch.Generator().manual_seed(case["seed"])
-            x = torch.randn(2 * T, 1, H, generator=g)
-            gy = torch.randn(2 * T, 1, H, generator=g)
+            x = torch.randn(2 * T, 1, H, generator=g).to(device)
+            gy = torch.randn(2 * T, 1, H, generator=g).to(device)
             parts = [_run(layer, case, x[r * T:(r + 1) * T].contiguous(),
                           gy[r * T:(r + 1) * T], r * T) for r in range(2)]
             # per-rank token batches: the same capacity rule as EP = 2 (dropless: no change)
@@ -107,12 +108,14 @@ def ep1_worker(inbox, outbox, port):
             gx = torch.cat([p[1] for p in parts])
             grads = {n: parts[0][2].get(n, 0) + parts[1][2].get(n, 0)
                      for n in set(parts[0][2]) | set(parts[1][2])}
-            outbox.put(("ok", {"x": x, "gy": gy, "y": y, "gx": gx, "grads": grads}))
+            # across processes on the CPU: a CUDA tensor would be shared by IPC handle
+            ref = {"x": x, "gy": gy, "y": y, "gx": gx, "grads": grads}
+            outbox.put(("ok", {k: _cpu(v) for k, v in ref.items()}))
         except Exception:
             outbox.put(("error", traceback.format_exc()))
 
 
-def ep2_worker(rank, inbox, outbox, port, weights):
+def ep2_worker(rank, inbox, outbox, port, weights, device):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import warnings
@@ -124,20 +127,21 @@ def ep2_worker(rank, inbox, outbox, port, weights):
     from ranks import global_expert_name
     from reference import max_rel_err
 
-    layers = _layers(2, rank)
+    layers = _layers(2, rank, device)
     local = N // 2
 
     def global_name(name):
         return global_expert_name(name, rank, local)
 
     for key, layer in layers.items():
-        layer.load_state_dict({n: weights[key][global_name(n)] for n in layer.state_dict()
+        layer.load_state_dict({n: weights[key][global_name(n)].to(device) for n in layer.state_dict()
                                if global_name(n) in weights[key]}, strict=False)
     while True:
         item = inbox.get()
         if item is None:
             return
         case, ref = item
+        ref = {k: _to(v, device) for k, v in ref.items()}
         try:
             layer = layers[(case["topk"], case["capacity"])]
             T = case["tokens"]
@@ -160,15 +164,30 @@ def ep2_worker(rank, inbox, outbox, port, weights):
             outbox.put(("error", traceback.format_exc()))
 
 
-class Workers:
-    """Start the EP = 1 and EP = 2 worlds; ``compare(case)`` -> list of mismatches."""
+def _cpu(value):
+    """Tensors (also in a dict) moved to the CPU for the queue."""
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    return value.cpu() if torch.is_tensor(value) else value
 
-    def __init__(self):
+
+def _to(value, device):
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value.to(device) if torch.is_tensor(value) else value
+
+
+class Workers:
+    """Start the EP = 1 and EP = 2 worlds on ``device`` (gloo on CPU, NCCL on CUDA: one GPU per
+    EP = 2 rank); ``compare(case)`` -> list of mismatches."""
+
+    def __init__(self, device="cpu"):
         from megatron_coe.parallel import free_port as _free_port
 
         ctx = mp.get_context("spawn")
         self.q1_in, self.q1_out = ctx.Queue(), ctx.Queue()
-        self.p1 = ctx.Process(target=ep1_worker, args=(self.q1_in, self.q1_out, _free_port()),
+        self.p1 = ctx.Process(target=ep1_worker, args=(self.q1_in, self.q1_out, _free_port(),
+                                                       device),
                               daemon=True)
         self.p1.start()
         kind, weights = self.q1_out.get(timeout=180)
@@ -176,7 +195,8 @@ class Workers:
         self.q2_in = [ctx.Queue(), ctx.Queue()]
         self.q2_out = [ctx.Queue(), ctx.Queue()]
         self.p2 = [ctx.Process(target=ep2_worker, args=(r, self.q2_in[r], self.q2_out[r], port,
-                                                        weights), daemon=True) for r in range(2)]
+                                                        weights, device), daemon=True)
+                   for r in range(2)]
         for p in self.p2:
             p.start()
 

@@ -1,7 +1,8 @@
-"""Adversarial routing on 2 gloo ranks (EP = 2) against 1 rank (EP = 1), every CoE iteration,
+"""Adversarial routing on 2 ranks (EP = 2) against 1 rank (EP = 1), every CoE iteration,
 dropless and with a capacity factor: outputs and every gradient equal (rel. error <= 1e-5).
 Experts 0-3 live on rank 0, 4-7 on rank 1.  Plus a property-based test (hypothesis) over random
-routing maps and token counts."""
+routing maps and token counts.  Every test runs on gloo/CPU, and over NCCL on 2 GPUs with
+``pytest -m gpu`` (tests/ranks.py DEVICES)."""
 
 import random
 
@@ -9,12 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ranks import DEVICES
 from routing_workers import C, N, Workers
 
 
-@pytest.fixture(scope="module")
-def workers():
-    w = Workers()
+@pytest.fixture(scope="module", params=DEVICES)
+def workers(request):
+    w = Workers(request.param)
     yield w
     w.close()
 

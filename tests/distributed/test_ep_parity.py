@@ -1,5 +1,6 @@
-"""Expert parallelism on 2 gloo ranks (EP = 2) against 1 rank (EP = 1): same global tokens,
-same weights; outputs and every gradient equal (float32, relative error <= 1e-5).
+"""Expert parallelism on 2 ranks (EP = 2) against 1 rank (EP = 1): same global tokens, same
+weights; outputs and every gradient equal (float32, relative error <= 1e-5).  On gloo/CPU, and
+with ``pytest -m gpu`` on 2 GPUs over NCCL (tests/ranks.py DEVICES).
 
 Global tokens X: [S, 2B, H]; rank r holds X[:, rB:(r+1)B].  The EP = 1 result is computed by
 the same layer code in one process on all of X and saved; the 2 ranks load it and compare.
@@ -15,12 +16,12 @@ rank that owns the expert; bytes = rows x (hidden + prob) bytes.
 import pytest
 import torch
 
-from ranks import global_expert_name, run_ranks
+from ranks import DEVICES, global_expert_name, run_ranks
 
 S, B, H, N, K, C = 8, 2, 16, 8, 2, 2
 
 
-def make_config(ep, capacity_factor=None, pad=False, shared=True, iterations=C):
+def make_config(ep, capacity_factor=None, pad=False, shared=True, iterations=C, device="cpu"):
     from megatron_coe.config import config_from_dict
 
     moe = {"num_experts": N, "topk": K, "expert_hidden_size": 12, "aux_loss": "none",
@@ -28,6 +29,7 @@ def make_config(ep, capacity_factor=None, pad=False, shared=True, iterations=C):
     if shared:
         moe["shared_expert_hidden_size"] = 8
     return config_from_dict({
+        "device": device,
         "model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4, "moe": moe,
                   "coe": {"iterations": iterations}},
         "parallel": {"expert": ep},
@@ -51,13 +53,13 @@ def load_local(layer, weights, ep_rank, num_local):
     layer.load_state_dict(state, strict=False)
 
 
-def _ep1(rank, world, path, capacity_factor, pad):
+def _ep1(rank, world, path, capacity_factor, pad, device):
     from megatron_coe.model import build_moe_layer
 
     torch.manual_seed(0)
-    layer = build_moe_layer(make_config(1, capacity_factor, pad))
-    x = torch.randn(S, 2 * B, H)
-    gy = torch.randn(S, 2 * B, H)
+    layer = build_moe_layer(make_config(1, capacity_factor, pad, device=device))
+    x = torch.randn(S, 2 * B, H).to(device)
+    gy = torch.randn(S, 2 * B, H).to(device)
     xs = x.clone().requires_grad_(True)
     if capacity_factor is None:
         y, _ = layer(xs)
@@ -68,14 +70,14 @@ def _ep1(rank, world, path, capacity_factor, pad):
                 "gx": xs.grad, "grads": {n: p.grad for n, p in layer.named_parameters()}}, path)
 
 
-def _ep2(rank, world, path, capacity_factor, pad):
+def _ep2(rank, world, path, capacity_factor, pad, device):
     import torch.distributed as dist
 
     from megatron_coe.model import build_moe_layer
     from reference import coe_forward, max_rel_err
 
-    ref = torch.load(path, weights_only=True)
-    layer = build_moe_layer(make_config(2, capacity_factor, pad))
+    layer = build_moe_layer(make_config(2, capacity_factor, pad, device=device))
+    ref = torch.load(path, weights_only=True, map_location=next(layer.parameters()).device)
     num_local = N // 2
     load_local(layer, ref["weights"], rank, num_local)
     maps = []  # routing map of each iteration, as the router emitted it
@@ -121,7 +123,7 @@ def _ep2(rank, world, path, capacity_factor, pad):
     row_bytes = {"dispatch": H * 4 + 4, "combine": H * 4}  # fp32 hidden (+ fp32 prob)
     for t, routing_map in enumerate(maps):
         pairs_to = routing_map.reshape(-1, 2, num_local).sum(dim=(0, 2))  # per destination rank
-        got = torch.tensor(pairs_to)
+        got = pairs_to.clone()
         dist.all_reduce(got)
         d = counters.entries[(t, "dispatch", "forward")]
         cmb = counters.entries[(t, "combine", "forward")]
@@ -138,7 +140,8 @@ def _ep2(rank, world, path, capacity_factor, pad):
 
 @pytest.mark.parametrize("capacity_factor,pad", [(None, False), (0.75, False), (0.75, True)],
                          ids=["dropless", "capacity0.75", "capacity0.75-padded"])
-def test_ep2_matches_ep1(tmp_path, capacity_factor, pad):
+@pytest.mark.parametrize("device", DEVICES)
+def test_ep2_matches_ep1(tmp_path, capacity_factor, pad, device):
     path = str(tmp_path / "ep1.pt")
-    run_ranks(_ep1, 1, path, capacity_factor, pad)
-    run_ranks(_ep2, 2, path, capacity_factor, pad)
+    run_ranks(_ep1, 1, path, capacity_factor, pad, device)
+    run_ranks(_ep2, 2, path, capacity_factor, pad, device)

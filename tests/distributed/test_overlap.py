@@ -1,5 +1,5 @@
 """The overlapped expert-parallel schedule (parallel.overlap_expert_comm) against the plain one
-on 2 gloo ranks (EP = 2): same weights, same tokens; the output, the input gradient and every
+on 2 ranks (EP = 2; gloo on CPU, and NCCL on 2 GPUs with ``pytest -m gpu``): same weights, same tokens; the output, the input gradient and every
 parameter gradient are bit-identical (torch.equal), over two forward+backward passes (so a
 second use of the layer starts from clean dispatcher state).
 
@@ -11,12 +11,13 @@ from every peer as the plain schedule.
 import pytest
 import torch
 
-from ranks import run_ranks
+from ranks import DEVICES, run_ranks
 
 S, B, H = 8, 2, 16
 
 
-def make_config(overlap, iterations, num_experts, shared, capacity_factor, recompute="none"):
+def make_config(overlap, iterations, num_experts, shared, capacity_factor, recompute="none",
+                device="cpu"):
     from megatron_coe.config import config_from_dict
 
     moe = {"num_experts": num_experts, "topk": 2, "expert_hidden_size": 12,
@@ -24,6 +25,7 @@ def make_config(overlap, iterations, num_experts, shared, capacity_factor, recom
     if shared:
         moe["shared_expert_hidden_size"] = 8
     return config_from_dict({
+        "device": device,
         "model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4, "moe": moe,
                   "coe": {"iterations": iterations}},
         "parallel": {"expert": 2, "overlap_expert_comm": overlap},
@@ -31,7 +33,7 @@ def make_config(overlap, iterations, num_experts, shared, capacity_factor, recom
     })
 
 
-def _compare(rank, world, iterations, num_experts, shared, capacity_factor, overlap=True,
+def _compare(rank, world, device, iterations, num_experts, shared, capacity_factor, overlap=True,
              recompute="none"):
     """The plain schedule against ``overlap`` / ``recompute`` (the overlapped schedule, and
     train.recompute=experts: each iteration's expert MLPs recomputed in backward)."""
@@ -41,16 +43,16 @@ def _compare(rank, world, iterations, num_experts, shared, capacity_factor, over
 
     args = (iterations, num_experts, shared, capacity_factor)
     torch.manual_seed(0)
-    plain = build_moe_layer(make_config(False, *args))
-    overlapped = build_moe_layer(make_config(overlap, *args, recompute=recompute))
+    plain = build_moe_layer(make_config(False, *args, device=device))
+    overlapped = build_moe_layer(make_config(overlap, *args, recompute=recompute, device=device))
     overlapped.load_state_dict(plain.state_dict())
     assert overlapped.overlap == overlap and not plain.overlap
     assert overlapped.recompute_experts == (recompute == "experts")
 
     torch.manual_seed(100 + rank)  # each rank its own tokens
     for _ in range(2):
-        x = torch.randn(S, B, H)
-        gy = torch.randn(S, B, H)
+        x = torch.randn(S, B, H).to(device)
+        gy = torch.randn(S, B, H).to(device)
         results = []
         for layer in (plain, overlapped):
             layer.zero_grad()
@@ -75,7 +77,7 @@ def _compare(rank, world, iterations, num_experts, shared, capacity_factor, over
         assert (ea.sent_rows, ea.recv_rows) == (eb.sent_rows, eb.recv_rows), key
         assert (ea.sent_bytes, ea.recv_bytes) == (eb.sent_bytes, eb.recv_bytes), key
     # something really crossed between the ranks
-    crossed = torch.tensor(sum(e.sent_rows[1 - rank] for e in a.entries.values()))
+    crossed = torch.tensor(sum(e.sent_rows[1 - rank] for e in a.entries.values()), device=device)
     dist.all_reduce(crossed)
     assert crossed > 0
 
@@ -85,11 +87,14 @@ def _compare(rank, world, iterations, num_experts, shared, capacity_factor, over
     [(2, 8, True, None), (3, 4, False, 0.75), (1, 8, True, None)],
     ids=["coe2-shared-dropless", "coe3-2local-capacity0.75", "moe-shared"],
 )
-def test_overlapped_schedule_is_bit_identical(iterations, num_experts, shared, capacity_factor):
-    run_ranks(_compare, 2, iterations, num_experts, shared, capacity_factor)
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlapped_schedule_is_bit_identical(iterations, num_experts, shared, capacity_factor,
+                                              device):
+    run_ranks(_compare, 2, device, iterations, num_experts, shared, capacity_factor)
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "plain"])
-def test_expert_recompute_is_bit_identical(overlap):
+@pytest.mark.parametrize("device", DEVICES)
+def test_expert_recompute_is_bit_identical(overlap, device):
     """train.recompute=experts recomputes only expert MLPs: same bits, no extra all-to-all."""
-    run_ranks(_compare, 2, 2, 8, True, None, overlap, "experts")
+    run_ranks(_compare, 2, device, 2, 8, True, None, overlap, "experts")

@@ -310,3 +310,22 @@ def test_async_save_snapshots_the_step_and_is_complete_or_absent(saved, tmp_path
     assert any(not torch.equal(a, b) for a, b in zip(at_save, model.parameters()))
     for (key, a), (other_key, b) in zip(moments, _adam_moments(other_opt)):
         assert key == other_key and torch.equal(a, b), key
+
+
+def test_model_definition_of_an_older_checkpoint_lacks_new_keys_and_still_matches():
+    """A checkpoint saved before model.impl existed records no impl: it resumes with the
+    resolved spec; one saved from another spec is refused by name."""
+    from megatron_coe.checkpoint import CheckpointError, check_compatible, model_definition
+    from megatron_coe.config import config_from_dict
+
+    config = config_from_dict({"model": {"impl": "local", "moe": {}, "coe": {}}})
+    older = model_definition(config)
+    older.pop("impl")
+    check_compatible({"model": older}, config, Path("step_0000001"))
+    other_spec = dict(model_definition(config), impl="transformer_engine")
+    with pytest.raises(CheckpointError, match="model.impl: checkpoint 'transformer_engine'"):
+        check_compatible({"model": other_spec}, config, Path("step_0000001"))
+    changed = model_definition(config)
+    changed["coe"] = dict(changed["coe"], iterations=3)
+    with pytest.raises(CheckpointError, match="model.coe.iterations"):
+        check_compatible({"model": changed}, config, Path("step_0000001"))

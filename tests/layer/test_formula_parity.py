@@ -12,12 +12,14 @@ from reference import coe_forward, layer_weights, max_rel_err
 S, B, H = 6, 3, 32
 
 
-def make_config(iterations, residual, router, shared, capacity_factor=None, aux="none"):
+def make_config(iterations, residual, router, shared, capacity_factor=None, aux="none",
+                device="cpu"):
     moe = {"num_experts": 8, "topk": 2, "expert_hidden_size": 24, "aux_loss": aux,
            "capacity_factor": capacity_factor}
     if shared:
         moe["shared_expert_hidden_size"] = 16
     return config_from_dict({
+        "device": device,
         "model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4, "moe": moe,
                   "coe": {"iterations": iterations, "residual": residual, "router": router}},
     })
@@ -37,14 +39,19 @@ CASES = list(itertools.product([1, 2, 3], ["inner", "outer", "reference"],
 
 @pytest.mark.parametrize("iterations,residual,router,shared", CASES)
 def test_layer_matches_formula(iterations, residual, router, shared):
+    check_layer_matches_formula(iterations, residual, router, shared, "cpu")
+
+
+def check_layer_matches_formula(iterations, residual, router, shared, device):
+    """Also run on one GPU by tests/layer/test_gpu_layer.py (fp32 there too)."""
     from megatron_coe.model import build_moe_layer
 
     torch.manual_seed(iterations * 100 + len(residual) * 10 + shared)
-    layer = build_moe_layer(make_config(iterations, residual, router, shared))
+    layer = build_moe_layer(make_config(iterations, residual, router, shared, device=device))
     n_routers = len({id(r) for r in layer.routers})
     assert n_routers == (iterations if router == "independent" else 1)
-    x = torch.randn(S, B, H)
-    gy = torch.randn(S, B, H)
+    x = torch.randn(S, B, H).to(device)
+    gy = torch.randn(S, B, H).to(device)
     y, gx = run_layer(layer, x, gy)
 
     routers, experts, shared_w = layer_weights(layer)

@@ -1,0 +1,350 @@
+"""coe-gpu-check: one command that checks and measures this package on one GPU.
+
+    python -m megatron_coe.gpu_check                          # one GPU: a few minutes on an H100
+    python -m megatron_coe.gpu_check --device cpu --toy       # the same script at toy sizes
+    python -m megatron_coe.gpu_check --data my.jsonl --out benchmarks/results/mine.json
+
+Offline: megatron-core may come from a local wheel folder
+(``pip install --no-index --find-links DIR megatron-core``); the data is the built-in arithmetic
+source unless ``--data`` gives a jsonl file.  Parts (``--parts``, default all):
+
+  a  correctness: the tiny CoE config (configs/tiny/coe.yaml) in fp32 on the device, one process,
+     EP = 1, weights initialised on the CPU generator (as on CPU), trained with coe-train's loop;
+     its loss at every logged step against the checked-in CPU reference
+     (tests/training/reference_losses.json, "one_process"): pass when every |difference| <=
+     ``--tolerance`` (5e-3).  The exit status is 1 when it fails.
+  b  speed: the paper-scale configs MoE(8/64), CoE-2(4/64), MoE(7/64), CoE-2(3/64) and
+     CoE-2(4/48) (configs/paper/) in bf16, each trained for ``--warmup`` + ``--steps`` steps by
+     coe-train's loop on 32 x 512 tokens per step, without evaluation or final checkpoint;
+     reported from its own metrics: median tokens/s, TFLOP/s and MFU over the timed steps, peak
+     memory, and the CoE/MoE step-time ratios of the pairs that match expert passes or
+     parameters, all measured in this one run.
+  c  one layer: benchmarks/coe_layer.py's CoE/MoE pairs (EP = 1, hidden 1024, experts of hidden
+     704, 4096 tokens, bf16; fp32 on CPU), run from the checkout.
+
+``--toy`` shrinks the paper configs keeping their structure (MLA, 63 or 47 routed + 1 shared
+expert become 15 or 11 + 1, same top-k and C; 2 layers, hidden 64, 64 tokens) and the layer
+benchmark, so that CI runs this script end to end on CPU.  The JSON (``--out``, under
+benchmarks/results/ by default) names the device, GPU, torch, CUDA, megatron-core and
+Transformer Engine versions, the layer implementation used, and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny" / "coe.yaml"
+REFERENCE = ROOT / "tests" / "training" / "reference_losses.json"
+PAPER = [("MoE(8/64)", "moe-8of64.yaml"), ("CoE-2(4/64)", "coe-2-4of64.yaml"),
+         ("MoE(7/64)", "moe-7of64.yaml"), ("CoE-2(3/64)", "coe-2-3of64.yaml"),
+         ("CoE-2(4/48)", "coe-2-4of48.yaml")]
+# (CoE, MoE): equal expert passes (10 vs 9 with the shared expert, 8 vs 8), and the
+# smaller-CoE comparison (CoE-2(4/48) has 22 % fewer parameters than MoE(8/64))
+PAIRS = [("CoE-2(4/64)", "MoE(8/64)"), ("CoE-2(3/64)", "MoE(7/64)"), ("CoE-2(4/48)", "MoE(8/64)")]
+
+
+def reference_overrides(device: str, steps: int, stop_at: int) -> list[str]:
+    """Part (a)'s run, as the reference was made (see reference_losses.json's command) plus
+    what a GPU needs to start from the same weights and to skip the checkpoint.  ``stop_at`` <
+    ``steps`` ends it early without changing the LR schedule (train.exit_interval)."""
+    return [f"device={device}", "parallel.expert=1", f"train.steps={steps}",
+            *([f"train.exit_interval={stop_at}"] if stop_at < steps else []),
+            "train.eval_interval=12", "checkpoint.save_interval=0",
+            "checkpoint.save_final=false", "train.tensorboard=false",
+            # the CPU run initialises every weight from the CPU generator; so does this one
+            "model.transformer_overrides={use_cpu_initialization: true}"]
+
+
+def toy_overrides(num_experts: int) -> list[str]:
+    """A paper config at CPU size, same structure: MLA, routed experts (N + 1) / 4 - 1 plus the
+    shared one, same top-k and iterations, 2 layers."""
+    return ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+            "model.ffn_hidden_size=128", "model.seq_length=64", "model.vocab_size=264",
+            "model.mla.kv_lora_rank=32", "model.mla.qk_head_dim=16",
+            "model.mla.qk_pos_emb_head_dim=8", "model.mla.v_head_dim=16",
+            f"model.moe.num_experts={(num_experts + 1) // 4 - 1}",
+            "model.moe.expert_hidden_size=32", "model.moe.shared_expert_hidden_size=32",
+            "train.micro_batch_size=2", "train.global_batch_size=4"]
+
+
+def speed_overrides(args, run_dir: Path) -> list[str]:
+    data = (["data.source=jsonl", f"data.paths=[{json.dumps(str(args.data))}]",
+             f"data.text_keys=[{','.join(json.dumps(k) for k in args.text_keys)}]"]
+            if args.data else ["data.source=arithmetic", "data.paths=[]"])
+    return [f"device={args.device}", "precision=bf16", f"run_dir={run_dir}", *data,
+            "data.tokenizer=byte", "data.split=98,1,1",
+            f"train.steps={args.warmup + args.steps}", "train.log_interval=1",
+            "train.eval_interval=0", "train.eval_iters=1", "train.tensorboard=false",
+            "train.micro_batch_size=8", f"train.global_batch_size={args.global_batch}",
+            "schedule.warmup_steps=0", "checkpoint.save_interval=0",
+            "checkpoint.save_final=false", "checkpoint.resume=none"]
+
+
+def train_run(config, log: Path) -> list[dict]:
+    """coe-train's loop on ``config`` in this process (one rank), its output kept in ``log``;
+    returns its train and valid records.  Everything it held is released afterwards."""
+    import torch
+    from megatron.core.transformer.moe import moe_logging
+
+    from megatron_coe import parallel, train
+    from megatron_coe.metrics import read_metrics
+
+    if config.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    # Megatron's MoE metrics tracker is sized by the first model's layers
+    moe_logging.destroy_moe_metrics_tracker()
+    try:
+        with open(log, "w") as out, contextlib.redirect_stdout(out):
+            train.train(config)
+    finally:
+        parallel.destroy()
+        gc.collect()
+        if config.device == "cuda":
+            torch.cuda.empty_cache()
+    return read_metrics(Path(config.run_dir))
+
+
+def written_impl(run_dir: Path) -> str | None:
+    """The layer implementation a run used, from the config.yaml it wrote."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    return yaml.safe_load(path.read_text())["model"]["impl"] if path.exists() else None
+
+
+def check_reference(args, work: Path) -> dict:
+    """Part (a): the tiny config's losses against the checked-in one-process CPU reference."""
+    from megatron_coe.config import load_config
+
+    reference = json.loads(Path(args.reference).read_text())["one_process"]
+    expected = {int(step): loss for step, loss in reference["train_loss"].items()}
+    steps = max(expected)
+    stop_at = min(steps, args.reference_steps or steps)
+    run_dir = work / "reference"
+    config = load_config(TINY, [*reference_overrides(args.device, steps, stop_at),
+                                f"run_dir={run_dir}"])
+    records = train_run(config, work / "reference.log")
+    got = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    compared = {step: {"loss": got.get(step), "reference": loss,
+                       "diff": None if step not in got else got[step] - loss}
+                for step, loss in sorted(expected.items()) if step <= stop_at}
+    diffs = [abs(c["diff"]) if c["diff"] is not None else float("inf")
+             for c in compared.values()]
+    worst = max(compared, key=lambda s: diffs[list(compared).index(s)])
+    passed = bool(compared) and max(diffs) <= args.tolerance  # a NaN loss fails too
+    return {"passed": passed, "tolerance": args.tolerance, "max_abs_diff": max(diffs),
+            "worst_step": worst, "steps": compared, "model_impl": written_impl(run_dir),
+            "reference_command": reference["command"],
+            "valid_loss": {r["step"]: r["loss"] for r in records if r["kind"] == "valid"}}
+
+
+def measure_paper(args, work: Path) -> dict:
+    """Part (b): each paper config trained for warmup + steps steps, one after the other."""
+    from megatron_coe.config import load_config
+    from megatron_coe.metrics import parameter_count, train_flops_per_token
+
+    variants = {}
+    (work / "paper").mkdir(exist_ok=True)
+    for name, file in PAPER:
+        run_dir = work / "paper" / file.removesuffix(".yaml")
+        overrides = speed_overrides(args, run_dir)
+        if args.toy:
+            base = load_config(ROOT / "configs" / "paper" / file, overrides)
+            overrides += toy_overrides(base.model.moe.num_experts)
+        overrides += args.set
+        config = load_config(ROOT / "configs" / "paper" / file, overrides)
+        began = time.perf_counter()
+        records = [r for r in train_run(config, run_dir.with_suffix(".log"))
+                   if r["kind"] == "train"]
+        timed = [r for r in records if r["step"] > args.warmup]
+        tokens_per_step = config.train.global_batch_size * config.model.seq_length
+        median = {k: statistics.median(r[k] for r in timed) if timed and timed[0].get(k)
+                  is not None else None for k in ("tokens_per_s", "tflops_per_device", "mfu")}
+        variants[name] = {
+            "config": f"configs/paper/{file}", "model_impl": written_impl(run_dir),
+            "parameters": parameter_count(config), "tokens_per_step": tokens_per_step,
+            "flops_per_token": train_flops_per_token(config),
+            "median_step_s": tokens_per_step / median["tokens_per_s"],
+            "tokens_per_s": median["tokens_per_s"], "tflops": median["tflops_per_device"],
+            "mfu": median["mfu"], "peak_mem_gib": max(r["mem_gib"] for r in records),
+            "step_s": [tokens_per_step / r["tokens_per_s"] for r in timed],
+            "losses": [r["loss"] for r in records], "wall_s": time.perf_counter() - began,
+            **{k: statistics.median(r[k] for r in timed) for k in timed[0]
+               if k.startswith("gpu_") and isinstance(timed[0][k], (int, float))}}
+        v = variants[name]
+        print(f"(b) {name:12s} {v['tokens_per_s']:10,.0f} tokens/s  "
+              f"{v['tflops']:7.2f} TFLOP/s  MFU "
+              + (f"{v['mfu'] * 100:5.2f} %" if v["mfu"] is not None else "  n/a  ")
+              + f"  peak {v['peak_mem_gib']:.2f} GiB  step {v['median_step_s'] * 1e3:.0f} ms "
+              f"({v['model_impl']})", flush=True)
+    ratios = {}
+    for coe, moe in PAIRS:
+        ratios[f"{coe} / {moe}"] = {
+            "step_time": variants[coe]["median_step_s"] / variants[moe]["median_step_s"],
+            "flops_per_token": variants[coe]["flops_per_token"] / variants[moe]["flops_per_token"],
+            "parameters": variants[coe]["parameters"] / variants[moe]["parameters"]}
+        r = ratios[f"{coe} / {moe}"]
+        print(f"(b) {coe} / {moe}: step time {r['step_time']:.3f}, FLOPs per token "
+              f"{r['flops_per_token']:.3f}, parameters {r['parameters']:.3f}", flush=True)
+    return {"warmup_steps": args.warmup, "timed_steps": args.steps, "variants": variants,
+            "ratios": ratios}
+
+
+def layer_pairs(args, work: Path) -> dict:
+    """Part (c): benchmarks/coe_layer.py's pairs, in a process of its own."""
+    script = ROOT / "benchmarks" / "coe_layer.py"
+    if not script.exists():
+        return {"skipped": f"{script} not found: run from a checkout of the repository"}
+    out = work / "layer.json"
+    sizes = (["--hidden", "32", "--expert-hidden", "16", "--tokens", "64", "--repeat", "1",
+              "--warmup", "0"] if args.toy else
+             ["--hidden", "1024", "--expert-hidden", "704", "--tokens", "4096", "--repeat", "10",
+              "--warmup", "3"])
+    # bf16 on the GPU; fp32 on CPU, whose bf16 matmuls would only slow the dry run down
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    cmd = [sys.executable, str(script), "--ep", "1", "--device", args.device,
+           "--precision", precision, "--sections", "pairs", *sizes, "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    (work / "layer.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmarks/coe_layer.py failed ({done.returncode}):\n"
+                           + (done.stdout + done.stderr)[-3000:])
+    (result,) = json.loads(out.read_text())["results"]
+    pairs = [{k: p[k] for k in ("pair", "median_s", "ratio", "activation_bytes")}
+             for p in result["pairs"]]
+    for p in pairs:
+        print(f"(c) {p['pair']:28s} CoE/MoE {p['ratio']:.3f} ({p['median_s'][0] * 1e3:.2f} / "
+              f"{p['median_s'][1] * 1e3:.2f} ms)", flush=True)
+    return {"command": " ".join(shlex.quote(c) for c in [
+        "python", "benchmarks/coe_layer.py", *cmd[2:-2]]), "pairs": pairs}
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    def version(dist: str, module: str) -> str | None:
+        from importlib import metadata
+
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+        try:
+            return __import__(module, fromlist=["__version__"]).__version__
+        except Exception:  # absent, or broken for this torch: report it as absent
+            return None
+
+    return {
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "cpu_cores": os.cpu_count(), "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "megatron_core": version("megatron-core", "megatron.core"),
+        "transformer_engine": version("transformer-engine", "transformer_engine"),
+    }
+
+
+def default_out(args) -> Path:
+    return ROOT / "benchmarks" / "results" / f"gpu_check_{args.device}{'_toy' if args.toy else ''}.json"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="coe-gpu-check", description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--toy", action="store_true",
+                   help="shrink part b and c to CPU sizes, keeping the configs' structure")
+    p.add_argument("--parts", nargs="+", choices=("a", "b", "c"), default=["a", "b", "c"])
+    p.add_argument("--out", type=Path, help="JSON results (default: benchmarks/results/"
+                   "gpu_check_<device>[_toy].json)")
+    p.add_argument("--data", type=Path, help="a jsonl file for part b (default: the built-in "
+                   "arithmetic source)")
+    p.add_argument("--text-keys", nargs="+", default=["text"], help="--data's text field(s)")
+    p.add_argument("--reference", type=Path, default=REFERENCE,
+                   help="reference losses (JSON with a one_process.train_loss table)")
+    p.add_argument("--reference-steps", type=int,
+                   help="stop part a after this many of the reference's steps (default: all)")
+    p.add_argument("--tolerance", type=float, default=5e-3)
+    p.add_argument("--warmup", type=int, default=3, help="part b: untimed steps per config")
+    p.add_argument("--steps", type=int, default=10, help="part b: timed steps per config")
+    p.add_argument("--global-batch", type=int, default=32,
+                   help="part b: sequences per step (micro-batches of 8)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more overrides for part b's configs")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (run logs)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or (args.reference_steps or 1) < 1:
+        p.error("--steps and --reference-steps must be >= 1, --warmup >= 0")
+    if args.tolerance <= 0:
+        p.error("--tolerance must be > 0")
+    if args.data is not None and not args.data.is_file():
+        p.error(f"--data {args.data}: no such file")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("coe-gpu-check: --device cuda but no CUDA GPU is visible; use --device cpu "
+              "--toy for the CPU dry run", file=sys.stderr)
+        return 2
+    out = args.out or default_out(args)
+    began = time.perf_counter()
+    result = {"command": " ".join(["python -m megatron_coe.gpu_check",
+                                   *map(shlex.quote, argv)]).strip(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              **environment(args.device), "toy": args.toy}
+    print(f"coe-gpu-check: {result['gpu'] or 'CPU'}, torch {result['torch']}, megatron-core "
+          f"{result['megatron_core']}, Transformer Engine {result['transformer_engine']}",
+          flush=True)
+    work = Path(tempfile.mkdtemp(prefix="coe-gpu-check-"))
+    try:
+        if "a" in args.parts:
+            a = result["reference"] = check_reference(args, work)
+            print(f"(a) tiny CoE, fp32, {args.device}, {a['model_impl']}: max |loss - "
+                  f"reference| {a['max_abs_diff']:.2e} at step {a['worst_step']} over "
+                  f"{len(a['steps'])} steps (tolerance {a['tolerance']:g}): "
+                  f"{'PASS' if a['passed'] else 'FAIL'}", flush=True)
+        if "b" in args.parts:
+            result["paper"] = measure_paper(args, work)
+        if "c" in args.parts:
+            result["layer"] = layer_pairs(args, work)
+    finally:
+        if args.keep:
+            print(f"work directory kept: {work}")
+        else:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    result["passed"] = result.get("reference", {}).get("passed", True)
+    result["wall_s"] = time.perf_counter() - began
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"coe-gpu-check: {'PASS' if result['passed'] else 'FAIL'} in {result['wall_s']:.0f} s; "
+          f"results in {out}", flush=True)
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

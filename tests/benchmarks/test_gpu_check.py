@@ -1,0 +1,71 @@
+"""python -m megatron_coe.gpu_check, the one-GPU check, run end to end on CPU at toy sizes (the
+same script a GPU runs): its JSON names the machine and versions, part (a) matches the
+checked-in one-process reference and fails against a perturbed one, parts (b) and (c) report
+every paper config and layer pair.  No timing is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = {"MoE(8/64)", "CoE-2(4/64)", "MoE(7/64)", "CoE-2(3/64)", "CoE-2(4/48)"}
+
+
+def gpu_check(*args):
+    cmd = [sys.executable, "-m", "megatron_coe.gpu_check", "--device", "cpu", "--toy", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
+                               "OMP_NUM_THREADS": "1"})
+
+
+def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
+    out = tmp_path / "check.json"
+    done = gpu_check("--warmup", "0", "--steps", "1", "--reference-steps", "4", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["command"].startswith("python -m megatron_coe.gpu_check --device cpu --toy")
+    assert res["device"] == "cpu" and res["gpu"] is None and res["toy"] is True
+    assert res["torch"] and res["megatron_core"] == "0.19.2"
+    assert "transformer_engine" in res and res["passed"] is True
+
+    a = res["reference"]
+    assert a["passed"] and a["model_impl"] == "local" and sorted(a["steps"]) == ["1", "2", "3", "4"]
+    assert a["max_abs_diff"] <= 1e-3  # same machine kind as the reference: (near) exact
+    assert "(a) tiny CoE, fp32, cpu, local" in done.stdout and ": PASS" in done.stdout
+
+    b = res["paper"]
+    assert set(b["variants"]) == NAMES
+    for name, v in b["variants"].items():
+        assert v["model_impl"] == "local" and v["mfu"] is None  # no peak known for a CPU
+        assert v["tokens_per_s"] > 0 and v["tflops"] > 0 and v["peak_mem_gib"] > 0, name
+        assert len(v["step_s"]) == 1 and len(v["losses"]) == 1
+    assert set(b["ratios"]) == {"CoE-2(4/64) / MoE(8/64)", "CoE-2(3/64) / MoE(7/64)",
+                                "CoE-2(4/48) / MoE(8/64)"}
+    # toy sizes keep the configs' structure: CoE-2(4/64) runs 10 expert passes to 9, the
+    # 48-expert CoE has fewer parameters, CoE-2(3/64) and MoE(7/64) nearly equal FLOPs
+    assert b["ratios"]["CoE-2(4/64) / MoE(8/64)"]["flops_per_token"] > 1
+    assert b["ratios"]["CoE-2(4/48) / MoE(8/64)"]["parameters"] < 0.9
+    assert abs(b["ratios"]["CoE-2(3/64) / MoE(7/64)"]["flops_per_token"] - 1) < 0.05
+    assert all(r["step_time"] > 0 for r in b["ratios"].values())
+
+    c = res["layer"]
+    assert [p["pair"] for p in c["pairs"]] == ["CoE-2(4/64) vs MoE(8/64)",
+                                               "CoE-4(2/64) vs MoE(8/64)",
+                                               "CoE-2(8/64) vs MoE(16/64)"]
+    assert all(p["ratio"] > 0 for p in c["pairs"])
+
+
+def test_gpu_check_fails_against_a_perturbed_reference(tmp_path):
+    reference = json.loads((ROOT / "tests" / "training" / "reference_losses.json").read_text())
+    reference["one_process"]["train_loss"]["2"] += 0.01  # twice the tolerance
+    path = tmp_path / "perturbed.json"
+    path.write_text(json.dumps(reference))
+    out = tmp_path / "check.json"
+    done = gpu_check("--parts", "a", "--reference", str(path), "--reference-steps", "3",
+                     "--out", str(out))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["passed"] is False and res["reference"]["worst_step"] == 2
+    assert 0.009 < res["reference"]["max_abs_diff"] < 0.011
+    assert ": FAIL" in done.stdout and "coe-gpu-check: FAIL" in done.stdout
