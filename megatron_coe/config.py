@@ -88,6 +88,9 @@ class CoEConfig:
     iterations: int = 2
     residual: str = "inner"
     router: str = "independent"
+    # Norm the input of iterations 2..C (pre-norm style; see model/layer.py).  Off by default:
+    # the outer residual's iterates then shrink towards zero at the default init.
+    iteration_norm: bool = False
 
 
 @dataclass
@@ -209,6 +212,9 @@ class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
     keep_last: int = 2
     resume: str = "auto"  # auto: latest in run_dir/checkpoints; none; or a checkpoint path
+    # resume=none into a run_dir holding checkpoints is refused unless overwrite=true, which
+    # moves the previous run (checkpoints, metrics, tensorboard) to run_dir/replaced/<time>/
+    overwrite: bool = False
 
 
 @dataclass
@@ -550,6 +556,9 @@ def _validate_training(config: Config) -> None:
     _positive(ck.keep_last, "checkpoint.keep_last")
     if not ck.resume:
         raise ValueError("checkpoint.resume is empty; use auto, none or a checkpoint path")
+    if ck.overwrite and ck.resume != "none":
+        raise ValueError(f"checkpoint.overwrite=true starts over and needs "
+                         f"checkpoint.resume=none (got {ck.resume!r})")
 
 
 def _validate_moe(moe: MoEConfig, par: ParallelConfig) -> None:
@@ -596,6 +605,9 @@ def _validate_coe(coe: CoEConfig) -> None:
         raise ValueError(f"model.coe.iterations={coe.iterations} must be >= 1 (1 = plain MoE)")
     _choice(coe.residual, RESIDUAL_MODES, "model.coe.residual")
     _choice(coe.router, ROUTER_MODES, "model.coe.router")
+    if coe.iteration_norm and coe.iterations < 2:
+        raise ValueError("model.coe.iteration_norm=true norms the input of iterations 2..C; "
+                         "with model.coe.iterations=1 there is none: remove it")
 
 
 def _validate_transformer_overrides(m: ModelConfig) -> None:
