@@ -77,6 +77,8 @@ BAD = [
     ({"model.moe.capacity_factor": float("inf")}, "model.moe.capacity_factor=inf is not a finite"),
     ({"data.source": "jsonl", "data.paths": ["a", "b"], "data.weights": [1.0, float("-inf")]},
      "data.weights[1]=-inf is not a finite number"),
+    ({"model.coe.iterations": 1, "model.coe.iteration_norm": True},
+     "model.coe.iteration_norm=true norms the input of iterations 2..C"),
     # Megatron's scheduler asserts lr_warmup_steps < lr_decay_steps (= train.steps)
     ({"schedule.warmup_steps": 40}, "schedule.warmup_steps=40 must be in [0, train.steps=40)"),
 ]
