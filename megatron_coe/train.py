@@ -5,7 +5,8 @@
 
 The loop, top to bottom:
   1. config: strict YAML + overrides; any bad value stops here, before process groups.
-  2. process groups (Megatron-Core), run directory.
+  2. process groups (Megatron-Core), run directory (locked: one training at a time; see
+     run_lock.py).
   3. data: tokenizer and indexed dataset prepared in the run directory; Megatron GPT datasets.
   4. model (CoE layers via our module spec), Float16Module for bf16, Megatron DDP, optimizer,
      LR scheduler; resume from the latest checkpoint if there is one; the resolved config is
