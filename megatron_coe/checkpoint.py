@@ -74,6 +74,8 @@ def model_definition(config: Config) -> dict:
     m.pop("seq_length")
     if config.model.attention != "mla":
         m.pop("mla")
+    if m["coe"] is not None and not m["coe"]["iteration_norm"]:
+        m["coe"].pop("iteration_norm")  # off: the same model as checkpoints made before it
     for section in ("moe",):
         if m[section] is not None:
             for key in ("capacity_factor", "pad_to_capacity", "drop_policy", "aux_loss",

@@ -102,6 +102,9 @@ class CoEConfig:
     iterations: int = 2
     residual: str = "inner"
     router: str = "independent"
+    # Norm the input of iterations 2..C (pre-norm style; see model/layer.py).  Off by default:
+    # the outer residual's iterates then shrink towards zero at the default init.
+    iteration_norm: bool = False
 
 
 @dataclass
@@ -234,6 +237,9 @@ class CheckpointConfig:
     # false: no checkpoint when the run ends (save_interval, exit_interval and stop requests
     # still save); for measurements and checks whose weights nobody keeps.
     save_final: bool = True
+    # resume=none into a run_dir holding checkpoints is refused unless overwrite=true, which
+    # moves the previous run (checkpoints, metrics, tensorboard) to run_dir/replaced/<time>/
+    overwrite: bool = False
 
 
 @dataclass
@@ -373,7 +379,13 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) ->
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected dotted.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else None, Config)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            reason = str(err).splitlines()[0]
+            raise ValueError(f"override {item!r}: the value {raw!r} is not valid YAML ({reason}); "
+                             "quote strings, e.g. key='a: b', and close brackets") from None
+        _set_dotted(data, key.strip(), value, Config)
     config = _from_dict(Config, data, "")
     validate(config)
     return config
@@ -418,9 +430,26 @@ def _positive(value: int | float, name: str) -> None:
         raise ValueError(f"{name}={value} must be > 0")
 
 
+def _check_finite(node: Any, where: str = "") -> None:
+    """Every float in the config (fields, lists, nested sections) must be finite: YAML reads
+    .inf and .nan as floats, and a non-finite value would pass the range checks below."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), f"{where}.{f.name}" if where else f.name)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            _check_finite(item, f"{where}[{i}]")
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ValueError(f"{where}={node} is not a finite number; give a finite value")
+
+
 def validate(config: Config, world_size: int | None = None) -> None:
     """Check every value; raise ValueError naming the field and the fix.  ``world_size``,
     when given, is checked against the parallel sizes (every factor printed)."""
+    _check_finite(config)
     _choice(config.device, DEVICES, "device")
     _choice(config.precision, PRECISIONS, "precision")
     f8 = config.fp8
@@ -609,9 +638,11 @@ def _validate_training(config: Config) -> None:
         raise ValueError(f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)")
     _choice(sch.decay, LR_DECAYS, "schedule.decay")
     _positive(t.steps, "train.steps")
-    if not 0 <= sch.warmup_steps <= t.steps:
+    # Megatron's scheduler decays over train.steps and asserts lr_warmup_steps < lr_decay_steps
+    if not 0 <= sch.warmup_steps < t.steps:
         raise ValueError(f"schedule.warmup_steps={sch.warmup_steps} must be in [0, "
-                         f"train.steps={t.steps}]")
+                         f"train.steps={t.steps}): the schedule needs at least one step after "
+                         f"warmup; lower warmup_steps or raise train.steps")
     if sch.decay == "wsd" and not 0 < sch.wsd_decay_steps <= t.steps - sch.warmup_steps:
         raise ValueError(f"schedule.wsd_decay_steps={sch.wsd_decay_steps} must be in [1, "
                          f"train.steps - warmup_steps = {t.steps - sch.warmup_steps}] for wsd")
@@ -638,6 +669,9 @@ def _validate_training(config: Config) -> None:
 
     if not ck.resume:
         raise ValueError("checkpoint.resume is empty; use auto, none or a checkpoint path")
+    if ck.overwrite and ck.resume != "none":
+        raise ValueError(f"checkpoint.overwrite=true starts over and needs "
+                         f"checkpoint.resume=none (got {ck.resume!r})")
 
 
 def _validate_moe(moe: MoEConfig, par: ParallelConfig) -> None:
@@ -684,6 +718,9 @@ def _validate_coe(coe: CoEConfig) -> None:
         raise ValueError(f"model.coe.iterations={coe.iterations} must be >= 1 (1 = plain MoE)")
     _choice(coe.residual, RESIDUAL_MODES, "model.coe.residual")
     _choice(coe.router, ROUTER_MODES, "model.coe.router")
+    if coe.iteration_norm and coe.iterations < 2:
+        raise ValueError("model.coe.iteration_norm=true norms the input of iterations 2..C; "
+                         "with model.coe.iterations=1 there is none: remove it")
 
 
 def _validate_transformer_overrides(m: ModelConfig) -> None:

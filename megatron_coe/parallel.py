@@ -55,8 +55,10 @@ def initialize(config: Config) -> torch.device:
                 timeout=timeout,
             )
     validate(config, world_size=dist.get_world_size())
-    if not parallel_state.model_parallel_is_initialized():
-        p = config.parallel
+    p = config.parallel
+    if parallel_state.model_parallel_is_initialized():
+        _check_same_layout(p)
+    else:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor,
             pipeline_model_parallel_size=p.pipeline,
@@ -79,6 +81,24 @@ def initialize(config: Config) -> torch.device:
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return device
+
+
+def _check_same_layout(p) -> None:
+    """Megatron's parallel groups are process-global: a second build in this process with
+    another layout would silently keep the first one's (e.g. 4 local experts under EP = 1)."""
+    ps = parallel_state
+    current = {"tensor": ps.get_tensor_model_parallel_world_size(),
+               "pipeline": ps.get_pipeline_model_parallel_world_size(),
+               "context": ps.get_context_parallel_world_size(),
+               "expert": ps.get_expert_model_parallel_world_size(),
+               "expert_tensor": ps.get_expert_tensor_parallel_world_size()}
+    differ = [f"parallel.{k}: groups {v} vs config {getattr(p, k)}"
+              for k, v in current.items() if v != getattr(p, k)]
+    if differ:
+        raise ValueError(
+            f"this process already has Megatron parallel groups of another layout "
+            f"({'; '.join(differ)}); call megatron_coe.parallel.destroy() before building "
+            f"with a new layout, or use the same parallel settings")
 
 
 def destroy() -> None:

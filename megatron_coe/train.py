@@ -5,7 +5,8 @@
 
 The loop, top to bottom:
   1. config: strict YAML + overrides; any bad value stops here, before process groups.
-  2. process groups (Megatron-Core), run directory.
+  2. process groups (Megatron-Core), run directory (locked: one training at a time; see
+     run_lock.py).
   3. data: tokenizer and indexed dataset prepared in the run directory; Megatron GPT datasets.
   4. model (CoE layers via our module spec), Float16Module for bf16, Megatron DDP, optimizer,
      LR scheduler; resume from the latest checkpoint if there is one; the resolved config is
@@ -20,7 +21,9 @@ The loop, top to bottom:
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import signal
 import sys
 import time
@@ -172,11 +175,11 @@ def first_nonfinite_layer(layers) -> str | None:
     return None
 
 
-def train(config) -> int:
+def train(config, lock) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_coe import checkpoint, parallel, router_stats
+    from megatron_coe import checkpoint, parallel, router_stats, run_lock
     from megatron_coe.config import dump_config
     from megatron_coe.data import dataset
     from megatron_coe.metrics import (GPUTelemetry, MetricsWriter, format_line, memory_gib,
@@ -190,9 +193,8 @@ def train(config) -> int:
     config = with_resolved_impl(config)
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(config.run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+    # one training per run directory; resume=none never silently replaces a run
+    run_lock.claim(lock, run_dir, config.checkpoint.resume, config.checkpoint.overwrite, rank)
     checkpoint.check_writable(run_dir / "checkpoints")  # now, not at the first save
 
     # 3. data
@@ -227,6 +229,10 @@ def train(config) -> int:
                     print(f"rolled back: later checkpoint kept aside as {moved}", flush=True)
         dist.barrier()
     if rank == 0:  # only now: a run that fails to start leaves the run directory as it was
+        if config.checkpoint.overwrite:
+            moved = run_lock.set_previous_run_aside(run_dir)
+            if moved:
+                print(f"checkpoint.overwrite: previous run moved to {moved}", flush=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
 
     saved_step = state["step"] if resume_from is not None else None
@@ -364,6 +370,22 @@ def train(config) -> int:
     return 0
 
 
+def clean_error(message: str) -> int:
+    """Report an error that needs no traceback; returns coe-train's exit code for it, 2.
+    Under torchrun the message also goes to torchelastic's error file (the format its
+    ErrorHandler writes), so the launcher's one-line report and torchrun's summary show it."""
+    print(message, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        record = {"message": {"message": message, "extraInfo": {
+            "py_callstack": message, "timestamp": str(int(time.time()))}}}
+        try:
+            Path(error_file).write_text(json.dumps(record))
+        except OSError:  # the message is on stderr anyway
+            pass
+    return 2
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Megatron-Core warns at import about TE/apex fallbacks that a CPU run uses on purpose.
@@ -374,16 +396,17 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ValueError as err:
-        print(f"coe-train: bad config: {err}", file=sys.stderr)
-        return 2
+        return clean_error(f"coe-train: bad config: {err}")
     from megatron_coe import parallel
+    from megatron_coe.run_lock import RunDirLock
 
+    lock = RunDirLock(Path(config.run_dir))
     try:
-        return train(config)
+        return train(config, lock)
     except (CheckpointError, ValueError) as err:
-        print(f"coe-train: {err}", file=sys.stderr)
-        return 2
+        return clean_error(f"coe-train: {err}")
     finally:
+        lock.release()
         parallel.destroy()
 
 

@@ -9,6 +9,11 @@ Shapes: S sequence, B micro-batch, H hidden, N experts, k routed experts per ite
     outer:     x(t) = F_t(x(t-1));           returns x(C)   (added to the residual stream)
     reference: x(t) = x(t-1) + F_t(x(t-1));  returns x(C), and CoETransformerLayer makes it the
                new residual stream (the public CoE reference code's decoder layer)
+    iteration_norm (model.coe.iteration_norm, off by default): F_t reads Norm_t(x(t-1)) for
+               t >= 2 (x(0) is already the pre-MLP norm's output), as pre-norm transformers
+               norm each sub-layer's input; Norm_t is the layer's norm type, [H] weight = 1.
+               Without it the outer residual's x(t) shrinks by ~1e-3 per iteration at
+               std-0.02 init (docs/study-cpu-gsm8k.md).
 
 R_t is iteration t's router ("independent", the default) or one router for all iterations
 ("shared").  Every router is a stock Megatron TopKRouter: its aux loss, z-loss and expert bias
@@ -53,6 +58,7 @@ class CoELayer(MoELayer):
         router_mode: str = "independent",
         overlap: bool = False,
         recompute_experts: bool = False,
+        iteration_norm=None,
     ):
         if config.moe_token_dispatcher_type != "alltoall":
             raise ValueError(
@@ -82,6 +88,12 @@ class CoELayer(MoELayer):
             )
             for _ in range(extra)
         )
+        # Norm_t for iterations 2..C (``iteration_norm``: the norm module class, or None);
+        # created after the routers, and norms draw no random numbers: init is unchanged.
+        self.iteration_norms = torch.nn.ModuleList(
+            iteration_norm(config=self.config, hidden_size=self.config.hidden_size,
+                           eps=self.config.layernorm_epsilon)
+            for _ in range(iterations - 1 if iteration_norm is not None else 0))
         # Local tokens routed to each expert in each iteration, summed since the last reset.
         self.tokens_per_expert = torch.zeros(iterations, self.config.num_moe_experts)
         # Non-finite values seen since the last reset, per iteration: [C, 2] for (router
@@ -197,7 +209,8 @@ class CoELayer(MoELayer):
     def _chain(self, x0, padding_mask=None):
         x, delta = x0, None
         for t in range(self.iterations):
-            f = self._iteration(t, x, padding_mask)
+            normed = self.iteration_norms[t - 1](x) if t and self.iteration_norms else x
+            f = self._iteration(t, normed, padding_mask)
             if self.residual == "outer":
                 x = f
             else:

@@ -67,6 +67,7 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
                 router_mode=coe.router,
                 overlap=overlap,
                 recompute_experts=recompute_experts,
+                iteration_norm=spec.submodules.pre_mlp_layernorm if coe.iteration_norm else None,
             )
             spec = dataclasses.replace(
                 spec,

@@ -7,6 +7,8 @@ once stopped at the midpoint (train.exit_interval) and resumed.  Reports, as JSO
 and in OUT/soak.json: wall time of each run, resident memory per process early and late in
 the run (growth would show a leak), the number of steps whose loss differs between the two
 runs (exact comparison), and whether every run finished (a hang fails the --timeout).
+OUT must be new: a soak never resumes an earlier one (it would train nothing and pass).
+Warmup is 10 % of the steps, at most 50.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_coe.config import load_config
 from megatron_coe.metrics import read_metrics
 
 
@@ -44,16 +47,33 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=7200, help="seconds per run")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"soak: --out {out} already holds a soak; give a new --out (a rerun into it would "
+              "resume the finished runs and train nothing)", file=sys.stderr)
+        return 2
     common = [f"train.steps={args.steps}", f"checkpoint.save_interval={args.save_interval}",
-              "train.eval_interval=0", "train.log_interval=1", "schedule.warmup_steps=50",
-              "checkpoint.keep_last=2", "checkpoint.resume=auto"]
+              "train.eval_interval=0", "train.log_interval=1",
+              f"schedule.warmup_steps={min(50, args.steps // 10)}", "checkpoint.keep_last=2"]
     straight, split = out / "straight", out / "split"
-    times = {"straight": _train(args.config, [f"run_dir={straight}", *common], args.timeout)}
     half = args.steps // 2
-    times["split_first"] = _train(args.config, [f"run_dir={split}", *common,
+    try:  # a bad --steps / --save-interval is refused here, not by two torchruns
+        load_config(args.config, [f"run_dir={straight}", *common, f"train.exit_interval={half}"])
+    except ValueError as err:
+        print(f"soak: {err}", file=sys.stderr)
+        return 2
+    fresh, resume = "checkpoint.resume=none", "checkpoint.resume=auto"
+    times = {"straight": _train(args.config, [f"run_dir={straight}", *common, fresh],
+                                args.timeout)}
+    times["split_first"] = _train(args.config, [f"run_dir={split}", *common, fresh,
                                                 f"train.exit_interval={half}"], args.timeout)
-    times["split_second"] = _train(args.config, [f"run_dir={split}", *common], args.timeout)
+    times["split_second"] = _train(args.config, [f"run_dir={split}", *common, resume],
+                                   args.timeout)
     a, b = _records(straight), _records(split)
+    for name, records in (("straight", a), ("split", b)):
+        if sorted(records) != list(range(1, args.steps + 1)):
+            print(f"soak: the {name} run logged {len(records)} of {args.steps} steps",
+                  file=sys.stderr)
+            return 1
     differing = [s for s in a if a[s]["loss"] != b.get(s, {}).get("loss")]
     early = min(100, args.steps)
     summary = {

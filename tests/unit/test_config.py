@@ -70,6 +70,17 @@ BAD = [
     ({"model.coe.iterations": "two"}, "model.coe.iterations: expected int, got 'two'"),
     ({"model.dense_layers": [5]}, "model.dense_layers contains 5"),
     ({"model.moe.expert_bias": True}, "needs model.moe.score_function=sigmoid"),
+    # non-finite floats, in any float field (YAML reads .inf / .nan as floats)
+    ({"optimizer.lr": float("inf")}, "optimizer.lr=inf is not a finite number"),
+    ({"parallel.timeout_minutes": float("inf")}, "parallel.timeout_minutes=inf is not a finite"),
+    ({"optimizer.min_lr": float("nan")}, "optimizer.min_lr=nan is not a finite number"),
+    ({"model.moe.capacity_factor": float("inf")}, "model.moe.capacity_factor=inf is not a finite"),
+    ({"data.source": "jsonl", "data.paths": ["a", "b"], "data.weights": [1.0, float("-inf")]},
+     "data.weights[1]=-inf is not a finite number"),
+    ({"model.coe.iterations": 1, "model.coe.iteration_norm": True},
+     "model.coe.iteration_norm=true norms the input of iterations 2..C"),
+    # Megatron's scheduler asserts lr_warmup_steps < lr_decay_steps (= train.steps)
+    ({"schedule.warmup_steps": 40}, "schedule.warmup_steps=40 must be in [0, train.steps=40)"),
 ]
 
 
@@ -83,6 +94,32 @@ def test_bad_values_raise_clear_errors(overrides, message):
         load_config(TINY, items)
     assert message in str(err.value)
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("item", ["train.steps=[1,", "model.coe.residual=a: b: c",
+                                  "optimizer.lr={"])
+def test_override_with_bad_yaml_is_named(item):
+    with pytest.raises(ValueError) as err:
+        load_config(TINY, [item])
+    assert str(err.value).startswith(f"override {item!r}: the value ")
+    assert "is not valid YAML" in str(err.value)
+
+
+def test_warmup_rule_matches_megatron_scheduler():
+    """The largest warmup validation accepts builds Megatron's scheduler; one more is refused."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = load_config(TINY, ["schedule.warmup_steps=39"])
+    assert config.train.steps == 40
+
+    class _Opt:
+        param_groups = [{"lr": 0.0}]
+
+    OptimizerParamScheduler(_Opt(), init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=39,
+                            lr_decay_steps=40, lr_decay_style="cosine", start_wd=0.0,
+                            end_wd=0.0, wd_incr_steps=40, wd_incr_style="constant")
+    with pytest.raises(ValueError, match="warmup_steps=40 must be in"):
+        load_config(TINY, ["schedule.warmup_steps=40"])
 
 
 def test_unknown_keys_list_valid_ones(tmp_path):
