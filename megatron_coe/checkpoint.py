@@ -483,7 +483,8 @@ def read_meta(path: Path) -> dict:
     problems = sorted({p for part in _all_gather(problems) for p in part})
     if problems:
         raise CheckpointError(problems[0] + "; resume from another checkpoint with "
-                              "checkpoint.resume=PATH or start fresh with checkpoint.resume=none")
+                              "checkpoint.resume=PATH, or start fresh with checkpoint.resume=none "
+                              "checkpoint.overwrite=true (the old run is moved aside)")
     return meta
 
 
@@ -532,7 +533,7 @@ def check_optimizer(meta: dict, config: Config, path: Path) -> None:
             f"checkpoint {path} was saved with other learning rates; " + "; ".join(diffs)
             + ". Megatron keys the saved optimizer state by the parameter groups' max/min "
             f"learning rate, so a resume must keep them: resume with {fix} (train.steps and "
-            "schedule.* may change), or start a new run with checkpoint.resume=none")
+            "schedule.* may change), or start a new run in another run_dir")
 
 
 def schedule_changes(saved: dict, scheduler) -> list[str]:
@@ -578,7 +579,8 @@ def find_resume(config: Config, root: Path) -> Path | None:
             fix = (f"resume from {complete[-1]} with checkpoint.resume={complete[-1]} (later "
                    "checkpoints, this one included, are then kept aside under "
                    f"{root / 'abandoned'})" if complete else
-                   f"move {found[-1]} away, or start fresh with checkpoint.resume=none")
+                   f"move {found[-1]} away, or start fresh with checkpoint.resume=none "
+                   "checkpoint.overwrite=true")
             raise CheckpointError(f"the newest checkpoint, {found[-1]}, is incomplete: {META} is "
                                   f"missing (it was deleted or damaged; a save writes it before "
                                   f"the directory gets its name). Nothing was changed; {fix}")
