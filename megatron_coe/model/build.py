@@ -143,8 +143,7 @@ def build_model(config: Config) -> GPTModel:
         config=tf_config,
         transformer_layer_spec=coe_block_spec(tf_config, _coe(config), te,
                                               config.parallel.overlap_expert_comm,
-                                              config.train.recompute == "experts",
-                                              fused_attention=fused_attention(config)),
+                                              config.train.recompute == "experts"),
         vocab_size=config.model.vocab_size,
         max_sequence_length=config.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -153,14 +152,6 @@ def build_model(config: Config) -> GPTModel:
         position_embedding_type="rope",
     )
     return model.to(device)
-
-
-def fused_attention(config: Config) -> bool:
-    """The local spec's core attention is torch's fused scaled_dot_product_attention on CUDA.
-    On CPU it stays unfused: there the fused call is slower for MLA's unequal head dims (torch's
-    math fallback) and changes the order of sums, hence the CPU reference losses, for the rest
-    (docs/performance.md, "Fused attention")."""
-    return config.device == "cuda"
 
 
 def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool = False):

@@ -7,7 +7,7 @@ and make the layer a :class:`CoETransformerLayer` (which only differs in "refere
 mode).  Attention (standard or MLA), norms and experts are Megatron's own, whichever backend, except
 in the local spec: core attentions it lacks (MLA's head dims, context parallelism), the fused
 core attention (:class:`~megatron_coe.model.fused_attention.FusedDotProductAttention`, torch's
-scaled_dot_product_attention) when asked for, and SequentialMLP's lean subclass
+scaled_dot_product_attention) where it applies, and SequentialMLP's lean subclass
 :class:`~megatron_coe.model.experts.LocalExperts` (same parameters and results, less per-expert
 framework overhead).
 """
@@ -32,13 +32,15 @@ from megatron_coe.model.transformer_layer import CoETransformerLayer
 
 def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_engine: bool,
                    overlap: bool = False, recompute_experts: bool = False,
-                   fused_attention: bool = False):
+                   fused_attention: bool = True):
     """Decoder block spec for ``transformer_config``; MoE layers become CoE layers when
     ``coe`` is given (C = 1 included: then it equals Megatron's MoE layer).  ``overlap``
     selects the overlapped expert-parallel schedule (``parallel.overlap_expert_comm``);
     ``recompute_experts`` recomputes each iteration's expert MLPs in backward
-    (``train.recompute: experts``); ``fused_attention`` gives the local spec the fused core
-    attention where it applies (not with context parallelism, which keeps its own)."""
+    (``train.recompute: experts``); the local spec's core attention is the fused one where
+    it applies (not with context parallelism, which keeps its own) unless ``fused_attention``
+    is False: on CPU too, where torch's kernels measured faster than the unfused attention
+    and a run's losses equal the unfused ones within float rounding (docs/performance.md)."""
     block = get_gpt_decoder_block_spec(
         transformer_config,
         use_transformer_engine=use_transformer_engine,

@@ -137,12 +137,14 @@ def test_spec_uses_fused_attention_where_it_applies():
     from megatron_coe.model.fused_attention import FusedDotProductAttention
     from megatron_coe.model.spec import coe_block_spec
 
-    def core(tf, fused):
-        block = coe_block_spec(tf, None, False, fused_attention=fused)
+    def core(tf, fused=None):
+        kwargs = {} if fused is None else {"fused_attention": fused}
+        block = coe_block_spec(tf, None, False, **kwargs)
         return {s.submodules.self_attention.submodules.core_attention for s in block.layer_specs}
 
     mha, mla = transformer_config(_config("mha")), transformer_config(_config("mla"))
     assert core(mha, True) == core(mla, True) == {FusedDotProductAttention}
+    assert core(mha) == core(mla) == {FusedDotProductAttention}  # the default, CPU and CUDA
     assert core(mha, False) == {DotProductAttention}
     assert core(mla, False) == {MLADotProductAttention}
     window = transformer_config(_config(overrides={"window_size": (4, 0)}))
@@ -152,22 +154,17 @@ def test_spec_uses_fused_attention_where_it_applies():
     assert core(cp, True) == {ContextParallelAttention}
 
 
-def test_fused_attention_on_cuda_only():
-    from megatron_coe.model.build import fused_attention
-
-    assert fused_attention(config_from_dict({"device": "cuda"}))
-    assert not fused_attention(config_from_dict({"device": "cpu"}))
-
-
 @pytest.mark.parametrize("attention", ["mha", "mla"])
 def test_gpt_with_fused_attention_equals_unfused(attention, monkeypatch):
-    """Whole model (MLA: its own softmax scale): same losses and gradients within tolerance."""
-    from megatron_coe.model import build, build_model
+    """Whole model (MLA: its own softmax scale): the fused attention, the default on CPU too,
+    gives the unfused attention's losses and gradients within tolerance."""
+    from megatron_coe.model import build, build_model, spec
     from megatron_coe.model.fused_attention import FusedDotProductAttention
 
     results = []
     for fused in (False, True):
-        monkeypatch.setattr(build, "fused_attention", lambda config, f=fused: f)
+        monkeypatch.setattr(build, "coe_block_spec",
+                            functools.partial(spec.coe_block_spec, fused_attention=fused))
         torch.manual_seed(0)
         model = build_model(_config(attention))
         cores = {type(layer.self_attention.core_attention) for layer in model.decoder.layers}
