@@ -25,9 +25,9 @@ def _adamw(params, **kwargs):
     return torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, **kwargs)
 
 
-def test_flags_select_the_fused_kernel():
-    """An AdamW built as Megatron builds it (no flags), given the fused flags afterwards, steps
-    bit for bit like one built with fused=True, and its steps follow torch's fused placement."""
+def test_flags_select_the_fused_kernel(monkeypatch):
+    """An AdamW built as Megatron builds it (no flags), given the fused flags afterwards, runs
+    torch's fused AdamW kernel and steps bit for bit like one built with fused=True."""
     from megatron_coe.optim import use_adam_implementation
 
     g = torch.Generator().manual_seed(0)
@@ -38,11 +38,17 @@ def test_flags_select_the_fused_kernel():
     b = [torch.nn.Parameter(t.clone()) for t in start]
     flagged, reference = _adamw(a), _adamw(b, fused=True)
     _adamw_step(flagged, a, grads[0])  # state made by the default implementation first
-    use_adam_implementation(types.SimpleNamespace(optimizer=flagged), FUSED)
     _adamw_step(reference, b, grads[0])
+    use_adam_implementation(types.SimpleNamespace(optimizer=flagged), FUSED)
     assert all(flagged.state[p]["step"].dtype == torch.float32 for p in a)
+    kernel, calls = torch._fused_adamw_, []
+    monkeypatch.setattr(torch, "_fused_adamw_",
+                        lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
     for step_grads in grads[1:]:
         _adamw_step(flagged, a, step_grads)
+    assert len(calls) == 2
+    monkeypatch.setattr(torch, "_fused_adamw_", kernel)
+    for step_grads in grads[1:]:
         _adamw_step(reference, b, step_grads)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
@@ -114,6 +120,8 @@ def test_reapplying_after_load_restores_this_devices_implementation():
     model, optimizer = _megatron_optimizer()
     use_adam_implementation(optimizer, FUSED)
     _train_step(model, optimizer)
+    assert all(opt._step_supports_amp_scaling and opt.param_groups[0]["fused"]
+               for opt in _torch_optimizers(optimizer))
     use_adam_implementation(optimizer)
     for opt in _torch_optimizers(optimizer):
         assert all(g["fused"] is None and g["foreach"] is None for g in opt.param_groups)
