@@ -10,10 +10,18 @@ fp16: Megatron's fp16 optimizer keeps fp32 main weights and a loss scaler (dynam
 ``optimizer.loss_scale`` is set); the forward-backward schedule scales the loss through
 ``config.grad_scale_func``, and ``optimizer.step()`` unscales, skips the step on overflow and
 adjusts the scale.
+
+AdamW's implementation: without Transformer Engine or apex, Megatron builds torch's AdamW with
+neither ``fused`` nor ``foreach`` given, so torch picks its multi-tensor (foreach) loop on CUDA
+and one update per tensor on CPU.  :func:`use_adam_implementation` makes it torch's fused AdamW
+kernel on CUDA (one launch for many tensors: the many small expert and router tensors of a CoE
+model), foreach where fused cannot run, and leaves CPU as it was.  TE's and apex's FusedAdam,
+which Megatron prefers when installed, are left alone.
 """
 
 from __future__ import annotations
 
+import torch
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -24,6 +32,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_coe import cpu
+from megatron_coe.checkpoint import _torch_optimizers
 from megatron_coe.config import Config
 
 
@@ -67,6 +76,7 @@ def build_optimizer(config: Config, model):
     )
     with cpu.cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, [model])
+    use_adam_implementation(optimizer)
     if config.precision == "fp16":  # the schedules multiply the loss by it before backward
         model.config.grad_scale_func = optimizer.scale_loss
     s, t = config.schedule, config.train
@@ -92,3 +102,39 @@ def build_optimizer(config: Config, model):
         lr_wsd_decay_style="cosine" if s.decay == "wsd" else None,
     )
     return optimizer, scheduler
+
+
+def adam_implementation(device_type: str, all_floating: bool = True) -> dict:
+    """torch AdamW's ``fused`` / ``foreach`` flags for parameters on ``device_type``: the fused
+    kernel on CUDA (it needs floating-point parameters, which Megatron's fp32 main parameters
+    are), foreach on CUDA otherwise; elsewhere torch's defaults (None: on CPU one update per
+    tensor, the CPU reference's arithmetic)."""
+    if device_type != "cuda":
+        return {"fused": None, "foreach": None}
+    if all_floating:
+        return {"fused": True, "foreach": False}
+    return {"fused": False, "foreach": True}
+
+
+def use_adam_implementation(optimizer, flags: dict | None = None) -> None:
+    """Give each torch AdamW inside Megatron's ``optimizer`` the flags of
+    :func:`adam_implementation` for its parameters' device (or ``flags``), also after a
+    checkpoint load has brought back the saving run's flags.  As torch does, the fused kernel
+    keeps each ``step`` as float32 on the parameter's device, the other implementations on the
+    host."""
+    for opt in _torch_optimizers(optimizer):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        chosen = flags
+        if chosen is None:
+            device = params[0].device.type if params else "cpu"
+            chosen = adam_implementation(device, all(p.is_floating_point() for p in params))
+        opt.defaults.update(chosen)
+        for group in opt.param_groups:
+            group.update(chosen)
+            on_device = bool(group["fused"] or group["capturable"])
+            for p in group["params"]:
+                state = opt.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = (state["step"].to(p.device, torch.float32) if on_device
+                                     else state["step"].cpu())
+        opt._step_supports_amp_scaling = bool(chosen["fused"])  # as torch's constructor

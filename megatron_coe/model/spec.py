@@ -5,9 +5,11 @@ Megatron's local spec (CPU) and Transformer Engine spec (GPU) both put
 We swap in ``partial(CoELayer, <same submodules>, iterations=C, residual=..., router_mode=...)``
 and make the layer a :class:`CoETransformerLayer` (which only differs in "reference" residual
 mode).  Attention (standard or MLA), norms and experts are Megatron's own, whichever backend, except
-two core attentions the local spec lacks (MLA's head dims, and context parallelism) and, in the
-local spec, SequentialMLP's lean subclass :class:`~megatron_coe.model.experts.LocalExperts` (same
-parameters and results, less per-expert framework overhead).
+in the local spec: core attentions it lacks (MLA's head dims, context parallelism), the fused
+core attention (:class:`~megatron_coe.model.fused_attention.FusedDotProductAttention`, torch's
+scaled_dot_product_attention) where it applies, and SequentialMLP's lean subclass
+:class:`~megatron_coe.model.experts.LocalExperts` (same parameters and results, less per-expert
+framework overhead).
 """
 
 from __future__ import annotations
@@ -23,17 +25,22 @@ from megatron_coe.model.attention import MLADotProductAttention
 from megatron_coe.config import CoEConfig
 from megatron_coe.model.cp_attention import ContextParallelAttention
 from megatron_coe.model.experts import LocalExperts
+from megatron_coe.model.fused_attention import FusedDotProductAttention, fused_attention_applies
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.model.transformer_layer import CoETransformerLayer
 
 
 def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_engine: bool,
-                   overlap: bool = False, recompute_experts: bool = False):
+                   overlap: bool = False, recompute_experts: bool = False,
+                   fused_attention: bool = True):
     """Decoder block spec for ``transformer_config``; MoE layers become CoE layers when
     ``coe`` is given (C = 1 included: then it equals Megatron's MoE layer).  ``overlap``
     selects the overlapped expert-parallel schedule (``parallel.overlap_expert_comm``);
     ``recompute_experts`` recomputes each iteration's expert MLPs in backward
-    (``train.recompute: experts``)."""
+    (``train.recompute: experts``); the local spec's core attention is the fused one where
+    it applies (not with context parallelism, which keeps its own) unless ``fused_attention``
+    is False: on CPU too, where torch's kernels measured faster than the unfused attention
+    and a run's losses equal the unfused ones within float rounding (docs/performance.md)."""
     block = get_gpt_decoder_block_spec(
         transformer_config,
         use_transformer_engine=use_transformer_engine,
@@ -41,6 +48,10 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
     )
     if not use_transformer_engine and transformer_config.context_parallel_size > 1:
         block.layer_specs = [_with_core_attention(s, ContextParallelAttention)
+                             for s in block.layer_specs]
+    elif (fused_attention and not use_transformer_engine
+          and fused_attention_applies(transformer_config)):
+        block.layer_specs = [_with_core_attention(s, FusedDotProductAttention)
                              for s in block.layer_specs]
     elif transformer_config.multi_latent_attention and not use_transformer_engine:
         block.layer_specs = [_with_core_attention(s, MLADotProductAttention)
@@ -80,8 +91,8 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
 
 
 def _with_core_attention(spec, core_attention):
-    """The local spec's core attention takes neither MLA's head dims nor context parallelism:
-    use ours (attention.py, cp_attention.py)."""
+    """The local spec's core attention takes neither MLA's head dims nor context parallelism,
+    and is unfused: use ours (attention.py, cp_attention.py, fused_attention.py)."""
     attn = spec.submodules.self_attention
     attn = dataclasses.replace(
         attn, submodules=dataclasses.replace(attn.submodules, core_attention=core_attention)
