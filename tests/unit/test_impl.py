@@ -35,7 +35,7 @@ BAD = [
                           "local"),
     (["model.impl=transformer_engine"], "model.impl=transformer_engine needs device=cuda"),
     (["device=cuda", "model.impl=local", "precision=bf16", "fp8.enabled=true"],
-     "fp8.enabled=true needs Transformer Engine layers; model.impl=local"),
+     "fp8.enabled=true with fp8.backend=transformer_engine needs Transformer Engine layers; model.impl=local"),
     (["device=cuda", "model.impl=local", "model.transformer_overrides={fp8_param: true}"],
      "model.transformer_overrides.fp8_param=True (FP8 parameters) needs Transformer Engine"),
     (["model.transformer_overrides={use_te_rng_tracker: true}"],
