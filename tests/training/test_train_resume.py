@@ -155,3 +155,26 @@ def test_expert_parallel_on_off_change_is_refused_clearly(tmp_path, straight):
                        "parallel.expert=1"])
     assert result.returncode != 0
     assert "cannot be loaded into this one" in result.stderr
+
+
+def test_resume_switches_between_per_expert_and_grouped_experts(tmp_path, straight):
+    """Checkpoints interchange between the two expert implementations: saved with per-expert
+    GEMMs (LocalExperts), resumed with grouped experts (GroupedExperts), saved, resumed per
+    expert again.  Both give the same bits, so every step equals the straight run's; with the
+    distributed optimizer (state in gradient-buffer order) the switch is refused by name."""
+    run_dir = tmp_path / "switch"
+    for grouped, stop in (("false", 8), ("true", 16), ("false", 0)):
+        result = torchrun([f"run_dir={run_dir}", *COMMON, f"model.moe.grouped_gemm={grouped}",
+                           f"train.exit_interval={stop}"])
+        check(result)
+    assert f"resumed from {run_dir}/checkpoints/step_{16:07d}" in result.stdout
+    a, b = metrics(straight), metrics(run_dir)
+    for step in range(1, STEPS + 1):
+        assert (a[step]["loss"], a[step]["grad_norm"]) == (b[step]["loss"], b[step]["grad_norm"])
+    distributed = tmp_path / "distributed"
+    opt = ["optimizer.distributed=true"]
+    check(torchrun([f"run_dir={distributed}", *COMMON, *opt, "model.moe.grouped_gemm=false",
+                    "train.exit_interval=4"]))
+    result = torchrun([f"run_dir={distributed}", *COMMON, *opt, "model.moe.grouped_gemm=true"])
+    assert result.returncode != 0
+    assert "resume with model.moe.grouped_gemm=false" in result.stderr
