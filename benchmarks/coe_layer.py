@@ -15,7 +15,9 @@ at other tokens per rank (--tokens-sweep); and what recomputing the whole MoE/Co
 backward (train.recompute=moe), or only each iteration's expert MLPs (train.recompute=experts),
 costs in time and gives back in saved activations (kept after
 the forward, and peak over forward + backward, the recomputed forward included); and on CPU the
-local spec's LocalExperts against Megatron's SequentialMLP forward.  Results go
+local spec's LocalExperts against Megatron's SequentialMLP forward; and grouped-GEMM experts
+(model.moe.grouped_gemm: GroupedExperts on CPU, TEGroupedMLP with TE) against one GEMM per
+expert (LocalExperts on CPU, SequentialMLP with TE), alternated --overlap-repeat times.  Results go
 to ``--out`` as JSON.  Nothing here passes or fails: these are measurements.
 """
 
@@ -35,10 +37,10 @@ PAIRS = [  # (name, iterations, topk) ; CoE first, MoE at the same expert passes
     ("CoE-2(8/64) vs MoE(16/64)", (2, 8), (1, 16)),
 ]
 SCALING = [(c, 2) for c in (1, 2, 3, 4)]  # time vs C at fixed k
-SECTIONS = ["pairs", "scaling", "overlap", "tokens", "recompute", "experts"]
+SECTIONS = ["pairs", "scaling", "overlap", "tokens", "recompute", "experts", "grouped"]
 
 
-def make_config(args, iterations, topk, overlap=False, recompute="none"):
+def make_config(args, iterations, topk, overlap=False, recompute="none", grouped=None):
     from megatron_coe.config import config_from_dict
 
     return config_from_dict({
@@ -48,7 +50,8 @@ def make_config(args, iterations, topk, overlap=False, recompute="none"):
                           "expert_hidden_size": args.expert_hidden,
                           "shared_expert_hidden_size": None if args.no_shared_expert
                           else args.expert_hidden,
-                          "aux_loss": "seq_aux_loss", "grouped_gemm": args.device == "cuda"},
+                          "aux_loss": "seq_aux_loss",
+                          "grouped_gemm": args.device == "cuda" if grouped is None else grouped},
                   "coe": {"iterations": iterations}},
         "parallel": {"expert": args.ep, "overlap_expert_comm": bool(overlap) and args.ep > 1},
         "train": {"recompute": recompute},
@@ -187,7 +190,7 @@ def run(args):
 
     ep = args.ep
     res = {"pairs": [], "scaling_with_C": [], "overlap": [], "tokens_sweep": [], "recompute": [],
-           "experts": []}
+           "experts": [], "grouped": []}
     want = set(args.sections)
     for name, coe, moe in PAIRS if "pairs" in want else ():
         times, a2a, acts = bench(args, [make_config(args, *coe), make_config(args, *moe)])
@@ -231,6 +234,11 @@ def run(args):
         configs = [make_config(args, *shape) for shape in (coe, moe) for _ in (0, 1)]
         times, _, _ = bench(args, configs, megatron_experts=(0, 2))
         res["experts"].append(side_by_side(times, "megatron", "local"))
+    if "grouped" in want:  # per-expert GEMMs (LocalExperts / SequentialMLP) against grouped
+        configs = [make_config(args, *shape, grouped=g) for shape in (coe, moe)
+                   for g in (False, True)]
+        times, _, _ = bench(args, configs, repeat=args.overlap_repeat)
+        res["grouped"].append(side_by_side(times, "loop", "grouped"))
     dist.barrier()
     parallel.destroy()
     return res
@@ -265,6 +273,9 @@ def report(res, ep):
     for r in res["experts"]:
         print(f"EP={ep} experts, SequentialMLP -> LocalExperts: "
               f"{side_by_side_line(r, 'megatron', 'local')}")
+    for r in res["grouped"]:
+        print(f"EP={ep} experts, one GEMM per expert -> grouped GEMM: "
+              f"{side_by_side_line(r, 'loop', 'grouped')}")
 
 
 def main(argv=None):
@@ -282,7 +293,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--overlap-repeat", type=int, default=20,
-                   help="timed runs of each layer in the overlap comparison (EP > 1)")
+                   help="timed runs of each layer in the overlap comparison (EP > 1) and the "
+                        "grouped-GEMM one")
     p.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS,
                    help="which comparisons to run (default: all)")
     p.add_argument("--out", default="benchmarks/results/coe_layer.json")

@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_coe import cpu, safe_reader
-from megatron_coe.config import Config
+from megatron_coe.config import Config, grouped_experts
 
 META = "coe_meta.json"
 FORMAT = 1  # of coe_meta.json
@@ -248,6 +248,7 @@ def _start_save(root: Path, step: int, model, optimizer, scheduler, config: Conf
         "scheduler": scheduler.state_dict(),
         "adam_steps": _adam_steps(optimizer),
         "model": model_definition(config),
+        "grouped_experts": grouped_experts(config),
         "parallel": asdict(config.parallel),
         "optimizer": {"lr": o.lr, "min_lr": o.min_lr},
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
@@ -547,6 +548,19 @@ def schedule_changes(saved: dict, scheduler) -> list[str]:
             if key in saved and saved[key] != getattr(scheduler, key)]
 
 
+def _check_optimizer_layout(meta: dict, config: Config, path: Path) -> None:
+    """The distributed optimizer saves its state in the order of Megatron's gradient buffers,
+    which differs between per-expert and grouped (stacked) expert weights; the plain optimizer's
+    state is keyed by parameter and resumes across the two (weights always do)."""
+    saved = meta.get("grouped_experts")  # absent in checkpoints from before the setting
+    if config.optimizer.distributed and saved is not None and saved != grouped_experts(config):
+        raise CheckpointError(
+            f"checkpoint {path} holds distributed-optimizer state laid out for "
+            f"{'grouped' if saved else 'per-expert'} experts; resume with "
+            f"model.moe.grouped_gemm={str(saved).lower()} (or from a run with "
+            "optimizer.distributed=false, whose state moves between the two)")
+
+
 def set_aside_newer(root: Path, step: int) -> list[Path]:
     """After an explicit roll-back to ``step``: move the abandoned run's later checkpoints to
     ``root/abandoned/`` (kept, not deleted), so neither auto-resume nor pruning mistakes them
@@ -694,6 +708,7 @@ def load(path: Path, model, optimizer, scheduler, config: Config) -> dict:
     meta = read_meta(path)
     check_compatible(meta, config, path)
     check_optimizer(meta, config, path)
+    _check_optimizer_layout(meta, config, path)
     _prime_adam_state(optimizer)
     state = _read_sharded(path, _sharded_state(model, optimizer, config, is_loading=True))
     try:

@@ -92,7 +92,51 @@ class MoEConfig:
     pad_to_capacity: bool = False
     drop_policy: str = "probs"
     dispatcher: str = "alltoall"
-    grouped_gemm: bool = False
+    # Grouped-GEMM experts: all local experts of each linear in one weight, run as one grouped
+    # matrix multiply (Transformer Engine spec: Megatron's TEGroupedMLP; local spec:
+    # megatron_coe.model.grouped_experts.GroupedExperts).  false: one GEMM per expert
+    # (SequentialMLP / LocalExperts).  null (auto): see grouped_experts().
+    grouped_gemm: Optional[bool] = None
+
+
+# TransformerConfig fields (model.transformer_overrides) whose feature the local spec's lean
+# experts (LocalExperts' forward, GroupedExperts) do not implement; a value other than
+# None/False turns them off (model/experts.py: unsupported_setting).
+LEAN_EXPERTS_UNSUPPORTED = {
+    "fp8": "FP8", "fp4": "FP4", "add_bias_linear": "linear biases",
+    "moe_apply_probs_on_input": "probabilities on the input",
+    "use_te_activation_func": "Transformer Engine activations",
+    "bias_activation_fusion": "fused bias-activation", "activation_func_clamp_value": "clamped GLU",
+    "cpu_offloading": "CPU offloading", "gradient_accumulation_fusion": "gradient-accumulation fusion",
+}
+
+
+def grouped_experts(config: "Config") -> bool:
+    """Whether MoE/CoE layers use grouped-GEMM experts (model.moe.grouped_gemm, resolved).
+
+    Explicit true/false is kept.  Auto (null): on CUDA yes (TEGroupedMLP with Transformer
+    Engine, GroupedExperts on the local spec).  On CPU yes where the local spec's grouped
+    experts apply (expert_tensor = 1, no override they do not implement): there one grouped
+    call per linear is not slower than LocalExperts' per-expert loop (docs/performance.md,
+    "Grouped-GEMM experts")."""
+    moe = config.model.moe
+    if moe is None:
+        return False
+    if moe.grouped_gemm is not None:
+        return moe.grouped_gemm
+    if config.device == "cuda":
+        return True
+    return _lean_experts_blocker(config) is None
+
+
+def _lean_experts_blocker(config: "Config") -> str | None:
+    """What keeps the local spec's grouped experts from running, named, or None."""
+    if config.parallel.expert_tensor > 1:
+        return f"parallel.expert_tensor={config.parallel.expert_tensor} (expert tensor parallelism)"
+    for key, what in LEAN_EXPERTS_UNSUPPORTED.items():
+        if config.model.transformer_overrides.get(key) not in (None, False):
+            return f"model.transformer_overrides.{key} ({what})"
+    return None
 
 
 @dataclass
@@ -498,6 +542,12 @@ def validate(config: Config, world_size: int | None = None) -> None:
         )
     if m.moe is not None:
         _validate_moe(m.moe, config.parallel)
+        blocker = _lean_experts_blocker(config)
+        if m.moe.grouped_gemm and config.device == "cpu" and blocker is not None:
+            raise ValueError(
+                f"model.moe.grouped_gemm=true: the local spec's grouped experts do not "
+                f"implement {blocker}; set model.moe.grouped_gemm=false (per-expert GEMMs) or "
+                "null (auto)")
     if m.coe is not None:
         _validate_coe(m.coe)
     _validate_transformer_overrides(m)

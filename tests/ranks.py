@@ -30,6 +30,22 @@ def global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
                   lambda m: f"local_experts.{ep_rank * num_local + int(m.group(1))}.", name)
 
 
+def named_grads(module) -> dict:
+    """Each parameter's gradient by name; grouped experts' stacks ``fc1_weight`` [E, ...] are
+    split into SequentialMLP's per-expert names (``local_experts.{e}.linear_fc1.weight``, as in
+    their state dict), so both expert implementations compare under the same names."""
+    out = {}
+    for name, p in module.named_parameters():
+        m = re.fullmatch(r"(.*)fc([12])_weight", name)
+        if m is None:
+            out[name] = p.grad
+            continue
+        for e in range(p.shape[0]):
+            out[f"{m.group(1)}local_experts.{e}.linear_fc{m.group(2)}.weight"] = (
+                None if p.grad is None else p.grad[e])
+    return out
+
+
 def _entry(rank, world_size, port, fn, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -18,7 +18,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_coe import parallel
-from megatron_coe.config import CoEConfig, Config, te_only_overrides
+from megatron_coe.config import CoEConfig, Config, grouped_experts, te_only_overrides
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.router_stats import install_tracker
 from megatron_coe.model.spec import coe_block_spec
@@ -76,7 +76,7 @@ def transformer_config(config: Config) -> TransformerConfig:
             moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
             moe_token_drop_policy=moe.drop_policy,
             moe_token_dispatcher_type=moe.dispatcher,
-            moe_grouped_gemm=moe.grouped_gemm,
+            moe_grouped_gemm=grouped_experts(config),
             moe_permute_fusion=False,
             moe_router_dtype="fp32",
             moe_layer_freq=[0 if i in m.dense_layers else 1 for i in range(m.num_layers)],
@@ -227,11 +227,12 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
 
 
 def _coe(config: Config) -> CoEConfig | None:
-    """The CoE section; an MoE model asking for the overlapped schedule or for expert recompute
-    gets CoE layers with C = 1 (the same layer as Megatron's MoELayer, with this package's
-    dispatcher)."""
+    """The CoE section; an MoE model asking for the overlapped schedule, for expert recompute
+    or (on CPU, the local spec) for grouped experts gets CoE layers with C = 1 (the same layer
+    as Megatron's MoELayer, with this package's dispatcher and experts)."""
     if config.model.coe is None and (config.parallel.overlap_expert_comm
-                                     or config.train.recompute == "experts"):
+                                     or config.train.recompute == "experts"
+                                     or config.device == "cpu" and grouped_experts(config)):
         return CoEConfig(iterations=1)
     return config.model.coe
 

@@ -32,6 +32,31 @@ import torch.nn.modules.module as nn_hooks
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from megatron_coe.config import LEAN_EXPERTS_UNSUPPORTED
+
+
+def unsupported_setting(config, expert_tp_size: int) -> str | None:
+    """The first setting that the lean expert forwards (LocalExperts here, GroupedExperts in
+    grouped_experts.py) do not implement, named; None when they apply."""
+    if expert_tp_size > 1:
+        return "expert tensor parallelism (expert_tensor_parallel_size > 1)"
+    for field, what in LEAN_EXPERTS_UNSUPPORTED.items():
+        if getattr(config, field, None) not in (None, False):
+            return f"{what} ({field})"
+    return None
+
+
+def scaled_activation(config, z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """A * p from Z = X W1^T, rows of any experts: A = act(Z[:, :F]) * (Z[:, F:] + offset)
+    gated, act(Z) otherwise; each row scaled by its routing probability, in A's dtype."""
+    c = config
+    if c.gated_linear_unit:
+        z_act, z_lin = torch.chunk(z, 2, dim=-1)
+        a = c.activation_func(z_act) * (z_lin + c.glu_linear_offset)
+    else:
+        a = c.activation_func(z)
+    return (a * probs.unsqueeze(-1)).to(a.dtype)
+
 
 class _Linear(torch.autograd.Function):
     """Y = X W^T; backward as Megatron's LinearWithGradAccumulationAndAsyncCommunication
@@ -55,20 +80,12 @@ class _Linear(torch.autograd.Function):
 class LocalExperts(SequentialMLP):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        c = self.config
         first = self.local_experts[0] if len(self.local_experts) else None
         self._lean = (
             first is not None
             and type(first.linear_fc1) is ColumnParallelLinear  # Megatron's own, not TE's
             and type(first.linear_fc2) is RowParallelLinear
-            and not (c.fp8 or c.fp4)
-            and self.tp_group.size() == 1
-            and not c.add_bias_linear
-            and not c.moe_apply_probs_on_input
-            and not c.use_te_activation_func
-            and not c.bias_activation_fusion
-            and c.activation_func_clamp_value is None
-            and not c.cpu_offloading
+            and unsupported_setting(self.config, self.tp_group.size()) is None
             and not first.linear_fc1.gradient_accumulation_fusion
             and not first.linear_fc2.gradient_accumulation_fusion
             and getattr(first.linear_fc1, "gtp_remat_size", 1) == 1
@@ -104,11 +121,6 @@ class LocalExperts(SequentialMLP):
         out = []
         for expert, x, p in zip(self.local_experts, rows, probs):
             z = _Linear.apply(x, expert.linear_fc1.weight)
-            if c.gated_linear_unit:
-                z_act, z_lin = torch.chunk(z, 2, dim=-1)
-                a = c.activation_func(z_act) * (z_lin + c.glu_linear_offset)
-            else:
-                a = c.activation_func(z)
-            a = (a * p.unsqueeze(-1)).to(a.dtype)
+            a = scaled_activation(c, z, p)
             out.append(_Linear.apply(a, expert.linear_fc2.weight))
         return torch.cat(out, dim=0), None

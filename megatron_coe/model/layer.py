@@ -199,6 +199,8 @@ class CoELayer(MoELayer):
                 out, bias = experts(rows, counts, probs)
             finally:
                 experts.local_experts, experts.num_local_experts = every, n
+        elif (lo, hi) == (0, n):  # as the dispatcher gave them (on the device, if there)
+            out, bias = experts(rows, counts, probs)
         else:
             tokens_per_expert = torch.zeros(n, dtype=torch.long)
             tokens_per_expert[lo:hi] = counts

@@ -7,9 +7,13 @@ and make the layer a :class:`CoETransformerLayer` (which only differs in "refere
 mode).  Attention (standard or MLA), norms and experts are Megatron's own, whichever backend, except
 in the local spec: core attentions it lacks (MLA's head dims, context parallelism), the fused
 core attention (:class:`~megatron_coe.model.fused_attention.FusedDotProductAttention`, torch's
-scaled_dot_product_attention) where it applies, and SequentialMLP's lean subclass
-:class:`~megatron_coe.model.experts.LocalExperts` (same parameters and results, less per-expert
-framework overhead).
+scaled_dot_product_attention) where it applies, and the experts: with ``moe_grouped_gemm``
+(model.moe.grouped_gemm, resolved by ``config.grouped_experts``)
+:class:`~megatron_coe.model.grouped_experts.GroupedExperts` (stacked weights, grouped GEMMs; the
+Transformer Engine spec picks Megatron's TEGroupedMLP for the same flag), otherwise
+SequentialMLP's lean subclass :class:`~megatron_coe.model.experts.LocalExperts` (same parameters
+and results, less per-expert framework overhead).  Both give SequentialMLP's results and read and
+write its checkpoints.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from megatron_coe.config import CoEConfig
 from megatron_coe.model.cp_attention import ContextParallelAttention
 from megatron_coe.model.experts import LocalExperts
 from megatron_coe.model.fused_attention import FusedDotProductAttention, fused_attention_applies
+from megatron_coe.model.grouped_experts import GroupedExperts
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.model.transformer_layer import CoETransformerLayer
 
@@ -66,9 +71,11 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
             experts = keywords["submodules"].experts
             if (not use_transformer_engine and isinstance(experts, functools.partial)
                     and experts.func is SequentialMLP):
+                # Megatron's local spec ignores moe_grouped_gemm (SequentialMLP either way)
+                local = GroupedExperts if transformer_config.moe_grouped_gemm else LocalExperts
                 keywords["submodules"] = dataclasses.replace(
                     keywords["submodules"],
-                    experts=functools.partial(LocalExperts, *experts.args, **experts.keywords))
+                    experts=functools.partial(local, *experts.args, **experts.keywords))
             coe_mlp = functools.partial(
                 CoELayer,
                 *mlp.args,

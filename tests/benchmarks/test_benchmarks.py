@@ -33,6 +33,8 @@ def test_layer_benchmark_counts_the_closed_form_all_to_all(tmp_path):
     assert [a["calls"] for a in overlap["a2a"]] == [8, 16, 4, 8]  # two halves per exchange
     (experts,) = ep2["experts"]  # LocalExperts and SequentialMLP both timed
     assert set(experts["median_s"]) == {"coe_local", "coe_megatron", "moe_local", "moe_megatron"}
+    (grouped,) = ep2["grouped"]  # per-expert GEMMs and grouped GEMMs both timed
+    assert set(grouped["median_s"]) == {"coe_loop", "coe_grouped", "moe_loop", "moe_grouped"}
     kept = {r["layer"]: r["kept"] for r in ep2["recompute"]}
     assert kept["CoE-2(4/64) + recompute"] < kept["CoE-2(4/64)"] / 4
     assert kept["CoE-2(4/64) + recompute"] < kept["CoE-2(4/64) + expert recompute"]

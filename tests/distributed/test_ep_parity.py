@@ -16,16 +16,17 @@ rank that owns the expert; bytes = rows x (hidden + prob) bytes.
 import pytest
 import torch
 
-from ranks import DEVICES, global_expert_name, run_ranks
+from ranks import DEVICES, global_expert_name, named_grads, run_ranks
 
 S, B, H, N, K, C = 8, 2, 16, 8, 2, 2
 
 
-def make_config(ep, capacity_factor=None, pad=False, shared=True, iterations=C, device="cpu"):
+def make_config(ep, capacity_factor=None, pad=False, grouped=None, shared=True, iterations=C,
+                device="cpu"):
     from megatron_coe.config import config_from_dict
 
     moe = {"num_experts": N, "topk": K, "expert_hidden_size": 12, "aux_loss": "none",
-           "capacity_factor": capacity_factor, "pad_to_capacity": pad}
+           "capacity_factor": capacity_factor, "pad_to_capacity": pad, "grouped_gemm": grouped}
     if shared:
         moe["shared_expert_hidden_size"] = 8
     return config_from_dict({
@@ -53,11 +54,11 @@ def load_local(layer, weights, ep_rank, num_local):
     layer.load_state_dict(state, strict=False)
 
 
-def _ep1(rank, world, path, capacity_factor, pad, device):
+def _ep1(rank, world, path, capacity_factor, pad, grouped, device):
     from megatron_coe.model import build_moe_layer
 
     torch.manual_seed(0)
-    layer = build_moe_layer(make_config(1, capacity_factor, pad, device=device))
+    layer = build_moe_layer(make_config(1, capacity_factor, pad, grouped, device=device))
     x = torch.randn(S, 2 * B, H).to(device)
     gy = torch.randn(S, 2 * B, H).to(device)
     xs = x.clone().requires_grad_(True)
@@ -67,16 +68,18 @@ def _ep1(rank, world, path, capacity_factor, pad, device):
         y = torch.cat([layer(xs[:, r * B:(r + 1) * B].contiguous())[0] for r in range(2)], dim=1)
     (y * gy).sum().backward()
     torch.save({"weights": global_weights(layer), "x": x, "gy": gy, "y": y.detach(),
-                "gx": xs.grad, "grads": {n: p.grad for n, p in layer.named_parameters()}}, path)
+                "gx": xs.grad, "grads": named_grads(layer)}, path)
 
 
-def _ep2(rank, world, path, capacity_factor, pad, device):
+def _ep2(rank, world, path, capacity_factor, pad, grouped, device):
     import torch.distributed as dist
 
     from megatron_coe.model import build_moe_layer
+    from megatron_coe.model.grouped_experts import GroupedExperts
     from reference import coe_forward, max_rel_err
 
-    layer = build_moe_layer(make_config(2, capacity_factor, pad, device=device))
+    layer = build_moe_layer(make_config(2, capacity_factor, pad, grouped, device=device))
+    assert isinstance(layer.experts, GroupedExperts) == (grouped is not False)
     ref = torch.load(path, weights_only=True, map_location=next(layer.parameters()).device)
     num_local = N // 2
     load_local(layer, ref["weights"], rank, num_local)
@@ -90,8 +93,8 @@ def _ep2(rank, world, path, capacity_factor, pad, device):
 
     assert max_rel_err(y.detach(), ref["y"][:, sl]) <= 1e-5
     assert max_rel_err(x.grad, ref["gx"][:, sl]) <= 1e-5
-    for name, p in layer.named_parameters():
-        g = p.grad.clone()
+    for name, g in named_grads(layer).items():
+        g = g.clone()
         if not name.startswith("experts."):  # replicated: each rank holds its tokens' share
             dist.all_reduce(g)
         src = global_expert_name(name, rank, num_local)
@@ -138,10 +141,14 @@ def _ep2(rank, world, path, capacity_factor, pad, device):
         assert back.sent_rows == d.recv_rows and back.calls == 1
 
 
-@pytest.mark.parametrize("capacity_factor,pad", [(None, False), (0.75, False), (0.75, True)],
-                         ids=["dropless", "capacity0.75", "capacity0.75-padded"])
+@pytest.mark.parametrize("capacity_factor,pad,grouped",
+                         [(None, False, None), (0.75, False, None), (0.75, True, None),
+                          (None, False, False)],
+                         ids=["dropless", "capacity0.75", "capacity0.75-padded",
+                              "dropless-per-expert-gemms"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_ep2_matches_ep1(tmp_path, capacity_factor, pad, device):
+def test_ep2_matches_ep1(tmp_path, capacity_factor, pad, grouped, device):
+    """model.moe.grouped_gemm left to auto: grouped experts; false: LocalExperts."""
     path = str(tmp_path / "ep1.pt")
-    run_ranks(_ep1, 1, path, capacity_factor, pad, device)
-    run_ranks(_ep2, 2, path, capacity_factor, pad, device)
+    run_ranks(_ep1, 1, path, capacity_factor, pad, grouped, device)
+    run_ranks(_ep2, 2, path, capacity_factor, pad, grouped, device)

@@ -5,7 +5,7 @@ rank (EP = 1): per-token losses, and every gradient (replicated ones summed over
 import torch
 
 from ranks import global_expert_name as _global_name
-from ranks import run_ranks
+from ranks import named_grads, run_ranks
 
 B, SEQ, V, N = 2, 16, 64, 8
 
@@ -37,7 +37,7 @@ def _ep1(rank, world, path, residual):
     losses.sum().backward()
     state = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
     torch.save({"state": state, "tokens": tokens, "losses": losses.detach(),
-                "grads": {n: p.grad for n, p in model.named_parameters()}}, path)
+                "grads": named_grads(model)}, path)
 
 
 def _ep2(rank, world, path, residual):
@@ -61,9 +61,9 @@ def _ep2(rank, world, path, residual):
     losses.sum().backward()
     assert torch.isfinite(losses).all()
     assert max_rel_err(losses.detach(), ref["losses"][rank * B:(rank + 1) * B]) <= 1e-5
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        g = p.grad.clone()
+    for name, g in named_grads(model).items():
+        assert g is not None and torch.isfinite(g).all(), name
+        g = g.clone()
         if "local_experts" not in name:
             dist.all_reduce(g)
         err = rel_norm_err(g, ref["grads"][_global_name(name, rank, num_local)])

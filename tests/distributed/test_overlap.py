@@ -17,11 +17,12 @@ S, B, H = 8, 2, 16
 
 
 def make_config(overlap, iterations, num_experts, shared, capacity_factor, recompute="none",
-                device="cpu"):
+                device="cpu", grouped=None):
     from megatron_coe.config import config_from_dict
 
     moe = {"num_experts": num_experts, "topk": 2, "expert_hidden_size": 12,
-           "aux_loss": "seq_aux_loss", "z_loss_coeff": 1e-3, "capacity_factor": capacity_factor}
+           "aux_loss": "seq_aux_loss", "z_loss_coeff": 1e-3, "capacity_factor": capacity_factor,
+           "grouped_gemm": grouped}
     if shared:
         moe["shared_expert_hidden_size"] = 8
     return config_from_dict({
@@ -34,17 +35,21 @@ def make_config(overlap, iterations, num_experts, shared, capacity_factor, recom
 
 
 def _compare(rank, world, device, iterations, num_experts, shared, capacity_factor, overlap=True,
-             recompute="none"):
+             recompute="none", grouped=None):
     """The plain schedule against ``overlap`` / ``recompute`` (the overlapped schedule, and
-    train.recompute=experts: each iteration's expert MLPs recomputed in backward)."""
+    train.recompute=experts: each iteration's expert MLPs recomputed in backward), both with
+    the experts ``grouped`` selects (auto: grouped GEMMs on CPU; false: LocalExperts)."""
     import torch.distributed as dist
 
     from megatron_coe.model import build_moe_layer
+    from megatron_coe.model.grouped_experts import GroupedExperts
 
     args = (iterations, num_experts, shared, capacity_factor)
     torch.manual_seed(0)
-    plain = build_moe_layer(make_config(False, *args, device=device))
-    overlapped = build_moe_layer(make_config(overlap, *args, recompute=recompute, device=device))
+    plain = build_moe_layer(make_config(False, *args, device=device, grouped=grouped))
+    overlapped = build_moe_layer(make_config(overlap, *args, recompute=recompute, device=device,
+                                             grouped=grouped))
+    assert isinstance(overlapped.experts, GroupedExperts) == (grouped is not False)
     overlapped.load_state_dict(plain.state_dict())
     assert overlapped.overlap == overlap and not plain.overlap
     assert overlapped.recompute_experts == (recompute == "experts")
@@ -83,14 +88,17 @@ def _compare(rank, world, device, iterations, num_experts, shared, capacity_fact
 
 
 @pytest.mark.parametrize(
-    "iterations,num_experts,shared,capacity_factor",
-    [(2, 8, True, None), (3, 4, False, 0.75), (1, 8, True, None)],
-    ids=["coe2-shared-dropless", "coe3-2local-capacity0.75", "moe-shared"],
+    "iterations,num_experts,shared,capacity_factor,grouped",
+    [(2, 8, True, None, None), (3, 4, False, 0.75, None), (1, 8, True, None, None),
+     (2, 8, True, None, False)],
+    ids=["coe2-shared-dropless", "coe3-2local-capacity0.75", "moe-shared",
+         "coe2-shared-dropless-per-expert-gemms"],
 )
 @pytest.mark.parametrize("device", DEVICES)
 def test_overlapped_schedule_is_bit_identical(iterations, num_experts, shared, capacity_factor,
-                                              device):
-    run_ranks(_compare, 2, device, iterations, num_experts, shared, capacity_factor)
+                                              grouped, device):
+    run_ranks(_compare, 2, device, iterations, num_experts, shared, capacity_factor, True,
+              "none", grouped)
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "plain"])

@@ -14,8 +14,10 @@ S, B, H = 6, 3, 32
 
 def make_config(iterations, residual, router, shared, capacity_factor=None, aux="none",
                 device="cpu"):
+    # per-expert weights (LocalExperts), addressed below as parameters; grouped experts equal
+    # LocalExperts bit for bit in the same layer (tests/layer/test_grouped_experts.py)
     moe = {"num_experts": 8, "topk": 2, "expert_hidden_size": 24, "aux_loss": aux,
-           "capacity_factor": capacity_factor}
+           "capacity_factor": capacity_factor, "grouped_gemm": False}
     if shared:
         moe["shared_expert_hidden_size"] = 16
     return config_from_dict({
