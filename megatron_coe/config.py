@@ -124,8 +124,8 @@ def grouped_experts(config: "Config") -> bool:
         return False
     if moe.grouped_gemm is not None:
         return moe.grouped_gemm
-    if config.device == "cuda":
-        return True
+    if config.device == "cuda" and config.model.impl != "local":
+        return True  # TEGroupedMLP with Transformer Engine (auto may still resolve to local)
     return _lean_experts_blocker(config) is None
 
 
@@ -570,7 +570,7 @@ def _validate_fp8(config: Config) -> None:
                          f"(got {config.precision})")
     if f8.backend == "torch":
         moe = config.model.moe
-        if moe is None or not moe.grouped_gemm:
+        if moe is None or not grouped_experts(config):
             raise ValueError("fp8.backend=torch quantizes the grouped experts of the local spec: "
                              "it needs model.moe with model.moe.grouped_gemm=true")
         if f8.format != "e4m3":

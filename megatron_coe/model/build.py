@@ -86,10 +86,7 @@ def transformer_config(config: Config) -> TransformerConfig:
                       recompute_num_layers=1)
     elif config.train.recompute == "moe":
         kwargs.update(recompute_granularity="selective", recompute_modules=["moe"])
-    if config.fp8.enabled and config.fp8.backend == "torch":
-        raise RuntimeError("fp8.backend=torch: the grouped experts do not call "
-                           "megatron_coe/model/fp8.py yet; use fp8.backend=transformer_engine")
-    if config.fp8.enabled:
+    if config.fp8.enabled and config.fp8.backend == "transformer_engine":
         f8 = config.fp8
         kwargs.update(fp8=f8.format, fp8_recipe=f8.recipe,
                       fp8_amax_history_len=f8.amax_history_len,
@@ -194,7 +191,8 @@ def build_model(config: Config) -> GPTModel:
         config=tf_config,
         transformer_layer_spec=coe_block_spec(tf_config, _coe(config), te,
                                               config.parallel.overlap_expert_comm,
-                                              config.train.recompute == "experts"),
+                                              config.train.recompute == "experts",
+                                              expert_fp8_recipe=expert_fp8_recipe(config)),
         vocab_size=config.model.vocab_size,
         max_sequence_length=config.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -217,13 +215,21 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     install_tracker()
     coe = None if stock_megatron else (config.model.coe or CoEConfig(iterations=1))
     block = coe_block_spec(tf_config, coe, te, config.parallel.overlap_expert_comm,
-                           config.train.recompute == "experts" and not stock_megatron)
+                           config.train.recompute == "experts" and not stock_megatron,
+                           expert_fp8_recipe=None if stock_megatron else expert_fp8_recipe(config))
     moe_index = next(i for i in range(config.model.num_layers) if i not in config.model.dense_layers)
     layer = block.layer_specs[moe_index].submodules.mlp(
         config=tf_config, pg_collection=None, is_mtp_layer=False
     )
     layer.set_layer_number(layer_number)
     return layer.to(device)
+
+
+def expert_fp8_recipe(config: Config) -> str | None:
+    """fp8.recipe for the grouped experts' torch FP8 GEMMs (fp8.backend: torch), else None.
+    Megatron's own fp8 settings stay off then: they mean Transformer Engine layers."""
+    f8 = config.fp8
+    return f8.recipe if f8.enabled and f8.backend == "torch" else None
 
 
 def _coe(config: Config) -> CoEConfig | None:

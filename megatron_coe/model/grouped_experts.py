@@ -63,8 +63,12 @@ each GroupedLinear ``weight{i}`` from ``TEGroupedLinear._sharded_state_dict_grou
 fc1, so its weights load here (by reasoning from that code; TE is not installed here).  Its
 per-expert ``_extra_state`` (FP8 metadata) is read and ignored, as SequentialMLP does.
 
+FP8.  With ``fp8.backend: torch`` both linears run as FP8 grouped GEMMs (``model/fp8.py``:
+each call quantizes its activations and the weights from their own amax; dW in the activations'
+precision), on bf16 master weights.  Megatron's (Transformer Engine's) FP8 settings are off then.
+
 Not implemented (construction raises; config.validate() names them first): expert tensor
-parallelism, FP8/FP4, linear biases, probabilities on the input, TE or fused activations,
+parallelism, Transformer Engine FP8/FP4, linear biases, probabilities on the input, TE or fused activations,
 clamped GLU, CPU offloading, gradient-accumulation fusion.  LocalExperts covers those.
 """
 
@@ -186,7 +190,7 @@ class GroupedExperts(MegatronModule):
     ``forward(rows, tokens_per_expert, probs) -> (output, None)``); see the module docstring."""
 
     def __init__(self, num_local_experts: int, config, submodules, pg_collection=None,
-                 name: str | None = None):
+                 name: str | None = None, fp8_recipe: str | None = None):
         if config.moe_ffn_hidden_size != config.ffn_hidden_size:
             # as SequentialMLP: Megatron's MLP sizes fc2's input by config.ffn_hidden_size
             config = deepcopy(config)
@@ -195,6 +199,8 @@ class GroupedExperts(MegatronModule):
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
         self.num_local_experts = num_local_experts
+        # fp8.backend: torch: both linears' GEMMs in FP8 with this recipe (model/fp8.py)
+        self.fp8_recipe = fp8_recipe
         self.ep_group = pg_collection.ep
         self.tp_group = pg_collection.expt_tp
         self.dp_group = pg_collection.expt_dp
@@ -224,6 +230,8 @@ class GroupedExperts(MegatronModule):
         shape = permuted_local_hidden_states.shape
         x = _ready(permuted_local_hidden_states.reshape(-1, shape[-1]))
         w1, w2 = self.fc1_weight, self.fc2_weight
+        if self.fp8_recipe is not None:
+            return self._fp8_forward(x, tokens_per_expert, permuted_probs, shape), None
         offs = counts = None
         if self._grouped(x):
             if not torch.is_tensor(tokens_per_expert):
@@ -237,6 +245,18 @@ class GroupedExperts(MegatronModule):
         a = scaled_activation(self.config, z, permuted_probs.reshape(-1))
         y = _GroupedLinear.apply(a, w2, offs, counts)
         return y.reshape(*shape[:-1], y.shape[-1]), None
+
+    def _fp8_forward(self, x, tokens_per_expert, permuted_probs, shape):
+        """The same math with both linears as FP8 grouped GEMMs (fp8.backend: torch): each
+        call quantizes its own activations and the weights from their amax (no state carried
+        between calls, so a CoE layer's C calls need no care); dW in the activations'
+        precision, master weights and gradients in bf16 (model/fp8.py)."""
+        from megatron_coe.model.fp8 import fp8_grouped_linear
+
+        z = fp8_grouped_linear(x, self.fc1_weight, tokens_per_expert, self.fp8_recipe)
+        a = scaled_activation(self.config, z, permuted_probs.reshape(-1))
+        y = fp8_grouped_linear(a, self.fc2_weight, tokens_per_expert, self.fp8_recipe)
+        return y.reshape(*shape[:-1], y.shape[-1])
 
     def _grouped(self, x: torch.Tensor) -> bool:
         """grouped_mm for these operands, else the per-expert loop (see the docstring).  Every

@@ -37,7 +37,7 @@ from megatron_coe.model.transformer_layer import CoETransformerLayer
 
 def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_engine: bool,
                    overlap: bool = False, recompute_experts: bool = False,
-                   fused_attention: bool = True):
+                   fused_attention: bool = True, expert_fp8_recipe: str | None = None):
     """Decoder block spec for ``transformer_config``; MoE layers become CoE layers when
     ``coe`` is given (C = 1 included: then it equals Megatron's MoE layer).  ``overlap``
     selects the overlapped expert-parallel schedule (``parallel.overlap_expert_comm``);
@@ -45,7 +45,8 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
     (``train.recompute: experts``); the local spec's core attention is the fused one where
     it applies (not with context parallelism, which keeps its own) unless ``fused_attention``
     is False: on CPU too, where torch's kernels measured faster than the unfused attention
-    and a run's losses equal the unfused ones within float rounding (docs/performance.md)."""
+    and a run's losses equal the unfused ones within float rounding (docs/performance.md).
+    ``expert_fp8_recipe`` (fp8.backend: torch) runs the grouped experts' GEMMs in FP8."""
     block = get_gpt_decoder_block_spec(
         transformer_config,
         use_transformer_engine=use_transformer_engine,
@@ -73,9 +74,13 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
                     and experts.func is SequentialMLP):
                 # Megatron's local spec ignores moe_grouped_gemm (SequentialMLP either way)
                 local = GroupedExperts if transformer_config.moe_grouped_gemm else LocalExperts
+                extra = {"fp8_recipe": expert_fp8_recipe} if expert_fp8_recipe else {}
+                if extra and local is not GroupedExperts:
+                    raise ValueError("fp8.backend=torch runs the grouped experts' GEMMs in FP8: "
+                                     "set model.moe.grouped_gemm=true (or leave it null)")
                 keywords["submodules"] = dataclasses.replace(
                     keywords["submodules"],
-                    experts=functools.partial(local, *experts.args, **experts.keywords))
+                    experts=functools.partial(local, *experts.args, **experts.keywords, **extra))
             coe_mlp = functools.partial(
                 CoELayer,
                 *mlp.args,

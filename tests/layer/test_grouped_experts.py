@@ -308,3 +308,41 @@ def test_grouped_gemm_setting():
         make(True, "parallel.expert_tensor=2")
     with pytest.raises(ValueError, match="add_bias_linear.*grouped_gemm=false"):
         make(True, transformer_overrides=bias)
+
+
+def test_torch_fp8_backend_runs_every_iteration_in_fp8(monkeypatch):
+    """fp8.backend=torch: a CoE-2 layer's grouped experts run both linears through the FP8
+    grouped GEMM in every iteration (2 calls per iteration), and the layer's output and every
+    expert weight gradient stay within FP8 error of the same layer in bf16 (same weights)."""
+    from megatron_coe.model import build_moe_layer, fp8
+
+    def config(fp8_on):
+        return config_from_dict({
+            "precision": "bf16",
+            "fp8": {"enabled": fp8_on, "backend": "torch", "format": "e4m3",
+                    "recipe": "rowwise"},
+            "model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+                      "moe": {"num_experts": 8, "topk": 2, "expert_hidden_size": 32,
+                              "shared_expert_hidden_size": 16, "aux_loss": "none"},
+                      "coe": {"iterations": 2}}})
+
+    torch.manual_seed(0)
+    ref = build_moe_layer(config(False))
+    torch.manual_seed(0)
+    quant = build_moe_layer(config(True))
+    quant.load_state_dict(ref.state_dict())
+    assert quant.experts.fp8_recipe == "rowwise" and ref.experts.fp8_recipe is None
+    calls = []
+    real = fp8.fp8_grouped_linear
+    monkeypatch.setattr(fp8, "fp8_grouped_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(8, 2, 32, dtype=torch.bfloat16)
+    outs = []
+    for layer in (ref, quant):
+        y, _ = layer(x)
+        y.float().square().sum().backward()
+        outs.append((y.detach().float(), layer.experts.fc1_weight.grad.float(),
+                     layer.experts.fc2_weight.grad.float()))
+    assert len(calls) == 2 * 2
+    for a, b in zip(*outs):
+        assert torch.isfinite(b).all() and b.abs().sum() > 0
+        assert (a - b).norm() <= 0.1 * a.norm(), ((a - b).norm() / a.norm()).item()

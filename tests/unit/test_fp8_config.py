@@ -37,7 +37,8 @@ def test_delayed_scaling_is_kept_for_one_call_per_micro_batch(overrides):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["fp8.backend=torch"], "it needs model.moe with model.moe.grouped_gemm=true"),
+    (["fp8.backend=torch", "model.moe.grouped_gemm=false"],
+     "it needs model.moe with model.moe.grouped_gemm=true"),
     (["fp8.backend=torch", "model.moe.grouped_gemm=true", "fp8.format=e4m3",
       "fp8.recipe=delayed"], "fp8.recipe=delayed is a Transformer Engine recipe"),
     (["fp8.backend=torch", "model.moe.grouped_gemm=true"], "set fp8.format=e4m3"),
@@ -63,10 +64,13 @@ def test_torch_backend_runs_on_grouped_experts_on_any_device(recipe):
         assert config.fp8.backend == "torch"
 
 
-def test_torch_backend_is_not_built_before_the_grouped_experts_call_it():
-    from megatron_coe.model.build import transformer_config
+def test_torch_backend_leaves_megatron_fp8_off_and_reaches_the_grouped_experts():
+    """Megatron's fp8 settings mean Transformer Engine layers (fp8_autocast): off with the torch
+    backend, whose recipe goes to the grouped experts instead."""
+    from megatron_coe.model.build import expert_fp8_recipe, transformer_config
 
-    config = load_config(TINY, GPU + ["fp8.backend=torch", "model.moe.grouped_gemm=true",
-                                      "fp8.format=e4m3"])
-    with pytest.raises(RuntimeError, match="do not call megatron_coe/model/fp8.py yet"):
-        transformer_config(config)
+    config = load_config(TINY, GPU + ["fp8.backend=torch", "fp8.format=e4m3",
+                                      "fp8.recipe=rowwise"])
+    assert transformer_config(config).fp8 is None
+    assert expert_fp8_recipe(config) == "rowwise"
+    assert expert_fp8_recipe(load_config(TINY, GPU)) is None
