@@ -118,11 +118,10 @@ def _te_linears(module):
     return [m for m in module.modules() if isinstance(m, _TEWrapperLike)]
 
 
-@pytest.mark.parametrize("iterations,overlap", [(2, False), (3, False), (1, True), (2, True)])
-def test_every_call_adds_its_weight_gradient(iterations, overlap):
-    """main_grad of every expert / shared-expert weight = the gradient of the whole chain (the
-    sum over all calls), as autograd computes it with plain linears."""
-    config = make_config(iterations, overlap)
+def _forward_backward(config):
+    """The layer with TE-like expert linears and the same layer with plain linears (same
+    weights), after one forward + backward: (the TE-like layer, the plain layer's parameters by
+    name)."""
     torch.manual_seed(0)
     te = _build(config, True)
     plain = _build(config, False)
@@ -130,7 +129,14 @@ def test_every_call_adds_its_weight_gradient(iterations, overlap):
     x, gy = torch.randn(S, B, H), torch.randn(S, B, H)
     for layer in (te, plain):
         (layer(x)[0] * gy).sum().backward()
-    grads = dict(plain.named_parameters())
+    return te, dict(plain.named_parameters())
+
+
+@pytest.mark.parametrize("iterations,overlap", [(2, False), (3, False), (1, True), (2, True)])
+def test_every_call_adds_its_weight_gradient(iterations, overlap):
+    """main_grad of every expert / shared-expert weight = the gradient of the whole chain (the
+    sum over all calls), as autograd computes it with plain linears."""
+    te, grads = _forward_backward(make_config(iterations, overlap))
     checked = 0
     for name, p in te.named_parameters():
         if hasattr(p, "main_grad"):
@@ -146,15 +152,7 @@ def test_without_the_guard_calls_2_to_C_are_lost(monkeypatch):
     from megatron_coe.model import repeated_calls
 
     monkeypatch.setattr(repeated_calls, "accumulate_every_call", lambda module: 0)
-    config = make_config(2)
-    torch.manual_seed(0)
-    te = _build(config, True)
-    plain = _build(config, False)
-    plain.load_state_dict(te.state_dict())
-    x, gy = torch.randn(S, B, H), torch.randn(S, B, H)
-    for layer in (te, plain):
-        (layer(x)[0] * gy).sum().backward()
-    grads = dict(plain.named_parameters())
+    te, grads = _forward_backward(make_config(2))
     wrong = [name for name, p in te.named_parameters()
              if hasattr(p, "main_grad") and not torch.allclose(p.main_grad, grads[name].grad)]
     assert wrong
