@@ -108,10 +108,14 @@ def train_run(config, log: Path) -> list[dict]:
         torch.cuda.reset_peak_memory_stats()
     # Megatron's MoE metrics tracker is sized by the first model's layers
     moe_logging.destroy_moe_metrics_tracker()
+    from megatron_coe.run_lock import RunDirLock
+
+    lock = RunDirLock(Path(config.run_dir))
     try:
         with open(log, "w") as out, contextlib.redirect_stdout(out):
-            train.train(config)
+            train.train(config, lock)
     finally:
+        lock.release()
         parallel.destroy()
         gc.collect()
         if config.device == "cuda":
