@@ -24,8 +24,10 @@ S, B, H = 6, 3, 32
 def make_config(iterations, overlap=False, recompute="none"):
     return config_from_dict({
         "model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4,
+                  # per-expert linears (SequentialMLP's layout), which the stand-ins replace;
+                  # TEGroupedMLP's TEGroupedLinear takes the same flag and the same guard
                   "moe": {"num_experts": 4, "topk": 2, "expert_hidden_size": 24,
-                          "shared_expert_hidden_size": 16},
+                          "shared_expert_hidden_size": 16, "grouped_gemm": False},
                   "coe": {"iterations": iterations}},
         "parallel": {"overlap_expert_comm": overlap},
         "train": {"recompute": recompute},
