@@ -72,6 +72,10 @@ def model_definition(config: Config) -> dict:
     m = asdict(config.model)
     m.pop("transformer_overrides")
     m.pop("seq_length")
+    # the spec is not the model: Megatron maps the local spec's keys onto Transformer Engine's
+    # (gpt_layer_specs' sharded_state_dict_keys_map), and both expert layouts write
+    # SequentialMLP's checkpoint format
+    m.pop("impl")
     if config.model.attention != "mla":
         m.pop("mla")
     if m["coe"] is not None and not m["coe"]["iteration_norm"]:
@@ -177,6 +181,8 @@ def save(root: Path, step: int, model, optimizer, scheduler, config: Config,
                        background=False).finish()
 
 
+WRITER_THREAD = "checkpoint writer "  # + the checkpoint's name
+
 class Saver:
     """The run's checkpoint saves, one at a time: synchronous, or with
     ``checkpoint.async_save`` snapshot now, write in a background thread, finalize later.
@@ -220,6 +226,14 @@ class Saver:
         return path
 
 
+def join_writers() -> None:
+    """Wait for background checkpoint writers of this process (an async save still writing
+    when the run ends on an error): the run directory's lock must outlive them."""
+    for thread in threading.enumerate():
+        if thread.name.startswith(WRITER_THREAD) and thread is not threading.current_thread():
+            thread.join()
+
+
 def _start_save(root: Path, step: int, model, optimizer, scheduler, config: Config,
                 train_state: dict, background: bool) -> "_PendingSave":
     """Plan the save of ``step`` into ``root/.tmp_step_N`` (collectives), take everything it
@@ -258,7 +272,7 @@ def _start_save(root: Path, step: int, model, optimizer, scheduler, config: Conf
         rank, buckets, results_queue = request.async_fn_args
         pending.shards = (_snapshot(buckets, copy=background), results_queue)
     if background:
-        pending.thread = threading.Thread(target=pending.write, name=f"checkpoint {final.name}")
+        pending.thread = threading.Thread(target=pending.write, name=f"{WRITER_THREAD}{final.name}")
         pending.thread.start()
     else:
         pending.write()
@@ -492,12 +506,12 @@ def read_meta(path: Path) -> dict:
 
 def check_compatible(meta: dict, config: Config, path: Path) -> None:
     saved, current = _flatten(meta["model"]), _flatten(model_definition(config))
-    # A key that a checkpoint predates: its default is what that checkpoint was built with
-    # (model.impl was then the device's only spec: nothing to compare).
+    saved.pop("impl", None)  # recorded by some checkpoints; not part of the model (above)
+    # A key that a checkpoint predates: its default is what that checkpoint was built with.
     defaults = _flatten(model_definition(_definition_defaults(config)))
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
              for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)
-             and not (k not in saved and (k == "impl" or current.get(k) == defaults.get(k)))]
+             and not (k not in saved and current.get(k) == defaults.get(k))]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was saved from a different model; "
                               + "; ".join(diffs))
@@ -548,11 +562,12 @@ def schedule_changes(saved: dict, scheduler) -> list[str]:
             if key in saved and saved[key] != getattr(scheduler, key)]
 
 
-def _check_optimizer_layout(meta: dict, config: Config, path: Path) -> None:
+def check_optimizer_layout(meta: dict, config: Config, path: Path) -> None:
     """The distributed optimizer saves its state in the order of Megatron's gradient buffers,
     which differs between per-expert and grouped (stacked) expert weights; the plain optimizer's
     state is keyed by parameter and resumes across the two (weights always do)."""
-    saved = meta.get("grouped_experts")  # absent in checkpoints from before the setting
+    # absent in checkpoints from before the setting: their experts were per-expert
+    saved = meta.get("grouped_experts", False)
     if config.optimizer.distributed and saved is not None and saved != grouped_experts(config):
         raise CheckpointError(
             f"checkpoint {path} holds distributed-optimizer state laid out for "
@@ -708,7 +723,7 @@ def load(path: Path, model, optimizer, scheduler, config: Config) -> dict:
     meta = read_meta(path)
     check_compatible(meta, config, path)
     check_optimizer(meta, config, path)
-    _check_optimizer_layout(meta, config, path)
+    check_optimizer_layout(meta, config, path)
     _prime_adam_state(optimizer)
     state = _read_sharded(path, _sharded_state(model, optimizer, config, is_loading=True))
     try:

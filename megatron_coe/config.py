@@ -570,6 +570,10 @@ def _validate_fp8(config: Config) -> None:
                          f"(got {config.precision})")
     if f8.backend == "torch":
         moe = config.model.moe
+        if config.model.impl == "transformer_engine":
+            raise ValueError("fp8.backend=torch quantizes the grouped experts of the local spec; "
+                             "model.impl=transformer_engine builds Transformer Engine's: use "
+                             "model.impl=local (or auto), or fp8.backend=transformer_engine")
         if moe is None or not grouped_experts(config):
             raise ValueError("fp8.backend=torch quantizes the grouped experts of the local spec: "
                              "it needs model.moe with model.moe.grouped_gemm=true")

@@ -66,8 +66,9 @@ def reference_overrides(device: str, steps: int, stop_at: int) -> list[str]:
             *([f"train.exit_interval={stop_at}"] if stop_at < steps else []),
             "train.eval_interval=12", "checkpoint.save_interval=0",
             "checkpoint.save_final=false", "train.tensorboard=false",
-            # the CPU run initialises every weight from the CPU generator; so does this one
-            "model.transformer_overrides={use_cpu_initialization: true}"]
+            # the CPU run initialises every weight from the CPU generator; so does this one,
+            # with the CPU run's layers (Transformer Engine's initialise differently)
+            "model.transformer_overrides={use_cpu_initialization: true}", "model.impl=local"]
 
 
 def toy_overrides(num_experts: int) -> list[str]:

@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP, signal.SIGQUIT)
+WORKER_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
 def children(pid: int) -> list[int]:
@@ -106,7 +107,10 @@ def main(argv=None) -> int:
         if received:  # also reaches workers started after the signal came
             for pid in children(os.getpid()):
                 if signalled.get(pid, 0) < min(len(received), 2):
-                    sig = received[0] if len(received) == 1 else signal.SIGKILL
+                    # the workers catch TERM, INT and USR2 (train.StopRequest); HUP and QUIT
+                    # reach them as TERM, so a closed terminal also stops them cleanly
+                    first = received[0] if received[0] in WORKER_STOP_SIGNALS else signal.SIGTERM
+                    sig = first if len(received) == 1 else signal.SIGKILL
                     try:
                         os.kill(pid, sig)
                     except ProcessLookupError:

@@ -187,6 +187,8 @@ def train(config, lock) -> int:
     from megatron_coe.model import build_model, coe_layers, with_resolved_impl
     from megatron_coe.optim import build_optimizer, wrap_model
 
+    stop = StopRequest()  # now: a stop signal during start-up stops at the first step
+
     # 2. process groups, layer implementation (before any work: config.yaml records it), run
     # directory
     device = parallel.initialize(config)
@@ -267,7 +269,6 @@ def train(config, lock) -> int:
             writer.write({"kind": "valid", "step": state["step"], "loss": loss})
         return loss
 
-    stop = StopRequest()
     writer = MetricsWriter(run_dir, t.tensorboard) if rank == 0 else None
     telemetry = GPUTelemetry(device)
     flops_per_token, peak = train_flops_per_token(config), peak_tflops(config)
@@ -317,6 +318,7 @@ def train(config, lock) -> int:
                       + (f"; first non-finite values in {where}" if where else "")
                       + f"); optimizer step skipped ({state['skipped_steps']} so far)", flush=True)
             if state["skipped_steps"] > t.max_nonfinite_steps:
+                saver.finish()  # every rank stops here: a background save completes first
                 raise RuntimeError(
                     f"{state['skipped_steps']} non-finite steps exceed "
                     f"train.max_nonfinite_steps={t.max_nonfinite_steps}; stopping. Lower the "
@@ -390,7 +392,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Megatron-Core warns at import about TE/apex fallbacks that a CPU run uses on purpose.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
-    from megatron_coe.checkpoint import CheckpointError
+    from megatron_coe.checkpoint import CheckpointError, join_writers
     from megatron_coe.config import load_config
 
     try:
@@ -406,6 +408,7 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as err:
         return clean_error(f"coe-train: {err}")
     finally:
+        join_writers()  # a background save ends before the run directory is free
         lock.release()
         parallel.destroy()
 

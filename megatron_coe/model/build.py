@@ -127,6 +127,8 @@ def resolve_impl(config: Config) -> tuple[str, str]:
         return "local", "device=cpu runs the local spec"
     if impl == "local":
         return "local", "model.impl=local"
+    if impl == "auto" and expert_fp8_recipe(config):
+        return "local", "auto: fp8.backend=torch runs on the local spec's grouped experts"
     error = _te_import_error()
     if impl == "transformer_engine":
         if error is not None:
@@ -164,6 +166,13 @@ def use_transformer_engine(config: Config) -> bool:
     Fails early, by name, for an FP8 recipe that the installed TE or the GPU cannot run."""
     impl, _ = resolve_impl(config)
     if impl == "local":
+        if (expert_fp8_recipe(config) and config.device == "cuda"
+                and torch.cuda.get_device_capability() < (9, 0)):
+            raise ValueError("fp8.backend=torch runs torch's grouped FP8 GEMM "
+                             "(torch._scaled_grouped_mm), which needs a Hopper GPU (compute "
+                             f"capability 9.0+; this one has "
+                             f"{'.'.join(map(str, torch.cuda.get_device_capability()))}): "
+                             "use fp8.enabled=false")
         return False
     if config.fp8.enabled:
         import transformer_engine
@@ -171,11 +180,11 @@ def use_transformer_engine(config: Config) -> bool:
 
         recipe = config.fp8.recipe
         if recipe == "mxfp8" and torch.cuda.get_device_capability()[0] < 10:
-            raise RuntimeError("fp8.recipe=mxfp8 needs a Blackwell GPU (compute capability 10+); "
+            raise ValueError("fp8.recipe=mxfp8 needs a Blackwell GPU (compute capability 10+); "
                                "use fp8.recipe=delayed or tensorwise on Hopper")
         need = {"tensorwise": "2.2.0", "mxfp8": "2.1.0", "blockwise": "2.3.0"}.get(recipe)
         if need and not is_te_min_version(need):
-            raise RuntimeError(f"fp8.recipe={recipe} needs Transformer Engine >= {need}; "
+            raise ValueError(f"fp8.recipe={recipe} needs Transformer Engine >= {need}; "
                                f"installed: {transformer_engine.__version__}")
     return True
 
@@ -189,7 +198,7 @@ def build_model(config: Config) -> GPTModel:
     install_tracker()
     model = GPTModel(
         config=tf_config,
-        transformer_layer_spec=coe_block_spec(tf_config, _coe(config), te,
+        transformer_layer_spec=coe_block_spec(tf_config, _coe(config, te), te,
                                               config.parallel.overlap_expert_comm,
                                               config.train.recompute == "experts",
                                               expert_fp8_recipe=expert_fp8_recipe(config)),
@@ -232,13 +241,13 @@ def expert_fp8_recipe(config: Config) -> str | None:
     return f8.recipe if f8.enabled and f8.backend == "torch" else None
 
 
-def _coe(config: Config) -> CoEConfig | None:
+def _coe(config: Config, te: bool) -> CoEConfig | None:
     """The CoE section; an MoE model asking for the overlapped schedule, for expert recompute
-    or (on CPU, the local spec) for grouped experts gets CoE layers with C = 1 (the same layer
-    as Megatron's MoELayer, with this package's dispatcher and experts)."""
+    or (on the local spec, ``te`` False) for grouped experts gets CoE layers with C = 1 (the
+    same layer as Megatron's MoELayer, with this package's dispatcher and experts)."""
     if config.model.coe is None and (config.parallel.overlap_expert_comm
                                      or config.train.recompute == "experts"
-                                     or config.device == "cpu" and grouped_experts(config)):
+                                     or not te and grouped_experts(config)):
         return CoEConfig(iterations=1)
     return config.model.coe
 

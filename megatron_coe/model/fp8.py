@@ -57,6 +57,9 @@ def quantize(x: torch.Tensor, dims: Sequence[int], dtype: torch.dtype = E4M3) ->
     """Scale ``x`` by the amax over ``dims`` (kept as size-1 dims of the scale) to the range of
     ``dtype`` and cast.  ``dims=(-1,)``: one scale per row; all dims: one per tensor."""
     top = FP8_MAX[dtype]
+    if x.numel() == 0:  # e.g. a call with no rows (an overlapped half, a rank sent nothing)
+        shape = [1 if d in {dd % x.dim() for dd in dims} else n for d, n in enumerate(x.shape)]
+        return Quantized(x.to(dtype), torch.ones(shape, device=x.device))
     amax = x.detach().abs().amax(dim=tuple(dims), keepdim=True).to(torch.float32)
     scale = amax.clamp(min=_TINY) / top
     # x / scale can round just above top; the clamp makes the cast's overflow rule (NaN or

@@ -264,7 +264,10 @@ class GroupedExperts(MegatronModule):
         (fc1's outputs: 2F gated, F plain) or F elements: each must be a multiple of 16 bytes."""
         w1, w2 = self.fc1_weight, self.fc2_weight
         rows = (x.shape[-1], w1.shape[1], w2.shape[2])
-        return (w1.dtype == w2.dtype == x.dtype and grouped_mm_runs(x.device, x.dtype)
+        # no rows (an overlapped half, a rank sent nothing): the loop gives the empty output
+        # and zero weight gradients without a grouped GEMM over an empty operand
+        return (x.shape[0] > 0 and w1.dtype == w2.dtype == x.dtype
+                and grouped_mm_runs(x.device, x.dtype)
                 and all(n * x.element_size() % 16 == 0 for n in rows))
 
     # ---- checkpoints: SequentialMLP's format -------------------------------------------

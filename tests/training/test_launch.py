@@ -38,7 +38,8 @@ def test_sigterm_stops_cleanly_and_a_second_run_is_locked_out(tmp_path):
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         assert (f"run directory {run_dir} is in use by another training (pid "
                 in second.stderr), second.stderr[-2000:]
-        assert not (run_dir / "checkpoints").exists()  # the second run wrote nothing
+        # the second run wrote nothing (the first made checkpoints/ at start-up, empty)
+        assert not list((run_dir / "checkpoints").glob("*step_*"))
 
         steps = len(metrics(run_dir))
         deadline = time.time() + 120
@@ -60,6 +61,14 @@ def test_sigterm_stops_cleanly_and_a_second_run_is_locked_out(tmp_path):
                 except subprocess.TimeoutExpired:
                     pass
         if first.poll() is None:
+            from megatron_coe.launch import children
+
+            for agent in children(first.pid):
+                for pid in [*children(agent), agent]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
             first.kill()
     out = (tmp_path / "first.log").read_text()
     assert "stop requested: checkpoint saved at step" in out
