@@ -46,6 +46,13 @@ def unsupported_setting(config, expert_tp_size: int) -> str | None:
     return None
 
 
+def host_counts(tokens_per_expert) -> list[int]:
+    """Rows per expert as Python ints (a device sync when they are a device tensor)."""
+    if torch.is_tensor(tokens_per_expert):
+        return tokens_per_expert.tolist()
+    return [int(n) for n in tokens_per_expert]
+
+
 def scaled_activation(config, z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """A * p from Z = X W1^T, rows of any experts: A = act(Z[:, :F]) * (Z[:, F:] + offset)
     gated, act(Z) otherwise; each row scaled by its routing probability, in A's dtype."""
@@ -114,8 +121,7 @@ class LocalExperts(SequentialMLP):
             return super().forward(permuted_local_hidden_states, tokens_per_expert,
                                    permuted_probs)
         c = self.config
-        counts = tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) \
-            else list(tokens_per_expert)
+        counts = host_counts(tokens_per_expert)
         rows = torch.split(permuted_local_hidden_states, counts)
         probs = torch.split(permuted_probs, counts)
         out = []

@@ -34,6 +34,8 @@ from typing import Sequence
 
 import torch
 
+from megatron_coe.model.experts import host_counts
+
 E4M3 = torch.float8_e4m3fn
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 ALIGN_ROWS = 16  # rows per group for the grouped CUDA kernel
@@ -81,10 +83,6 @@ def quantize_weight(w: torch.Tensor, recipe: str) -> Quantized:
     return Quantized(q.data, q.scale.expand(*w.shape[:2], 1))
 
 
-def _counts(counts) -> list[int]:
-    return counts.tolist() if torch.is_tensor(counts) else [int(c) for c in counts]
-
-
 def padded_counts(counts: Sequence[int], multiple: int = ALIGN_ROWS) -> list[int]:
     return [-(-c // multiple) * multiple for c in counts]
 
@@ -93,7 +91,7 @@ def pad_groups(x: torch.Tensor, counts: Sequence[int], multiple: int = ALIGN_ROW
     """Rows of ``x`` (grouped by ``counts``) placed at the start of groups of a multiple of
     ``multiple`` rows, zeros after.  Returns (padded, padded counts, rows): ``padded[rows] == x``,
     which :func:`unpad_groups` inverts."""
-    counts = _counts(counts)
+    counts = host_counts(counts)
     padded = padded_counts(counts, multiple)
     size = torch.tensor(counts, dtype=torch.long, device=x.device)
     size_p = torch.tensor(padded, dtype=torch.long, device=x.device)
@@ -119,7 +117,7 @@ def grouped_scaled_mm(a: Quantized, b: Quantized, counts: Sequence[int],
                       out_dtype: torch.dtype) -> torch.Tensor:
     """Y_g = dequant(A_g) dequant(B_g)^T for A [M, K] (scale [M, 1]) grouped by ``counts`` and
     B [G, N, K] (scale [G, N, 1]); Y [M, N] in ``out_dtype``, fp32 accumulation."""
-    counts = _counts(counts)
+    counts = host_counts(counts)
     groups, n = b.data.shape[0], b.data.shape[1]
     if len(counts) != groups or sum(counts) != a.data.shape[0]:
         raise ValueError(f"{len(counts)} group sizes summing to {sum(counts)} for {groups} "
@@ -196,4 +194,4 @@ def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts,
     if x.dim() != 2 or weight.dim() != 3 or x.shape[1] != weight.shape[2]:
         raise ValueError(f"expected X [M, K] and W [G, N, K], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
-    return _FP8GroupedLinear.apply(x, weight, _counts(counts), recipe)
+    return _FP8GroupedLinear.apply(x, weight, host_counts(counts), recipe)

@@ -88,7 +88,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from megatron_coe.model.experts import scaled_activation, unsupported_setting
+from megatron_coe.model.experts import host_counts, scaled_activation, unsupported_setting
 
 _LINEARS = (("linear_fc1", "fc1_weight"), ("linear_fc2", "fc2_weight"))
 _PER_EXPERT_KEY = re.compile(r"local_experts\.(\d+)\.(linear_fc[12])\.(weight|_extra_state)$")
@@ -239,8 +239,7 @@ class GroupedExperts(MegatronModule):
             offs = torch.cumsum(tokens_per_expert.to(x.device, non_blocking=True), 0,
                                 dtype=torch.int32)
         else:
-            counts = (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert)
-                      else [int(n) for n in tokens_per_expert])
+            counts = host_counts(tokens_per_expert)
         z = _GroupedLinear.apply(x, w1, offs, counts)
         a = scaled_activation(self.config, z, permuted_probs.reshape(-1))
         y = _GroupedLinear.apply(a, w2, offs, counts)
