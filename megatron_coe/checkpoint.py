@@ -640,7 +640,7 @@ def check_writable(root: Path) -> None:
         raise CheckpointError(problems[0])
 
 
-def _torch_optimizers(optimizer):
+def torch_optimizers(optimizer):
     """The inner torch.optim Adam/AdamW optimizers (the CPU path).  TE's and apex's FusedAdam
     keep ``step`` per param group and need none of the fixes below."""
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
@@ -654,7 +654,7 @@ def _prime_adam_state(optimizer) -> None:
     Without TE/apex (the CPU path) the distributed optimizer reads one shared ``step`` from the
     torch optimizer's per-parameter states while building its load-time state dict, and fails
     when a fresh optimizer has none yet."""
-    for opt in _torch_optimizers(optimizer):
+    for opt in torch_optimizers(optimizer):
         for group in opt.param_groups:
             for p in group["params"]:
                 if len(opt.state[p]) == 0:
@@ -666,7 +666,7 @@ def _prime_adam_state(optimizer) -> None:
 def _adam_steps(optimizer) -> list[float | None]:
     """The Adam step count of each torch optimizer (they are equal across its parameters)."""
     out = []
-    for opt in _torch_optimizers(optimizer):
+    for opt in torch_optimizers(optimizer):
         steps = {float(s["step"]) for s in opt.state.values() if "step" in s}
         out.append(max(steps) if steps else None)
     return out
@@ -678,7 +678,7 @@ def _restore_adam_steps(optimizer, saved: list[float | None]) -> None:
     On the CPU path (torch Adam, no TE/apex) the distributed optimizer restores ``step`` stale
     (0, from the load template) and hands every parameter the *same* tensor, which torch's Adam
     then increments once per parameter per step: wrong bias correction, inexact resume."""
-    for opt, step in zip(_torch_optimizers(optimizer), saved):
+    for opt, step in zip(torch_optimizers(optimizer), saved):
         if step is None:
             continue
         for state in opt.state.values():

@@ -32,7 +32,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_coe import cpu
-from megatron_coe.checkpoint import _torch_optimizers
+from megatron_coe.checkpoint import torch_optimizers
 from megatron_coe.config import Config
 
 
@@ -122,7 +122,7 @@ def use_adam_implementation(optimizer, flags: dict | None = None) -> None:
     checkpoint load has brought back the saving run's flags.  As torch does, the fused kernel
     keeps each ``step`` as float32 on the parameter's device, the other implementations on the
     host."""
-    for opt in _torch_optimizers(optimizer):
+    for opt in torch_optimizers(optimizer):
         params = [p for g in opt.param_groups for p in g["params"]]
         chosen = flags
         if chosen is None:

@@ -93,11 +93,11 @@ def test_megatron_optimizer_on_cpu_keeps_torch_defaults_and_takes_flags():
     """Without TE/apex Megatron falls back to torch's AdamW: on CPU the build leaves its flags
     at torch's defaults (the CPU reference); given the fused flags, every inner AdamW
     (dense and expert) takes them and a training step stays within float tolerance."""
-    from megatron_coe.checkpoint import _torch_optimizers
+    from megatron_coe.checkpoint import torch_optimizers
     from megatron_coe.optim import use_adam_implementation
 
     model, optimizer = _megatron_optimizer()
-    inner = _torch_optimizers(optimizer)
+    inner = torch_optimizers(optimizer)
     assert inner and all(type(opt) is torch.optim.AdamW for opt in inner)
     assert all(g["fused"] is None and g["foreach"] is None
                for opt in inner for g in opt.param_groups)
@@ -106,7 +106,7 @@ def test_megatron_optimizer_on_cpu_keeps_torch_defaults_and_takes_flags():
     model, optimizer = _megatron_optimizer()
     use_adam_implementation(optimizer, FUSED)
     assert all(g["fused"] is True and g["foreach"] is False
-               for opt in _torch_optimizers(optimizer) for g in opt.param_groups)
+               for opt in torch_optimizers(optimizer) for g in opt.param_groups)
     for got, ref in zip(_train_step(model, optimizer), reference):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
 
@@ -114,16 +114,16 @@ def test_megatron_optimizer_on_cpu_keeps_torch_defaults_and_takes_flags():
 def test_reapplying_after_load_restores_this_devices_implementation():
     """A checkpoint from a fused (CUDA) run brings back fused flags; re-applying on CPU puts
     torch's defaults back and the steps on the host."""
-    from megatron_coe.checkpoint import _torch_optimizers
+    from megatron_coe.checkpoint import torch_optimizers
     from megatron_coe.optim import use_adam_implementation
 
     model, optimizer = _megatron_optimizer()
     use_adam_implementation(optimizer, FUSED)
     _train_step(model, optimizer)
     assert all(opt._step_supports_amp_scaling and opt.param_groups[0]["fused"]
-               for opt in _torch_optimizers(optimizer))
+               for opt in torch_optimizers(optimizer))
     use_adam_implementation(optimizer)
-    for opt in _torch_optimizers(optimizer):
+    for opt in torch_optimizers(optimizer):
         assert all(g["fused"] is None and g["foreach"] is None for g in opt.param_groups)
         assert opt.state and all(s["step"].device.type == "cpu" for s in opt.state.values())
         assert opt._step_supports_amp_scaling is False

@@ -36,9 +36,9 @@ def _train_one_step(model, optimizer):
 
 
 def _adam_moments(optimizer):
-    from megatron_coe.checkpoint import _torch_optimizers
+    from megatron_coe.checkpoint import torch_optimizers
 
-    return [(key, opt.state[p][key].clone()) for opt in _torch_optimizers(optimizer)
+    return [(key, opt.state[p][key].clone()) for opt in torch_optimizers(optimizer)
             for group in opt.param_groups for p in group["params"]
             for key in sorted(opt.state[p]) if torch.is_tensor(opt.state[p][key])]
 
