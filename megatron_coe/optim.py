@@ -17,6 +17,10 @@ and one update per tensor on CPU.  :func:`use_adam_implementation` makes it torc
 kernel on CUDA (one launch for many tensors: the many small expert and router tensors of a CoE
 model), foreach where fused cannot run, and leaves CPU as it was.  TE's and apex's FusedAdam,
 which Megatron prefers when installed, are left alone.
+
+Gradient clipping and the main -> model parameter copy: without apex or Transformer Engine,
+Megatron's fallbacks read every gradient's norm back to the host; ``multi_tensor.install``
+replaces them with torch's foreach ops (no sync, a few launches for all tensors).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from megatron_coe import cpu
+from megatron_coe import cpu, multi_tensor
 from megatron_coe.checkpoint import torch_optimizers
 from megatron_coe.config import Config
 
@@ -74,6 +78,7 @@ def build_optimizer(config: Config, model):
         loss_scale_window=o.loss_scale_window,
         hysteresis=o.hysteresis,
     )
+    multi_tensor.install()
     with cpu.cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, [model])
     use_adam_implementation(optimizer)

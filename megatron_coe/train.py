@@ -118,10 +118,12 @@ def run_schedule(model, batches, config, forward_only, inject_nan=False):
             micro_batch_size=t.micro_batch_size,
             forward_only=forward_only,
         )
-    total = torch.zeros(2)
+    total = None
     for report in reports:  # empty on pipeline stages without the loss
-        total += report["lm loss"].float().cpu()
-    return total
+        loss = report["lm loss"].float()
+        total = loss if total is None else total + loss
+    # summed where the losses are (in micro-batch order, as before), read once per step
+    return torch.zeros(2) if total is None else total.cpu()
 
 
 def mean_loss_over_dp(total: torch.Tensor, device) -> float:
@@ -148,20 +150,36 @@ def optimizer_step(optimizer, scheduler) -> tuple[bool, float | None]:
     return applied, grad_norm
 
 
-def grads_are_finite(model, device) -> bool:
-    """True iff every gradient on every rank is finite (one all-reduce)."""
-    import torch.distributed as dist
-
-    from megatron_coe.finite import all_finite
-
-    flags = []
+def gradient_tensors(model) -> list[torch.Tensor]:
+    """Every gradient of ``model`` in as few tensors as possible: Megatron DDP's contiguous
+    gradient buffers (each holds the main_grad of many parameters, and zero padding), and any
+    gradient outside them.  A buffer whose storage is shared with the parameters is not used."""
+    buffers = []
+    for b in (*getattr(model, "buffers", ()), *getattr(model, "expert_parallel_buffers", ())):
+        g, w = getattr(b, "grad_data", None), getattr(b, "param_data", None)
+        if g is not None and (w is None or w.untyped_storage().data_ptr()
+                              != g.untyped_storage().data_ptr()):
+            buffers.append(g)
+    covered = {b.untyped_storage().data_ptr() for b in buffers}
+    rest = []
     for p in model.parameters():
         g = getattr(p, "main_grad", None)
         g = p.grad if g is None else g
-        if g is not None:
-            flags.append(all_finite(g))
-    # one device tensor, one sync: not one per parameter
-    ok = torch.stack(flags).all().float().reshape(1) if flags else torch.ones(1, device=device)
+        if g is not None and g.untyped_storage().data_ptr() not in covered:
+            rest.append(g)
+    return buffers + rest
+
+
+def grads_are_finite(model, device) -> bool:
+    """True iff every gradient on every rank is finite (one all-reduce, one host read)."""
+    import torch.distributed as dist
+
+    from megatron_coe.finite import each_finite
+
+    grads = gradient_tensors(model)
+    # one reduction per gradient buffer, one device tensor, one sync: not one per parameter
+    ok = (each_finite(grads).all().float().reshape(1) if grads
+          else torch.ones(1, device=device))
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
 

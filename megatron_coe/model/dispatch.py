@@ -324,6 +324,33 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.iteration = 0
         self.layer_number = None  # set by the layer, for error messages
         self.counters = A2ACounters(self.ep_group.rank() if self.ep_size > 1 else 0)
+        c = self.config
+        # One expert-parallel and one tensor-parallel rank, dropless: nothing is exchanged and
+        # Megatron's sort of the received rows by local expert ([source rank][expert] ->
+        # [expert][source rank]) is the identity.  Then the counts per expert stay on the
+        # device (Megatron copies them to the host and waits for them, once per call, for
+        # that sort's split sizes), and the sort's two copies of every row, forward and
+        # backward, are skipped.  Experts that need the counts on the host read them there
+        # (SequentialMLP, TEGroupedMLP, LocalExperts: one read); GroupedExperts does not.
+        self.local_only = (self.ep_size == 1 and self.tp_size == 1 and not self.drop_and_pad
+                           and c.moe_expert_capacity_factor is None
+                           and not c.moe_router_padding_for_quantization)
+
+    def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+        if self.local_only:
+            return tokens_per_expert
+        return super()._maybe_dtoh_and_synchronize(point, tokens_per_expert)
+
+    def dispatch_postprocess(self, global_input_tokens, global_probs):
+        if not self.local_only:
+            return super().dispatch_postprocess(global_input_tokens, global_probs)
+        tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
+        return global_input_tokens, tokens_per_expert, global_probs
+
+    def combine_preprocess(self, hidden_states):
+        if not self.local_only:
+            return super().combine_preprocess(hidden_states)
+        return hidden_states
 
     def token_dispatch(self, permutated_local_input_tokens, permuted_probs):
         if self.ep_size == 1:  # no expert parallelism: nothing to exchange

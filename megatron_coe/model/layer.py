@@ -39,7 +39,7 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_coe.model import repeated_calls
 from megatron_coe.model.dispatch import CoEAlltoAllTokenDispatcher
-from megatron_coe.finite import all_finite
+from megatron_coe.finite import each_finite
 from megatron_coe.router_stats import current_iteration
 
 
@@ -97,7 +97,8 @@ class CoELayer(MoELayer):
         # Local tokens routed to each expert in each iteration, summed since the last reset.
         self.tokens_per_expert = torch.zeros(iterations, self.config.num_moe_experts)
         # Non-finite values seen since the last reset, per iteration: [C, 2] for (router
-        # probabilities, iteration output F_t).  Tensor ops only: no device sync per iteration.
+        # probabilities, iteration output F_t).  Tensor ops only, all iterations checked
+        # together at the end of the layer's forward: no device sync.
         self.nonfinite = torch.zeros(iterations, 2, dtype=torch.bool)
         # TE linears called more than once per micro-batch must add every call's weight
         # gradient (repeated_calls.py): the routed experts with C > 1 or the two-half
@@ -162,9 +163,7 @@ class CoELayer(MoELayer):
                 out, _ = self.routed_experts_compute(hidden, probs)
             out = self.combine(out)
         f = self.postprocess(out, shared_out)
-        with torch.no_grad():
-            self.nonfinite[t, 0] |= ~all_finite(router_probs)
-            self.nonfinite[t, 1] |= ~all_finite(f)
+        self._checked += [router_probs, f]
         return f
 
     def _recomputed(self, fn, *tensors):
@@ -210,6 +209,7 @@ class CoELayer(MoELayer):
 
     def _chain(self, x0, padding_mask=None):
         x, delta = x0, None
+        self._checked = []  # each iteration's router probabilities and output
         for t in range(self.iterations):
             normed = self.iteration_norms[t - 1](x) if t and self.iteration_norms else x
             f = self._iteration(t, normed, padding_mask)
@@ -218,6 +218,10 @@ class CoELayer(MoELayer):
             else:
                 x = x + f
                 delta = f if delta is None else delta + f
+        # all C iterations' checks at once: 2C reductions + 6 launches (finite.py)
+        with torch.no_grad():
+            self.nonfinite |= ~each_finite(self._checked).view(self.iterations, 2)
+        self._checked = []
         # inner: sum of F_t, not x(C) - x(0), to avoid cancellation in low precision.
         return (delta if self.residual == "inner" else x), None
 

@@ -1,0 +1,143 @@
+"""HostOps: count, on any device, the host-side work that bounds a small model's speed on a GPU.
+
+    with HostOps() as ops:
+        ... one training step, or one layer's forward + backward ...
+    ops.launches, ops.syncs, ops.by_op, ops.sync_sites
+
+A GPU runs what the host enqueues; when each kernel is short (a small model, few tokens per
+expert) the GPU waits for the host, and the step time is the host's time per op times the ops.
+Two counts measure that host side, the same on CPU as on CUDA because they are taken at
+PyTorch's dispatcher, below autograd and above the device kernels:
+
+- ``launches``: dispatched ATen ops that do work, i.e. all but views and bare allocations
+  (``empty``, ``new_empty``, ...).  On a GPU each is about one kernel launch (a few
+  microseconds of host time at best; more with Python framework code around it).
+- ``syncs``: points where the host must read a value the device computed, so it waits for every
+  kernel enqueued before: ``item()`` / ``float()`` / ``bool()`` (``_local_scalar_dense``), ops
+  whose output size depends on values (``nonzero``, ``masked_select``, ``unique``, ...), and
+  Python-level reads of tensor data (``tolist()``, ``numpy()``, ``cpu()``, ``torch.tensor``
+  over a list of tensors).  The Python-level reads are counted whatever the tensor's device:
+  on a CUDA run they wait only when the tensor is on the GPU, so they are an upper bound.
+
+``sync_sites`` names the Python function (file:function) that caused each sync; ``skip``
+(default: megatron_coe/cpu.py, the CPU backend's replacements, which do not run on a GPU)
+leaves out ops issued directly by code in files whose path ends with one of its entries.  The counts are a
+measurement, not an assertion: tests use them to bound syncs per step.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# ops that allocate without writing (no kernel)
+_ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.new_empty.default",
+                "aten.new_empty_strided.default", "aten.empty_like.default"}
+# ops whose output size is data-dependent: the host waits for the device to learn it
+_DATA_DEPENDENT = {"aten.nonzero.default", "aten.masked_select.default",
+                   "aten.unique_consecutive.default", "aten._unique2.default",
+                   "aten.unique_dim.default", "aten.repeat_interleave.Tensor",
+                   "aten.bincount.default"}
+_SCALAR_READ = "aten._local_scalar_dense.default"
+
+
+class HostOps(TorchDispatchMode):
+    def __init__(self, skip: tuple[str, ...] = ("megatron_coe/cpu.py",)):
+        super().__init__()
+        self.skip = skip
+        self.by_op: collections.Counter[str] = collections.Counter()
+        self.sync_sites: collections.Counter[str] = collections.Counter()
+        self.views = 0
+        self._saved: list[tuple[object, str, object]] = []
+
+    @property
+    def launches(self) -> int:
+        return sum(self.by_op.values())
+
+    @property
+    def syncs(self) -> int:
+        return sum(self.sync_sites.values())
+
+    # -- attribution -------------------------------------------------------------------------
+
+    def _caller(self, depth: int = 2):
+        """file:function of the innermost frame outside torch, this file and torch-function
+        modes (``__torch_function__``, e.g. the CPU backend's remapping), or None when that
+        frame's file is skipped."""
+        frame = sys._getframe(depth)
+        while frame is not None:
+            name = frame.f_code.co_filename.replace("\\", "/")
+            if not ("/torch/" in name or name.endswith("megatron_coe/host_ops.py")
+                    or frame.f_code.co_name == "__torch_function__"):
+                break
+            frame = frame.f_back
+        if frame is None:
+            return "?"
+        if name.endswith(self.skip):
+            return None
+        return f"{name.rsplit('/', 1)[-1]}:{frame.f_code.co_name}"
+
+    def _sync(self, n: int = 1, depth: int = 3) -> None:
+        site = self._caller(depth)
+        if site is not None and n:
+            self.sync_sites[site] += n
+
+    # -- dispatcher ----------------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if not (func.is_view or name in _ALLOCATIONS):
+            site = self._caller()
+            if site is not None:
+                self.by_op[name] += 1
+                if name == _SCALAR_READ or name in _DATA_DEPENDENT:
+                    self.sync_sites[site] += 1
+        else:
+            self.views += 1
+        return func(*args, **(kwargs or {}))
+
+    # -- Python-level reads of tensor data, which CPU tensors do without dispatching -----------
+
+    def __enter__(self):
+        mode = self
+
+        def wrap(owner, attr, count):
+            original = getattr(owner, attr)
+
+            def read(*args, **kwargs):
+                mode._sync(count(*args, **kwargs))
+                return original(*args, **kwargs)
+
+            self._saved.append((owner, attr, original))
+            setattr(owner, attr, read)
+
+        wrap(torch.Tensor, "tolist", lambda t, *a, **k: 1)
+        wrap(torch.Tensor, "numpy", lambda t, *a, **k: 1)
+        wrap(torch.Tensor, "cpu", lambda t, *a, **k: 1)
+        wrap(torch, "tensor", lambda data=None, *a, **k: _tensors_in(data))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            while self._saved:
+                owner, attr, original = self._saved.pop()
+                setattr(owner, attr, original)
+
+    def summary(self, top: int = 12) -> dict:
+        return {"launches": self.launches, "syncs": self.syncs, "views": self.views,
+                "sync_sites": dict(self.sync_sites.most_common()),
+                "top_ops": dict(self.by_op.most_common(top))}
+
+
+def _tensors_in(data) -> int:
+    """Tensors in a (nested) list given to torch.tensor: each is read on the host."""
+    if torch.is_tensor(data):
+        return 1 if data.dim() == 0 else 0
+    if isinstance(data, (list, tuple)):
+        return sum(_tensors_in(d) for d in data)
+    return 0

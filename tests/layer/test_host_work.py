@@ -1,0 +1,111 @@
+"""What a training step asks of the host, counted at PyTorch's dispatcher (megatron_coe/
+host_ops.py): on a GPU each op that does work is a kernel launch, and each read of a device
+value makes the host wait for the GPU.  The counts are those a CUDA run makes (the CPU backend's
+own replacements are left out), so these CPU tests bound a GPU run's host syncs.
+
+- EP = 1 dispatch (model/dispatch.py ``local_only``): no sync and no copy for Megatron's
+  identity sort of the rows by local expert, bit-identical to Megatron's path.
+- A whole training step (forward-backward over the micro-batches, the gradient check, the
+  optimizer with gradient clipping): three syncs, whatever the number of parameters, layers,
+  micro-batches or CoE iterations: the step's loss, the gradient check's verdict, the gradient
+  norm Megatron returns as a float.
+"""
+
+import pytest
+import torch
+
+from megatron_coe.config import config_from_dict
+from megatron_coe.host_ops import HostOps
+
+
+def _layer_config(iterations, topk, grouped):
+    return config_from_dict({"model": {
+        "num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+        "moe": {"num_experts": 15, "topk": topk, "expert_hidden_size": 16,
+                "shared_expert_hidden_size": 16, "aux_loss": "seq_aux_loss",
+                "grouped_gemm": grouped},
+        "coe": {"iterations": iterations}}})
+
+
+def _fwd_bwd(layer, x):
+    x = x.clone().requires_grad_(True)
+    y, _ = layer(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return [y.detach(), x.grad, *(p.grad.clone() for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-expert"])
+@pytest.mark.parametrize("iterations,topk", [(1, 4), (2, 2)])
+def test_expert_parallel_size_one_dispatch_skips_the_identity_sort(grouped, iterations, topk):
+    from megatron_coe.model import build_moe_layer
+
+    config = _layer_config(iterations, topk, grouped)
+    torch.manual_seed(0)
+    fast = build_moe_layer(config)
+    torch.manual_seed(0)
+    megatron = build_moe_layer(config)
+    assert fast.token_dispatcher.local_only
+    megatron.token_dispatcher.local_only = False  # Megatron's own path: sort, counts to host
+    x = torch.randn(48, 2, 32)
+    with HostOps() as ops_fast:
+        got = _fwd_bwd(fast, x)
+    with HostOps() as ops_megatron:
+        expected = _fwd_bwd(megatron, x)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    # grouped experts take the counts on the device; the per-expert loop reads them once per
+    # iteration; Megatron's sort reads its split sizes in forward and backward
+    assert ops_fast.syncs == (0 if grouped else iterations), ops_fast.summary()
+    assert ops_megatron.syncs > ops_fast.syncs, ops_megatron.summary()
+    assert ops_fast.launches < ops_megatron.launches
+
+
+def _step_config(iterations, micro_batches):
+    return config_from_dict({
+        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                  "vocab_size": 64, "seq_length": 12,
+                  "moe": {"num_experts": 7, "topk": 4 // iterations, "expert_hidden_size": 16,
+                          "shared_expert_hidden_size": 16, "aux_loss": "seq_aux_loss"},
+                  "coe": {"iterations": iterations}},
+        "optimizer": {"clip_grad": 1.0},
+        "train": {"micro_batch_size": 2, "global_batch_size": 2 * micro_batches}})
+
+
+def _batches(n, config):
+    g = torch.Generator().manual_seed(1)
+    s = config.model.seq_length
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, config.model.vocab_size, (2, s + 1), generator=g)
+        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+                    "position_ids": torch.arange(s).expand(2, s),
+                    "loss_mask": torch.ones(2, s)})
+    return out
+
+
+@pytest.mark.parametrize("iterations,micro_batches", [(1, 1), (2, 1), (2, 3)])
+def test_a_training_step_reads_the_device_three_times(iterations, micro_batches):
+    from megatron_coe.model import build_model
+    from megatron_coe.optim import build_optimizer, use_adam_implementation, wrap_model
+    from megatron_coe.train import grads_are_finite, optimizer_step, run_schedule
+
+    config = _step_config(iterations, micro_batches)
+    torch.manual_seed(0)
+    model = wrap_model(config, build_model(config))
+    optimizer, scheduler = build_optimizer(config, model)
+    # AdamW as on CUDA (optim.adam_implementation): torch's CPU default reads each step count
+    use_adam_implementation(optimizer, {"fused": True, "foreach": False})
+    n_params = sum(1 for _ in model.parameters())
+    for step in range(2):  # the first step also creates the optimizer state
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        with HostOps() as ops:
+            total = run_schedule(model, _batches(micro_batches, config), config,
+                                 forward_only=False)
+            assert grads_are_finite(model, torch.device("cpu"))
+            applied, grad_norm = optimizer_step(optimizer, scheduler)
+        assert applied and grad_norm > 0 and total[1] == 2 * 12 * micro_batches
+    assert ops.syncs == 3, ops.summary()
+    assert set(ops.sync_sites) == {"train.py:run_schedule", "train.py:grads_are_finite",
+                                   "clip_grads.py:get_grad_norm_fp32"}, ops.summary()
+    assert n_params > 20  # per-parameter reads would have shown
