@@ -664,11 +664,14 @@ def _prime_adam_state(optimizer) -> None:
 
 
 def _adam_steps(optimizer) -> list[float | None]:
-    """The Adam step count of each torch optimizer (they are equal across its parameters)."""
+    """The Adam step count of each torch optimizer (they are equal across its parameters), read
+    with one host read per optimizer (the fused AdamW keeps each count on the GPU)."""
     out = []
     for opt in torch_optimizers(optimizer):
-        steps = {float(s["step"]) for s in opt.state.values() if "step" in s}
-        out.append(max(steps) if steps else None)
+        steps = [torch.as_tensor(s["step"]).reshape(()) for s in opt.state.values()
+                 if "step" in s]
+        out.append(float(torch.stack([t.to(steps[0].device, torch.float64) for t in steps])
+                         .max()) if steps else None)
     return out
 
 

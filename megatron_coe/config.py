@@ -574,6 +574,11 @@ def _validate_fp8(config: Config) -> None:
             raise ValueError("fp8.backend=torch quantizes the grouped experts of the local spec; "
                              "model.impl=transformer_engine builds Transformer Engine's: use "
                              "model.impl=local (or auto), or fp8.backend=transformer_engine")
+        blocker = _lean_experts_blocker(config) if moe is not None else None
+        if blocker is not None:  # grouped_gemm=false would not help: say what does
+            raise ValueError(f"fp8.backend=torch quantizes the grouped experts of the local "
+                             f"spec, which do not implement {blocker}: remove that setting, or "
+                             f"use fp8.backend=transformer_engine (Transformer Engine's experts)")
         if moe is None or not grouped_experts(config):
             raise ValueError("fp8.backend=torch quantizes the grouped experts of the local spec: "
                              "it needs model.moe with model.moe.grouped_gemm=true")

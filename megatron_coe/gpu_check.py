@@ -21,10 +21,14 @@ source unless ``--data`` gives a jsonl file.  Parts (``--parts``, default all):
      parameters, all measured in this one run.
   c  one layer: benchmarks/coe_layer.py's CoE/MoE pairs (EP = 1, hidden 1024, experts of hidden
      704, 4096 tokens, bf16; fp32 on CPU), run from the checkout.
+  d  host work and profile: benchmarks/host_work.py on MoE(8/64) and CoE-2(4/64) at the paper's
+     sizes: ops launched and device reads per training step, and over two profiled steps the
+     GPU time per kernel class (GEMM, attention, element-wise, ...) and the fraction of the
+     time some kernel ran (the rest: the GPU waiting for the host), run from the checkout.
 
 ``--toy`` shrinks the paper configs keeping their structure (MLA, 63 or 47 routed + 1 shared
 expert become 15 or 11 + 1, same top-k and C; 2 layers, hidden 64, 64 tokens) and the layer
-benchmark, so that CI runs this script end to end on CPU.  The JSON (``--out``, under
+and host-work benchmarks, so that CI runs this script end to end on CPU.  The JSON (``--out``, under
 benchmarks/results/ by default) names the device, GPU, torch, CUDA, megatron-core and
 Transformer Engine versions, the layer implementation used, and the command.
 """
@@ -210,35 +214,63 @@ def measure_paper(args, work: Path) -> dict:
             "ratios": ratios}
 
 
+def run_benchmark(name: str, options: list[str], work: Path) -> tuple[dict, str]:
+    """benchmarks/<name>.py with ``options`` in a process of its own, from the checkout; returns
+    (its JSON's first result, its command as a user would type it)."""
+    script = ROOT / "benchmarks" / f"{name}.py"
+    out = work / f"{name}.json"
+    cmd = [sys.executable, str(script), *options, "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    (work / f"{name}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmarks/{name}.py failed ({done.returncode}):\n"
+                           + (done.stdout + done.stderr)[-3000:])
+    (result,) = json.loads(out.read_text())["results"]
+    return result, " ".join(shlex.quote(c) for c in ["python", f"benchmarks/{name}.py",
+                                                      *options])
+
+
 def layer_pairs(args, work: Path) -> dict:
     """Part (c): benchmarks/coe_layer.py's pairs, in a process of its own."""
-    script = ROOT / "benchmarks" / "coe_layer.py"
-    if not script.exists():
-        return {"skipped": f"{script} not found: run from a checkout of the repository"}
-    out = work / "layer.json"
+    if not (ROOT / "benchmarks" / "coe_layer.py").exists():
+        return {"skipped": "benchmarks/ not found: run from a checkout of the repository"}
     sizes = (["--hidden", "32", "--expert-hidden", "16", "--tokens", "64", "--repeat", "1",
               "--warmup", "0"] if args.toy else
              ["--hidden", "1024", "--expert-hidden", "704", "--tokens", "4096", "--repeat", "10",
               "--warmup", "3"])
     # bf16 on the GPU; fp32 on CPU, whose bf16 matmuls would only slow the dry run down
     precision = "bf16" if args.device == "cuda" else "fp32"
-    cmd = [sys.executable, str(script), "--ep", "1", "--device", args.device,
-           "--precision", precision, "--sections", "pairs", *sizes, "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    (work / "layer.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmarks/coe_layer.py failed ({done.returncode}):\n"
-                           + (done.stdout + done.stderr)[-3000:])
-    (result,) = json.loads(out.read_text())["results"]
+    result, command = run_benchmark("coe_layer", [
+        "--ep", "1", "--device", args.device, "--precision", precision, "--sections", "pairs",
+        *sizes], work)
     pairs = [{k: p[k] for k in ("pair", "median_s", "ratio", "activation_bytes")}
              for p in result["pairs"]]
     for p in pairs:
         print(f"(c) {p['pair']:28s} CoE/MoE {p['ratio']:.3f} ({p['median_s'][0] * 1e3:.2f} / "
               f"{p['median_s'][1] * 1e3:.2f} ms)", flush=True)
-    return {"command": " ".join(shlex.quote(c) for c in [
-        "python", "benchmarks/coe_layer.py", *cmd[2:-2]]), "pairs": pairs}
+    return {"command": command, "pairs": pairs}
+
+
+def host_profile(args, work: Path) -> dict:
+    """Part (d): benchmarks/host_work.py on MoE(8/64) and CoE-2(4/64): launches and device
+    reads per step, time per kernel class, the fraction of the time the GPU is busy."""
+    if not (ROOT / "benchmarks" / "host_work.py").exists():
+        return {"skipped": "benchmarks/ not found: run from a checkout of the repository"}
+    options = ["--device", args.device, "--configs", "MoE(8/64)", "CoE-2(4/64)", "--profile"]
+    options += (["--warmup", "0", "--steps", "1", "--set", "model.num_layers=2",
+                 "train.global_batch_size=4"] if args.toy else ["--full-size"])
+    result, command = run_benchmark("host_work", options, work)
+    for name, r in result["configs"].items():
+        p = r["profile"]
+        busy = p["busy_fraction"]
+        print(f"(d) {name:12s} {sum(r['launches'].values())} launches and "
+              f"{sum(r['syncs'].values())} device reads per step; "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in list(p["ms_per_step"].items())[:5])
+              + (f"; GPU busy {busy * 100:.0f} % of the time" if busy is not None else ""),
+              flush=True)
+    return {"command": command, **result}
 
 
 def environment(device: str) -> dict:
@@ -276,7 +308,8 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--toy", action="store_true",
                    help="shrink part b and c to CPU sizes, keeping the configs' structure")
-    p.add_argument("--parts", nargs="+", choices=("a", "b", "c"), default=["a", "b", "c"])
+    p.add_argument("--parts", nargs="+", choices=("a", "b", "c", "d"),
+                   default=["a", "b", "c", "d"])
     p.add_argument("--out", type=Path, help="JSON results (default: benchmarks/results/"
                    "gpu_check_<device>[_toy].json)")
     p.add_argument("--data", type=Path, help="a jsonl file for part b (default: the built-in "
@@ -335,6 +368,8 @@ def main(argv=None) -> int:
             result["paper"] = measure_paper(args, work)
         if "c" in args.parts:
             result["layer"] = layer_pairs(args, work)
+        if "d" in args.parts:
+            result["host"] = host_profile(args, work)
     finally:
         if args.keep:
             print(f"work directory kept: {work}")

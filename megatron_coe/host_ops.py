@@ -10,7 +10,7 @@ Two counts measure that host side, the same on CPU as on CUDA because they are t
 PyTorch's dispatcher, below autograd and above the device kernels:
 
 - ``launches``: dispatched ATen ops that do work, i.e. all but views and bare allocations
-  (``empty``, ``new_empty``, ...).  On a GPU each is about one kernel launch (a few
+  (``empty``, ``new_empty``, ``_unsafe_view``, ...).  On a GPU each is about one kernel launch (a few
   microseconds of host time at best; more with Python framework code around it).
 - ``syncs``: points where the host must read a value the device computed, so it waits for every
   kernel enqueued before: ``item()`` / ``float()`` / ``bool()`` (``_local_scalar_dense``), ops
@@ -19,9 +19,12 @@ PyTorch's dispatcher, below autograd and above the device kernels:
   over a list of tensors).  The Python-level reads are counted whatever the tensor's device:
   on a CUDA run they wait only when the tensor is on the GPU, so they are an upper bound.
 
-``sync_sites`` names the Python function (file:function) that caused each sync; ``skip``
+``by_op`` counts launches per ATen op, ``by_site`` per Python function (file:function) or, in
+backward, per autograd node; ``sync_sites`` names the function that caused each sync.  ``skip``
 (default: megatron_coe/cpu.py, the CPU backend's replacements, which do not run on a GPU)
-leaves out ops issued directly by code in files whose path ends with one of its entries.  The counts are a
+leaves out the syncs of code in files whose path ends with one of its entries; their launches
+are counted, as they stand in for Megatron's ops doing the same job on a GPU (the CPU
+permutation's ``nonzero`` for Megatron's fixed-shape argsort, for instance).  The counts are a
 measurement, not an assertion: tests use them to bound syncs per step.
 """
 
@@ -33,9 +36,10 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# ops that allocate without writing (no kernel)
-_ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.new_empty.default",
-                "aten.new_empty_strided.default", "aten.empty_like.default"}
+# ops that launch no kernel besides views: bare allocations, and views outside the view list
+_NO_KERNEL = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.new_empty.default",
+              "aten.new_empty_strided.default", "aten.empty_like.default",
+              "aten._unsafe_view.default", "aten.lift_fresh.default"}
 # ops whose output size is data-dependent: the host waits for the device to learn it
 _DATA_DEPENDENT = {"aten.nonzero.default", "aten.masked_select.default",
                    "aten.unique_consecutive.default", "aten._unique2.default",
@@ -49,6 +53,7 @@ class HostOps(TorchDispatchMode):
         super().__init__()
         self.skip = skip
         self.by_op: collections.Counter[str] = collections.Counter()
+        self.by_site: collections.Counter[str] = collections.Counter()
         self.sync_sites: collections.Counter[str] = collections.Counter()
         self.views = 0
         self._saved: list[tuple[object, str, object]] = []
@@ -63,7 +68,7 @@ class HostOps(TorchDispatchMode):
 
     # -- attribution -------------------------------------------------------------------------
 
-    def _caller(self, depth: int = 2):
+    def _caller(self, depth: int = 2, skip: bool = True):
         """file:function of the innermost frame outside torch, this file and torch-function
         modes (``__torch_function__``, e.g. the CPU backend's remapping), or None when that
         frame's file is skipped."""
@@ -76,7 +81,7 @@ class HostOps(TorchDispatchMode):
             frame = frame.f_back
         if frame is None:
             return "?"
-        if name.endswith(self.skip):
+        if skip and name.endswith(self.skip):
             return None
         return f"{name.rsplit('/', 1)[-1]}:{frame.f_code.co_name}"
 
@@ -89,11 +94,14 @@ class HostOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if not (func.is_view or name in _ALLOCATIONS):
-            site = self._caller()
-            if site is not None:
-                self.by_op[name] += 1
-                if name == _SCALAR_READ or name in _DATA_DEPENDENT:
+        if not (func.is_view or name in _NO_KERNEL):
+            self.by_op[name] += 1
+            node = torch._C._current_autograd_node()
+            self.by_site[f"backward of {node.name()}" if node is not None
+                         else self._caller(2, skip=False)] += 1
+            if name == _SCALAR_READ or name in _DATA_DEPENDENT:
+                site = self._caller()
+                if site is not None:
                     self.sync_sites[site] += 1
         else:
             self.views += 1
@@ -131,7 +139,8 @@ class HostOps(TorchDispatchMode):
     def summary(self, top: int = 12) -> dict:
         return {"launches": self.launches, "syncs": self.syncs, "views": self.views,
                 "sync_sites": dict(self.sync_sites.most_common()),
-                "top_ops": dict(self.by_op.most_common(top))}
+                "top_ops": dict(self.by_op.most_common(top)),
+                "top_sites": dict(self.by_site.most_common(top))}
 
 
 def _tensors_in(data) -> int:

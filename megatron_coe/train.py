@@ -102,7 +102,7 @@ def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
 
 def run_schedule(model, batches, config, forward_only, inject_nan=False):
     """Megatron's forward-backward schedule; returns the (sum, count) of the loss over this
-    rank's micro-batches."""
+    rank's micro-batches, on the device."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_coe import cpu
@@ -122,8 +122,9 @@ def run_schedule(model, batches, config, forward_only, inject_nan=False):
     for report in reports:  # empty on pipeline stages without the loss
         loss = report["lm loss"].float()
         total = loss if total is None else total + loss
-    # summed where the losses are (in micro-batch order, as before), read once per step
-    return torch.zeros(2) if total is None else total.cpu()
+    # summed where the losses are, in micro-batch order; not read here (the caller reads it
+    # once, after its all-reduce)
+    return torch.zeros(2) if total is None else total
 
 
 def mean_loss_over_dp(total: torch.Tensor, device) -> float:
@@ -134,7 +135,7 @@ def mean_loss_over_dp(total: torch.Tensor, device) -> float:
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # loss lives on last stage
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    return (total[0] / total[1]).item()  # no tokens: 0 / 0 = NaN
 
 
 def optimizer_step(optimizer, scheduler) -> tuple[bool, float | None]:
@@ -277,7 +278,7 @@ def train(config, lock) -> int:
         with torch.no_grad():
             for i in range(t.eval_iters):
                 total += run_schedule(model, batches_at(valid_ds, i * t.global_batch_size),
-                                      config, forward_only=True)
+                                      config, forward_only=True).cpu()
         model.train()
         router_stats.reset(layers)
         loss = mean_loss_over_dp(total, device)

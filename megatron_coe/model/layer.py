@@ -144,7 +144,7 @@ class CoELayer(MoELayer):
             shared_out = None if overlap else self._shared_expert(x_shared)
             probs, routing_map = self.routers[t](x_router, padding_mask)
         router_probs = probs
-        self.tokens_per_expert[t] += routing_map.detach().sum(dim=0).to(self.tokens_per_expert)
+        self.tokens_per_expert[t].add_(routing_map.detach().sum(dim=0))  # counts: exact
         hidden, probs = self.preprocess(x_rows, probs, routing_map)
         if overlap:
             out, shared_out = self.token_dispatcher.overlapped_experts(

@@ -142,7 +142,7 @@ def analyse(run_dir: Path, checkpoint_path: Path | None, batches: int) -> dict:
             for b in range(batches):
                 total += run_schedule(model, list(dataset.micro_batches(
                     valid_ds, b * t.global_batch_size, t.global_batch_size, t.micro_batch_size,
-                    0, 1)), config, forward_only=True)
+                    0, 1)), config, forward_only=True).cpu()
         recorder.close()
     finally:
         parallel.destroy()

@@ -1,7 +1,7 @@
 """python -m megatron_coe.gpu_check, the one-GPU check, run end to end on CPU at toy sizes (the
 same script a GPU runs): its JSON names the machine and versions, part (a) matches the
-checked-in one-process reference and fails against a perturbed one, parts (b) and (c) report
-every paper config and layer pair.  No timing is asserted."""
+checked-in one-process reference and fails against a perturbed one, parts (b), (c) and (d)
+report every paper config, layer pair and host-work count.  No timing is asserted."""
 
 import json
 import subprocess
@@ -54,6 +54,16 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
                                                "CoE-4(2/64) vs MoE(8/64)",
                                                "CoE-2(8/64) vs MoE(16/64)"]
     assert all(p["ratio"] > 0 for p in c["pairs"])
+
+    d = res["host"]
+    assert d["command"].startswith("python benchmarks/host_work.py --device cpu")
+    assert set(d["configs"]) == {"MoE(8/64)", "CoE-2(4/64)"}
+    for name, r in d["configs"].items():
+        # three device reads per step (loss, gradient check, gradient norm), whatever the size
+        assert sum(r["syncs"].values()) == 3, (name, r["sync_sites"])
+        assert r["profile"]["ms_per_step"]["GEMM"] > 0 and r["profile"]["busy_fraction"] is None
+    # CoE-2(4/64) calls the router, dispatch and experts twice per layer: more launches
+    assert d["ratios"]["CoE-2(4/64) / MoE(8/64)"]["launches"] > 1
 
 
 def test_gpu_check_fails_against_a_perturbed_reference(tmp_path):

@@ -5,10 +5,11 @@ own replacements are left out), so these CPU tests bound a GPU run's host syncs.
 
 - EP = 1 dispatch (model/dispatch.py ``local_only``): no sync and no copy for Megatron's
   identity sort of the rows by local expert, bit-identical to Megatron's path.
-- A whole training step (forward-backward over the micro-batches, the gradient check, the
-  optimizer with gradient clipping): three syncs, whatever the number of parameters, layers,
-  micro-batches or CoE iterations: the step's loss, the gradient check's verdict, the gradient
-  norm Megatron returns as a float.
+- A whole training step (forward-backward over the micro-batches, the step's loss, the gradient
+  check, the optimizer with gradient clipping): three syncs, whatever the number of
+  parameters, layers, micro-batches or CoE iterations: the loss, the gradient check's verdict,
+  the gradient norm Megatron returns as a float.  (coe-train's loop adds one: all ranks agree
+  on a stop request.)
 """
 
 import pytest
@@ -87,7 +88,8 @@ def _batches(n, config):
 def test_a_training_step_reads_the_device_three_times(iterations, micro_batches):
     from megatron_coe.model import build_model
     from megatron_coe.optim import build_optimizer, use_adam_implementation, wrap_model
-    from megatron_coe.train import grads_are_finite, optimizer_step, run_schedule
+    from megatron_coe.train import (grads_are_finite, mean_loss_over_dp, optimizer_step,
+                                    run_schedule)
 
     config = _step_config(iterations, micro_batches)
     torch.manual_seed(0)
@@ -102,10 +104,12 @@ def test_a_training_step_reads_the_device_three_times(iterations, micro_batches)
         with HostOps() as ops:
             total = run_schedule(model, _batches(micro_batches, config), config,
                                  forward_only=False)
+            loss = mean_loss_over_dp(total, torch.device("cpu"))
             assert grads_are_finite(model, torch.device("cpu"))
             applied, grad_norm = optimizer_step(optimizer, scheduler)
-        assert applied and grad_norm > 0 and total[1] == 2 * 12 * micro_batches
+        assert applied and grad_norm > 0 and 0 < loss < 10
+        assert total[1] == 2 * 12 * micro_batches
     assert ops.syncs == 3, ops.summary()
-    assert set(ops.sync_sites) == {"train.py:run_schedule", "train.py:grads_are_finite",
+    assert set(ops.sync_sites) == {"train.py:mean_loss_over_dp", "train.py:grads_are_finite",
                                    "clip_grads.py:get_grad_norm_fp32"}, ops.summary()
     assert n_params > 20  # per-parameter reads would have shown

@@ -44,6 +44,11 @@ def test_delayed_scaling_is_kept_for_one_call_per_micro_batch(overrides):
     (["fp8.backend=torch", "model.moe.grouped_gemm=true"], "set fp8.format=e4m3"),
     (["fp8.backend=torch", "model.moe.grouped_gemm=true", "fp8.format=e4m3",
       "model.moe.expert_hidden_size=40"], "model.moe.expert_hidden_size=40 to be a multiple of 16"),
+    (["fp8.backend=torch", "fp8.format=e4m3", "parallel.expert_tensor=2"],
+     "which do not implement parallel.expert_tensor=2 (expert tensor parallelism): remove that "
+     "setting, or use fp8.backend=transformer_engine"),
+    (["fp8.backend=torch", "fp8.format=e4m3", "parallel.expert_tensor=2",
+      "model.moe.grouped_gemm=false"], "use fp8.backend=transformer_engine"),
     (["fp8.recipe=rowwise"], "fp8.recipe=rowwise is the torch backend's"),
     (["fp8.backend=jax"], "fp8.backend='jax' is not valid"),
     (["precision=fp32"], "fp8.enabled=true runs on top of bf16"),
