@@ -151,11 +151,11 @@ def run(args):
     from megatron_coe.data import dataset
     from megatron_coe.host_ops import HostOps
     from megatron_coe.metrics import train_flops_per_token
-    from megatron_coe.model import build_model
-    from megatron_coe.optim import adam_implementation, build_optimizer, use_adam_implementation
-    from megatron_coe.optim import wrap_model
+    from megatron_coe.optim import adam_implementation, use_adam_implementation
     from megatron_coe.train import (grads_are_finite, mean_loss_over_dp, optimizer_step,
                                     run_schedule)
+
+    from variant import build_variant
 
     results = {}
     tmp = Path(tempfile.mkdtemp(prefix="coe-host-work-"))
@@ -165,11 +165,7 @@ def run(args):
         device = parallel.initialize(config)
         run_dir = tmp / path.stem
         run_dir.mkdir()
-        tokenizer, prefixes = dataset.prepare(config, run_dir)
-        train_ds, _, _ = dataset.build_datasets(config, run_dir, tokenizer, prefixes)
-        torch.manual_seed(config.seed)
-        model = wrap_model(config, build_model(config))
-        optimizer, scheduler = build_optimizer(config, model)
+        model, optimizer, scheduler, train_ds = build_variant(config, run_dir)
         use_adam_implementation(optimizer, adam_implementation("cuda"))  # as on a GPU
         t = config.train
         dp = parallel_state.get_data_parallel_world_size()

@@ -75,10 +75,11 @@ def _timed_rounds(args, ep, tmp):
     from megatron_coe.config import load_config
     from megatron_coe.data import dataset
     from megatron_coe.metrics import train_flops_per_token
-    from megatron_coe.model import build_model, coe_layers
-    from megatron_coe.optim import build_optimizer, wrap_model
+    from megatron_coe.model import coe_layers
     from megatron_coe.train import (grads_are_finite, mean_loss_over_dp, optimizer_step,
                                     run_schedule)
+
+    from variant import build_variant
 
     timers = comm = None
     if args.phases:
@@ -99,11 +100,7 @@ def _timed_rounds(args, ep, tmp):
         if dist.get_rank() == 0:
             run_dir.mkdir()
         dist.barrier()
-        tokenizer, prefixes = dataset.prepare(config, run_dir)
-        train_ds, _, _ = dataset.build_datasets(config, run_dir, tokenizer, prefixes)
-        torch.manual_seed(config.seed)
-        model = wrap_model(config, build_model(config))
-        optimizer, scheduler = build_optimizer(config, model)
+        model, optimizer, scheduler, train_ds = build_variant(config, run_dir)
         built.append((label, config, model, optimizer, scheduler, train_ds))
 
     dp_rank = parallel_state.get_data_parallel_rank()
