@@ -30,7 +30,10 @@ source unless ``--data`` gives a jsonl file.  Parts (``--parts``, default all):
 expert become 15 or 11 + 1, same top-k and C; 2 layers, hidden 64, 64 tokens) and the layer
 and host-work benchmarks, so that CI runs this script end to end on CPU.  The JSON (``--out``, under
 benchmarks/results/ by default) names the device, GPU, torch, CUDA, megatron-core and
-Transformer Engine versions, the layer implementation used, and the command.
+Transformer Engine versions, the layer implementation used, and the command; ``targets`` holds
+each one-GPU target (MFU, CoE/MoE step time, memory, loss agreement) with its value from this
+run and whether it is met (printed at the end too).  Targets are measurements: only part (a)
+decides the exit status.
 """
 
 from __future__ import annotations
@@ -273,6 +276,33 @@ def host_profile(args, work: Path) -> dict:
     return {"command": command, **result}
 
 
+# (name, part, how to read it from the results, comparison, target)
+TARGETS = [
+    ("MoE(8/64) MFU", "b", lambda r: r["paper"]["variants"]["MoE(8/64)"]["mfu"], ">=", 0.25),
+    ("CoE-2(4/64) MFU", "b", lambda r: r["paper"]["variants"]["CoE-2(4/64)"]["mfu"], ">=", 0.23),
+    ("CoE-2(4/64) / MoE(8/64) step time", "b",
+     lambda r: r["paper"]["ratios"]["CoE-2(4/64) / MoE(8/64)"]["step_time"], "<=", 1.12),
+    ("CoE-2(3/64) / MoE(7/64) step time (equal FLOPs)", "b",
+     lambda r: r["paper"]["ratios"]["CoE-2(3/64) / MoE(7/64)"]["step_time"], "<=", 1.05),
+    ("CoE-2(4/48) peak memory / MoE(8/64)", "b",
+     lambda r: r["paper"]["variants"]["CoE-2(4/48)"]["peak_mem_gib"]
+     / r["paper"]["variants"]["MoE(8/64)"]["peak_mem_gib"], "<=", 0.85),
+    ("tiny fp32 losses vs CPU reference, max |difference|", "a",
+     lambda r: r["reference"]["max_abs_diff"], "<=", 5e-3),
+]
+
+
+def targets(result: dict, parts: list[str]) -> list[dict]:
+    """Issue 17's targets for one GPU, each read from this run's own numbers: value, target and
+    whether it is met (None where the run has no value: a part not run, MFU on a CPU)."""
+    out = []
+    for name, part, read, op, target in TARGETS:
+        value = read(result) if part in parts else None
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out.append({"measure": name, "value": value, "target": f"{op} {target:g}", "met": met})
+    return out
+
+
 def environment(device: str) -> dict:
     import torch
 
@@ -378,6 +408,12 @@ def main(argv=None) -> int:
 
             shutil.rmtree(work, ignore_errors=True)
     result["passed"] = result.get("reference", {}).get("passed", True)
+    result["targets"] = targets(result, args.parts)
+    for t in result["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.4g}"
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        print(f"target: {t['measure']:52s} {value:>9s} (target {t['target']}): {verdict}",
+              flush=True)
     result["wall_s"] = time.perf_counter() - began
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -65,6 +65,20 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
     # CoE-2(4/64) calls the router, dispatch and experts twice per layer: more launches
     assert d["ratios"]["CoE-2(4/64) / MoE(8/64)"]["launches"] > 1
 
+    # every one-GPU target read back from this run's numbers; MFU needs a GPU's peak
+    t = {x["measure"]: x for x in res["targets"]}
+    assert len(t) == 6
+    assert t["MoE(8/64) MFU"]["value"] is None and t["MoE(8/64) MFU"]["met"] is None
+    ratio = t["CoE-2(4/64) / MoE(8/64) step time"]
+    assert ratio["value"] == b["ratios"]["CoE-2(4/64) / MoE(8/64)"]["step_time"]
+    assert ratio["met"] == (ratio["value"] <= 1.12) and ratio["target"] == "<= 1.12"
+    memory = t["CoE-2(4/48) peak memory / MoE(8/64)"]["value"]
+    assert memory == (b["variants"]["CoE-2(4/48)"]["peak_mem_gib"]
+                      / b["variants"]["MoE(8/64)"]["peak_mem_gib"])
+    loss = t["tiny fp32 losses vs CPU reference, max |difference|"]
+    assert loss["value"] == a["max_abs_diff"] and loss["met"] is True
+    assert "target: MoE(8/64) MFU" in done.stdout and "not measured" in done.stdout
+
 
 def test_gpu_check_fails_against_a_perturbed_reference(tmp_path):
     reference = json.loads((ROOT / "tests" / "training" / "reference_losses.json").read_text())
@@ -77,5 +91,8 @@ def test_gpu_check_fails_against_a_perturbed_reference(tmp_path):
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["passed"] is False and res["reference"]["worst_step"] == 2
+    loss = [t for t in res["targets"] if t["measure"].startswith("tiny fp32")][0]
+    assert loss["met"] is False
+    assert all(t["value"] is None for t in res["targets"] if t is not loss)  # only part a ran
     assert 0.009 < res["reference"]["max_abs_diff"] < 0.011
     assert ": FAIL" in done.stdout and "coe-gpu-check: FAIL" in done.stdout
