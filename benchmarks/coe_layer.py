@@ -13,6 +13,7 @@ autograd saves, measured with saved-tensor hooks).  Then: time against C; at EP 
 overlapped schedule (parallel.overlap_expert_comm) against the plain one; CoE-2(4/64) / MoE(8/64)
 at other tokens per rank (--tokens-sweep); and what recomputing the whole MoE/CoE layer in
 backward (train.recompute=moe), or only each iteration's expert MLPs (train.recompute=experts),
+or only the grouped experts' activation (train.recompute=moe_act, against grouped experts),
 costs in time and gives back in saved activations (kept after
 the forward, and peak over forward + backward, the recomputed forward included); and on CPU the
 local spec's LocalExperts against Megatron's SequentialMLP forward; and grouped-GEMM experts
@@ -227,6 +228,12 @@ def run(args):
         configs = [make_config(args, *shape, recompute=r) for shape in (coe, moe) for r in modes]
         labels = [name + suffix for name in ("CoE-2(4/64)", "MoE(8/64)")
                   for suffix in modes.values()]
+        # moe_act recomputes grouped experts' activation: against grouped experts keeping it
+        for name, shape in (("CoE-2(4/64)", coe), ("MoE(8/64)", moe)):
+            for r, suffix in (("none", ", grouped"), ("moe_act", ", grouped + activation "
+                                                                "recompute")):
+                configs.append(make_config(args, *shape, recompute=r, grouped=True))
+                labels.append(name + suffix)
         times, _, acts = bench(args, configs)
         for label, t, a in zip(labels, times, acts):
             res["recompute"].append({"layer": label, "median_s": t, **a})

@@ -35,7 +35,7 @@ FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise", "rowwise")
 FP8_BACKENDS = ("transformer_engine", "torch")
 DATA_SOURCES = ("arithmetic", "jsonl", "indexed")
 LR_DECAYS = ("cosine", "linear", "constant", "wsd")
-RECOMPUTE = ("none", "full", "moe", "experts")
+RECOMPUTE = ("none", "full", "moe", "experts", "moe_act")
 DEVICES = ("cpu", "cuda")
 # model.impl: Megatron's two layer implementations (Megatron-LM's --transformer-impl), or auto:
 # Transformer Engine on CUDA when it is importable, else the local spec (always on CPU).
@@ -257,7 +257,9 @@ class TrainConfig:
     eval_interval: int = 10  # 0: only at the end
     eval_iters: int = 2
     # none; full (every layer); moe (the whole CoE chain of each layer, all-to-alls included);
-    # experts (each iteration's expert MLPs, routed and shared: no all-to-all is repeated)
+    # experts (each iteration's expert MLPs, routed and shared: no all-to-all is repeated);
+    # moe_act (the routed experts' activation only, Megatron's recompute_modules: [moe_act];
+    # grouped experts)
     recompute: str = "none"
     max_nonfinite_steps: int = 5  # skipped non-finite steps allowed before the run stops
     peak_tflops: Optional[float] = None  # per device, for MFU; None: known GPUs only
@@ -713,9 +715,18 @@ def _validate_training(config: Config) -> None:
     if t.eval_interval < 0:
         raise ValueError("train.eval_interval must be >= 0 (0: evaluate only at the end)")
     _choice(t.recompute, RECOMPUTE, "train.recompute")
-    if t.recompute == "experts" and config.model.moe is None:
-        raise ValueError("train.recompute=experts needs MoE/CoE layers (model.moe); use full "
-                         "for a dense model")
+    if t.recompute in ("experts", "moe_act") and config.model.moe is None:
+        raise ValueError(f"train.recompute={t.recompute} needs MoE/CoE layers (model.moe); use "
+                         "full for a dense model")
+    if t.recompute == "moe_act":
+        if not grouped_experts(config):
+            raise ValueError("train.recompute=moe_act recomputes the activation of grouped "
+                             "experts (as Megatron's recompute_modules: [moe_act]); set "
+                             "model.moe.grouped_gemm=true or null, or use train.recompute="
+                             "experts")
+        if config.fp8.enabled and config.fp8.backend == "torch":
+            raise ValueError("train.recompute=moe_act is not implemented with fp8.backend=torch; "
+                             "use train.recompute=experts or none")
     if t.exit_interval < 0:
         raise ValueError("train.exit_interval must be >= 0 (0: never)")
     if t.max_nonfinite_steps < 0:

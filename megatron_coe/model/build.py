@@ -84,8 +84,9 @@ def transformer_config(config: Config) -> TransformerConfig:
     if config.train.recompute == "full":
         kwargs.update(recompute_granularity="full", recompute_method="uniform",
                       recompute_num_layers=1)
-    elif config.train.recompute == "moe":
-        kwargs.update(recompute_granularity="selective", recompute_modules=["moe"])
+    elif config.train.recompute in ("moe", "moe_act"):
+        kwargs.update(recompute_granularity="selective",
+                      recompute_modules=[config.train.recompute])
     if config.fp8.enabled and config.fp8.backend == "transformer_engine":
         f8 = config.fp8
         kwargs.update(fp8=f8.format, fp8_recipe=f8.recipe,

@@ -63,6 +63,16 @@ each GroupedLinear ``weight{i}`` from ``TEGroupedLinear._sharded_state_dict_grou
 fc1, so its weights load here (by reasoning from that code; TE is not installed here).  Its
 per-expert ``_extra_state`` (FP8 metadata) is read and ignored, as SequentialMLP does.
 
+Activation recompute (``train.recompute: moe_act``, Megatron's ``recompute_modules: [moe_act]``).
+fc1's output Z and the probabilities p are all that is kept for the activation and fc2; backward
+recomputes A * p (element-wise, no GEMM) by the same ops before fc2's backward:
+
+    kept per row  (plain)   X (H) + Z (2F) + act(Z1), Z2 + offset, A, A * p (F each) + p
+                  (moe_act) X (H) + Z (2F) + p
+
+Gradients are bit-identical (tests/layer/test_activation_recompute.py); backward pays the
+activation's element-wise ops once more.
+
 FP8.  With ``fp8.backend: torch`` both linears run as FP8 grouped GEMMs (``model/fp8.py``:
 each call quantizes its activations and the weights from their own amax; dW in the activations'
 precision), on bf16 master weights.  Megatron's (Transformer Engine's) FP8 settings are off then.
@@ -153,6 +163,31 @@ def _loop_wgrad(g: torch.Tensor, x: torch.Tensor, counts: list[int]) -> torch.Te
     return out
 
 
+def _linear_forward(x, weight, offs, counts):
+    """Y_e = X_e W_e^T over the row groups: grouped GEMM (``offs``) or the per-expert loop."""
+    if counts is not None:
+        return _loop_rows(x, weight.transpose(-2, -1), counts)
+    return grouped_mm_op()(x, weight.transpose(-2, -1), offs=offs)
+
+
+def _linear_backward(grad_out, x, weight, offs, counts, need_x: bool, need_w: bool):
+    """(dX, dW) of :func:`_linear_forward`: dX_e = dY_e W_e, dW_e = dY_e^T X_e."""
+    g = _ready(grad_out)  # autograd may hand over an expanded or strided gradient
+    grad_x = grad_w = None
+    if counts is not None:
+        if need_x:
+            grad_x = _loop_rows(g, weight, counts)
+        if need_w:
+            grad_w = _loop_wgrad(g, x, counts)
+    else:
+        op = grouped_mm_op()
+        if need_x:
+            grad_x = op(g, weight, offs=offs)
+        if need_w:
+            grad_w = op(g.t(), x, offs=offs)
+    return grad_x, grad_w
+
+
 class _GroupedLinear(torch.autograd.Function):
     """Y_e = X_e W_e^T for row groups of X; grouped GEMMs (``offs``) or, when ``counts`` is
     given, the exact per-expert loop.  Backward: dX_e = dY_e W_e, dW_e = dY_e^T X_e."""
@@ -161,28 +196,42 @@ class _GroupedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, offs, counts):
         ctx.save_for_backward(x, weight)
         ctx.offs, ctx.counts = offs, counts
-        if counts is not None:
-            return _loop_rows(x, weight.transpose(-2, -1), counts)
-        return grouped_mm_op()(x, weight.transpose(-2, -1), offs=offs)
+        return _linear_forward(x, weight, offs, counts)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        offs, counts = ctx.offs, ctx.counts
-        g = _ready(grad_out)  # autograd may hand over an expanded or strided gradient
-        grad_x = grad_w = None
-        if counts is not None:
-            if ctx.needs_input_grad[0]:
-                grad_x = _loop_rows(g, weight, counts)
-            if ctx.needs_input_grad[1]:
-                grad_w = _loop_wgrad(g, x, counts)
-        else:
-            op = grouped_mm_op()
-            if ctx.needs_input_grad[0]:
-                grad_x = op(g, weight, offs=offs)
-            if ctx.needs_input_grad[1]:
-                grad_w = op(g.t(), x, offs=offs)
+        grad_x, grad_w = _linear_backward(grad_out, x, weight, ctx.offs, ctx.counts,
+                                          *ctx.needs_input_grad[:2])
         return grad_x, grad_w, None, None
+
+
+class _RecomputedActivationLinear(torch.autograd.Function):
+    """Y = (A * p) W2^T with A * p = scaled_activation(Z, p), keeping only Z and p for backward
+    (``train.recompute: moe_act``, Megatron's output-discarding activation recompute): backward
+    recomputes A * p by the same ops, then runs fc2's backward and the activation's own, so
+    gradients are bit-identical to the kept-activation path."""
+
+    @staticmethod
+    def forward(ctx, z, probs, weight, offs, counts, config):
+        ctx.save_for_backward(z, probs, weight)
+        ctx.offs, ctx.counts, ctx.config = offs, counts, config
+        return _linear_forward(scaled_activation(config, z, probs), weight, offs, counts)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, probs, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            z_ = z.detach().requires_grad_(ctx.needs_input_grad[0])
+            p_ = probs.detach().requires_grad_(ctx.needs_input_grad[1])
+            a = scaled_activation(ctx.config, z_, p_)
+        grad_a, grad_w = _linear_backward(grad_out, a.detach(), weight, ctx.offs, ctx.counts,
+                                          True, ctx.needs_input_grad[2])
+        inputs = [t for t in (z_, p_) if t.requires_grad]
+        grads = iter(torch.autograd.grad(a, inputs, grad_a) if inputs else ())
+        grad_z = next(grads) if z_.requires_grad else None
+        grad_p = next(grads) if p_.requires_grad else None
+        return grad_z, grad_p, grad_w, None, None, None
 
 
 class GroupedExperts(MegatronModule):
@@ -201,6 +250,11 @@ class GroupedExperts(MegatronModule):
         self.num_local_experts = num_local_experts
         # fp8.backend: torch: both linears' GEMMs in FP8 with this recipe (model/fp8.py)
         self.fp8_recipe = fp8_recipe
+        # train.recompute: moe_act (Megatron's recompute_modules "moe_act"): keep Z and p only
+        self.recompute_activation = (config.recompute_granularity == "selective"
+                                     and "moe_act" in (config.recompute_modules or ()))
+        if self.recompute_activation and fp8_recipe is not None:
+            raise ValueError("moe_act recompute is not implemented for fp8.backend=torch")
         self.ep_group = pg_collection.ep
         self.tp_group = pg_collection.expt_tp
         self.dp_group = pg_collection.expt_dp
@@ -241,8 +295,11 @@ class GroupedExperts(MegatronModule):
         else:
             counts = host_counts(tokens_per_expert)
         z = _GroupedLinear.apply(x, w1, offs, counts)
-        a = scaled_activation(self.config, z, permuted_probs.reshape(-1))
-        y = _GroupedLinear.apply(a, w2, offs, counts)
+        probs = permuted_probs.reshape(-1)
+        if self.recompute_activation:
+            y = _RecomputedActivationLinear.apply(z, probs, w2, offs, counts, self.config)
+        else:
+            y = _GroupedLinear.apply(scaled_activation(self.config, z, probs), w2, offs, counts)
         return y.reshape(*shape[:-1], y.shape[-1]), None
 
     def _fp8_forward(self, x, tokens_per_expert, permuted_probs, shape):
