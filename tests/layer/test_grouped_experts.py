@@ -6,37 +6,13 @@ the per-expert fallback, for uneven and empty experts; the same state dict and t
 whole CoE layer (shared expert, capacity dropping, expert recompute) equal to the layer with
 LocalExperts; config validation of model.moe.grouped_gemm."""
 
-import dataclasses
-
 import pytest
 import torch
-import torch.nn.functional as F
 
+from experts_harness import E, FFN, H, local_submodules, run, tf_config
 from megatron_coe.config import config_from_dict
 
-H, FFN, E = 32, 24, 6
 COUNTS = [3, 0, 7, 1, 0, 5]  # uneven, two experts without rows
-
-
-def local_submodules():
-    from megatron.core.models.backends import LocalSpecProvider
-
-    return LocalSpecProvider().grouped_mlp_modules(True).keywords["submodules"]
-
-
-def tf_config(gated=True, hidden=H, ffn=FFN):
-    from megatron_coe import parallel
-    from megatron_coe.model import transformer_config
-
-    config = config_from_dict({"model": {"num_layers": 1, "hidden_size": hidden,
-                                         "num_attention_heads": 4,
-                                         "moe": {"num_experts": E, "topk": 2,
-                                                 "expert_hidden_size": ffn}}})
-    parallel.initialize(config)
-    tf = transformer_config(config)
-    if not gated:
-        tf = dataclasses.replace(tf, gated_linear_unit=False, activation_func=F.gelu)
-    return tf
 
 
 def build_pair(tf, dtype=torch.float32):
@@ -48,19 +24,10 @@ def build_pair(tf, dtype=torch.float32):
 
     pg = get_default_pg_collection()
     torch.manual_seed(0)
-    stock = SequentialMLP(E, tf, local_submodules(), pg_collection=pg)
+    stock = SequentialMLP(E, tf, local_submodules(True), pg_collection=pg)
     torch.manual_seed(0)
-    grouped = GroupedExperts(E, tf, local_submodules(), pg_collection=pg)
+    grouped = GroupedExperts(E, tf, local_submodules(True), pg_collection=pg)
     return stock.to(dtype), grouped.to(dtype)
-
-
-def run(experts, x, counts, probs, gy):
-    x = x.clone().requires_grad_(True)
-    probs = probs.clone().requires_grad_(True)
-    y, bias = experts(x, counts, probs)
-    assert bias is None
-    (y.float() * gy).sum().backward()
-    return y, x.grad, probs.grad
 
 
 def expert_grads(experts):
