@@ -16,9 +16,11 @@ PyTorch's dispatcher, below autograd and above the device kernels:
   kernel enqueued before: ``item()`` / ``float()`` / ``bool()`` (``_local_scalar_dense``), ops
   whose output size depends on values (``nonzero``, ``masked_select``, ``unique``, ...), and
   Python-level reads of tensor data (``tolist()``, ``numpy()``, ``cpu()``, ``torch.tensor``
-  over a list of tensors).  The Python-level reads are counted whatever the tensor's device:
+  over a list of 0-dim tensors).  The Python-level reads are counted whatever the tensor's device:
   on a CUDA run they wait only when the tensor is on the GPU, so they are an upper bound.
 
+The Python-level reads are counted by wrapping those functions while the mode is active
+(process-wide: other threads' reads count too); one instance counts one block at a time.
 ``by_op`` counts launches per ATen op, ``by_site`` per Python function (file:function) or, in
 backward, per autograd node; ``sync_sites`` names the function that caused each sync.  ``skip``
 (default: megatron_coe/cpu.py, the CPU backend's replacements, which do not run on a GPU)
@@ -110,31 +112,37 @@ class HostOps(TorchDispatchMode):
     # -- Python-level reads of tensor data, which CPU tensors do without dispatching -----------
 
     def __enter__(self):
+        if self._saved:
+            raise RuntimeError("HostOps is already counting: use a new instance to nest")
         mode = self
 
         def wrap(owner, attr, count):
+            own = attr in vars(owner)  # else inherited (Tensor's methods live on TensorBase)
             original = getattr(owner, attr)
 
             def read(*args, **kwargs):
                 mode._sync(count(*args, **kwargs))
                 return original(*args, **kwargs)
 
-            self._saved.append((owner, attr, original))
+            self._saved.append((owner, attr, original if own else None))
             setattr(owner, attr, read)
 
         wrap(torch.Tensor, "tolist", lambda t, *a, **k: 1)
         wrap(torch.Tensor, "numpy", lambda t, *a, **k: 1)
         wrap(torch.Tensor, "cpu", lambda t, *a, **k: 1)
-        wrap(torch, "tensor", lambda data=None, *a, **k: _tensors_in(data))
+        wrap(torch, "tensor", lambda data=None, *a, **k: _scalars_in(data))
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            while self._saved:
+            while self._saved:  # exactly as before: own attributes back, inherited ones removed
                 owner, attr, original = self._saved.pop()
-                setattr(owner, attr, original)
+                if original is None:
+                    delattr(owner, attr)
+                else:
+                    setattr(owner, attr, original)
 
     def summary(self, top: int = 12) -> dict:
         return {"launches": self.launches, "syncs": self.syncs, "views": self.views,
@@ -143,10 +151,9 @@ class HostOps(TorchDispatchMode):
                 "top_sites": dict(self.by_site.most_common(top))}
 
 
-def _tensors_in(data) -> int:
-    """Tensors in a (nested) list given to torch.tensor: each is read on the host."""
-    if torch.is_tensor(data):
-        return 1 if data.dim() == 0 else 0
-    if isinstance(data, (list, tuple)):
-        return sum(_tensors_in(d) for d in data)
-    return 0
+def _scalars_in(data) -> int:
+    """0-dim tensors inside a (nested) list given to torch.tensor: each is read on the host (a
+    tensor given alone is copied on its device, not read)."""
+    if not isinstance(data, (list, tuple)):
+        return 0
+    return sum(1 if torch.is_tensor(d) and d.dim() == 0 else _scalars_in(d) for d in data)

@@ -156,7 +156,8 @@ def gradient_tensors(model) -> list[torch.Tensor]:
     gradient buffers (each holds the main_grad of many parameters, and zero padding), and any
     gradient outside them.  A buffer whose storage is shared with the parameters is not used."""
     buffers = []
-    for b in (*getattr(model, "buffers", ()), *getattr(model, "expert_parallel_buffers", ())):
+    ddp_buffers = [getattr(model, name, None) for name in ("buffers", "expert_parallel_buffers")]
+    for b in (b for group in ddp_buffers if isinstance(group, (list, tuple)) for b in group):
         g, w = getattr(b, "grad_data", None), getattr(b, "param_data", None)
         if g is not None and (w is None or w.untyped_storage().data_ptr()
                               != g.untyped_storage().data_ptr()):

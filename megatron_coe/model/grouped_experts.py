@@ -309,9 +309,10 @@ class GroupedExperts(MegatronModule):
         precision, master weights and gradients in bf16 (model/fp8.py)."""
         from megatron_coe.model.fp8 import fp8_grouped_linear
 
-        z = fp8_grouped_linear(x, self.fc1_weight, tokens_per_expert, self.fp8_recipe)
+        counts = host_counts(tokens_per_expert)  # the FP8 kernels take host counts: read once
+        z = fp8_grouped_linear(x, self.fc1_weight, counts, self.fp8_recipe)
         a = scaled_activation(self.config, z, permuted_probs.reshape(-1))
-        y = fp8_grouped_linear(a, self.fc2_weight, tokens_per_expert, self.fp8_recipe)
+        y = fp8_grouped_linear(a, self.fc2_weight, counts, self.fp8_recipe)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def _grouped(self, x: torch.Tensor) -> bool:

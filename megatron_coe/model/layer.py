@@ -39,6 +39,7 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_coe.model import repeated_calls
 from megatron_coe.model.dispatch import CoEAlltoAllTokenDispatcher
+from megatron_coe.model.grouped_experts import GroupedExperts
 from megatron_coe.finite import each_finite
 from megatron_coe.router_stats import current_iteration
 
@@ -179,7 +180,12 @@ class CoELayer(MoELayer):
         return self._recomputed(self.shared_experts_compute, x)
 
     def _local_experts(self, rows, counts, probs, lo: int, hi: int):
-        """See :meth:`_local_experts_now`; recomputed in backward under ``recompute_experts``."""
+        """See :meth:`_local_experts_now`; recomputed in backward under ``recompute_experts``.
+        Experts that read the counts on the host get them there once, not again in the
+        recompute (grouped experts take them on the device)."""
+        if (self.recompute_experts and torch.is_tensor(counts) and counts.device.type != "cpu"
+                and not isinstance(self.experts, GroupedExperts)):
+            counts = counts.cpu()
         return self._recomputed(
             lambda r, p: self._local_experts_now(r, counts, p, lo, hi), rows, probs)
 

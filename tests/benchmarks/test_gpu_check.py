@@ -65,19 +65,22 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
     # CoE-2(4/64) calls the router, dispatch and experts twice per layer: more launches
     assert d["ratios"]["CoE-2(4/64) / MoE(8/64)"]["launches"] > 1
 
-    # every one-GPU target read back from this run's numbers; MFU needs a GPU's peak
+    # every one-GPU target read back from this run's numbers; MFU needs a GPU's peak, and toy
+    # sizes on a CPU are reported, not judged; the loss agreement is judged everywhere
     t = {x["measure"]: x for x in res["targets"]}
     assert len(t) == 6
     assert t["MoE(8/64) MFU"]["value"] is None and t["MoE(8/64) MFU"]["met"] is None
     ratio = t["CoE-2(4/64) / MoE(8/64) step time"]
     assert ratio["value"] == b["ratios"]["CoE-2(4/64) / MoE(8/64)"]["step_time"]
-    assert ratio["met"] == (ratio["value"] <= 1.12) and ratio["target"] == "<= 1.12"
+    assert ratio["met"] is None and ratio["target"] == "<= 1.12"
     memory = t["CoE-2(4/48) peak memory / MoE(8/64)"]["value"]
     assert memory == (b["variants"]["CoE-2(4/48)"]["peak_mem_gib"]
                       / b["variants"]["MoE(8/64)"]["peak_mem_gib"])
     loss = t["tiny fp32 losses vs CPU reference, max |difference|"]
     assert loss["value"] == a["max_abs_diff"] and loss["met"] is True
+    assert loss["target"] == "<= 0.005"  # --tolerance
     assert "target: MoE(8/64) MFU" in done.stdout and "not measured" in done.stdout
+    assert "not judged" in done.stdout
 
 
 def test_gpu_check_fails_against_a_perturbed_reference(tmp_path):
