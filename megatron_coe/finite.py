@@ -34,7 +34,8 @@ def _plain(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def each_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """[len(tensors)] bool on the first tensor's device: element i is all_finite(tensors[i])."""
+    """[len(tensors)] bool on the first tensor's device: element i is whether every element of
+    tensors[i] is finite."""
     if not tensors:
         raise ValueError("each_finite needs at least one tensor")
     device = tensors[0].device
