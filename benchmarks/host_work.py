@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 import statistics
 import sys
@@ -48,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [("MoE(8/64)", "moe-8of64.yaml"), ("CoE-2(4/64)", "coe-2-4of64.yaml"),
            ("MoE(7/64)", "moe-7of64.yaml"), ("CoE-2(3/64)", "coe-2-3of64.yaml")]
 PAIRS = [("CoE-2(4/64)", "MoE(8/64)"), ("CoE-2(3/64)", "MoE(7/64)")]
+PROFILED_STEPS = 2  # with --profile
 
 # kernel (CUDA) or ATen op (CPU) name -> class; first match wins
 CLASSES = [
@@ -134,11 +136,12 @@ def profile_classes(prof, device: str, wall_s: float) -> dict:
         covered += hi - lo
         busy = covered / 1e6 / wall_s
     total = sum(per_class.values()) or 1.0
-    return {"ms_per_step": {k: v / 2e3 for k, v in sorted(per_class.items(),
-                                                          key=lambda kv: -kv[1])},
+    ms = 1e3 * PROFILED_STEPS  # microseconds over the profiled steps -> ms per step
+    return {"ms_per_step": {k: v / ms for k, v in sorted(per_class.items(),
+                                                         key=lambda kv: -kv[1])},
             "share": {k: v / total for k, v in per_class.items()},
             "busy_fraction": busy,
-            "top": {k: v / 2e3 for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]}}
+            "top": {k: v / ms for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]}}
 
 
 def run(args):
@@ -175,17 +178,15 @@ def run(args):
                                                  t.global_batch_size, t.micro_batch_size, 0, dp))
             model.zero_grad_buffer()
             optimizer.zero_grad()
+            counter = HostOps if counts else contextlib.nullcontext
             regions = {}
-            with HostOps() if counts else _nothing() as ops:
+            with counter() as regions["forward-backward + loss"]:
                 loss = mean_loss_over_dp(run_schedule(model, batches, config, False), device)
-            regions["forward-backward + loss"] = ops
-            with HostOps() if counts else _nothing() as ops:
+            with counter() as regions["gradient check"]:
                 finite = grads_are_finite(model, device)
-            regions["gradient check"] = ops
-            with HostOps() if counts else _nothing() as ops:
+            with counter() as regions["optimizer"]:
                 if finite:
                     optimizer_step(optimizer, scheduler)
-            regions["optimizer"] = ops
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return loss, regions
@@ -207,22 +208,22 @@ def run(args):
                                                    if device.type == "cuda" else [])
             began = time.perf_counter()
             with torch_profile(activities=activities) as prof:
-                for i in range(2):
+                for i in range(PROFILED_STEPS):
                     step(warm + 1 + args.steps + i)
             profile = profile_classes(prof, device.type, time.perf_counter() - began)
-        layer_calls = config.model.num_layers * (t.global_batch_size // t.micro_batch_size // dp)
+        micros = t.global_batch_size // t.micro_batch_size // dp
         fb = regions["forward-backward + loss"]
         results[name] = {
             "config": str(path.relative_to(ROOT)), "overrides": overrides,
             "parameters_tensors": sum(1 for _ in model.parameters()),
-            "layers": config.model.num_layers, "micro_batches": t.global_batch_size
-            // t.micro_batch_size // dp, "tokens_per_step": t.global_batch_size
-            * config.model.seq_length, "flops_per_token": train_flops_per_token(config),
+            "layers": config.model.num_layers, "micro_batches": micros,
+            "tokens_per_step": t.global_batch_size * config.model.seq_length,
+            "flops_per_token": train_flops_per_token(config),
             "launches": {k: r.launches for k, r in regions.items()},
             "syncs": {k: r.syncs for k, r in regions.items()},
             "sync_sites": {k: dict(r.sync_sites) for k, r in regions.items()},
             "top_ops": dict(fb.by_op.most_common(12)),
-            "launches_per_layer_call": fb.launches / layer_calls,
+            "launches_per_layer_call": fb.launches / (config.model.num_layers * micros),
             "step_s": times, "median_step_s": statistics.median(times), "profile": profile}
         r = results[name]
         print(f"{name:12s} launches/step {sum(r['launches'].values()):6d} "
@@ -253,16 +254,6 @@ def run(args):
               f"FLOPs per token {q['flops_per_token']:.3f}", flush=True)
     return {"device": args.device, "full_size": args.full_size, "configs": results,
             "ratios": ratios}
-
-
-class _nothing:
-    """Stands in for HostOps on the uncounted steps."""
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None):

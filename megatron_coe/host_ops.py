@@ -70,11 +70,11 @@ class HostOps(TorchDispatchMode):
 
     # -- attribution -------------------------------------------------------------------------
 
-    def _caller(self, depth: int = 2, skip: bool = True):
+    def _caller(self, skip: bool = True):
         """file:function of the innermost frame outside torch, this file and torch-function
         modes (``__torch_function__``, e.g. the CPU backend's remapping), or None when that
         frame's file is skipped."""
-        frame = sys._getframe(depth)
+        frame = sys._getframe(1)
         while frame is not None:
             name = frame.f_code.co_filename.replace("\\", "/")
             if not ("/torch/" in name or name.endswith("megatron_coe/host_ops.py")
@@ -87,8 +87,8 @@ class HostOps(TorchDispatchMode):
             return None
         return f"{name.rsplit('/', 1)[-1]}:{frame.f_code.co_name}"
 
-    def _sync(self, n: int = 1, depth: int = 3) -> None:
-        site = self._caller(depth)
+    def _sync(self, n: int = 1) -> None:
+        site = self._caller()
         if site is not None and n:
             self.sync_sites[site] += n
 
@@ -100,11 +100,9 @@ class HostOps(TorchDispatchMode):
             self.by_op[name] += 1
             node = torch._C._current_autograd_node()
             self.by_site[f"backward of {node.name()}" if node is not None
-                         else self._caller(2, skip=False)] += 1
+                         else self._caller(skip=False)] += 1
             if name == _SCALAR_READ or name in _DATA_DEPENDENT:
-                site = self._caller()
-                if site is not None:
-                    self.sync_sites[site] += 1
+                self._sync()
         else:
             self.views += 1
         return func(*args, **(kwargs or {}))
