@@ -95,7 +95,8 @@ class CoELayer(MoELayer):
             iteration_norm(config=self.config, hidden_size=self.config.hidden_size,
                            eps=self.config.layernorm_epsilon)
             for _ in range(iterations - 1 if iteration_norm is not None else 0))
-        # Local tokens routed to each expert in each iteration, summed since the last reset.
+        # Local tokens routed to each expert in each iteration, summed since the last reset
+        # (each training forward counted once, also when recomputed in backward).
         self.tokens_per_expert = torch.zeros(iterations, self.config.num_moe_experts)
         # Non-finite values seen since the last reset, per iteration: [C, 2] for (router
         # probabilities, iteration output F_t).  Tensor ops only, all iterations checked
@@ -145,7 +146,10 @@ class CoELayer(MoELayer):
             shared_out = None if overlap else self._shared_expert(x_shared)
             probs, routing_map = self.routers[t](x_router, padding_mask)
         router_probs = probs
-        self.tokens_per_expert[t].add_(routing_map.detach().sum(dim=0))  # counts: exact
+        if not self.training or torch.is_grad_enabled():
+            # counts: exact.  Under recompute (moe, full) a training forward runs twice: first
+            # without grad, then again in backward; count once, as Megatron's routers do
+            self.tokens_per_expert[t].add_(routing_map.detach().sum(dim=0))
         hidden, probs = self.preprocess(x_rows, probs, routing_map)
         if overlap:
             out, shared_out = self.token_dispatcher.overlapped_experts(

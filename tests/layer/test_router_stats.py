@@ -80,3 +80,32 @@ def test_nonfinite_values_are_located_by_layer_and_iteration():
                 w[0, 0] = float("inf")
     layer(x)
     assert layer.first_nonfinite() == "layer 1, CoE iteration 1: expert output"
+
+
+@pytest.mark.parametrize("recompute", ["moe", "full"])
+def test_expert_load_counted_once_under_recompute(recompute):
+    """Recompute runs a training forward twice (without grad, then again in backward): the
+    layer's expert load counts each routed token once, as the routers' own counts do."""
+    from megatron_coe.model import build_moe_layer
+
+    config = config_from_dict({
+        "model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4,
+                  "moe": {"num_experts": N, "topk": 2, "expert_hidden_size": 8,
+                          "expert_bias": True, "score_function": "sigmoid", "aux_loss": "none"},
+                  "coe": {"iterations": 2}},
+        "train": {"recompute": recompute},
+    })
+    torch.manual_seed(3)
+    layer = build_moe_layer(config)
+    x = torch.randn(S, B, H, requires_grad=True)
+    if recompute == "full":  # the transformer block checkpoints whole layers
+        from megatron.core import tensor_parallel
+
+        y, _ = tensor_parallel.checkpoint(layer, False, x)
+    else:
+        assert layer.moe_layer_recompute
+        y, _ = layer(x)
+    y.sum().backward()
+    for t, r in enumerate(layer.routers):
+        assert layer.tokens_per_expert[t].sum() == S * B * 2
+        assert torch.equal(r.local_tokens_per_expert, layer.tokens_per_expert[t])
