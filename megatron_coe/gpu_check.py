@@ -15,20 +15,23 @@ source unless ``--data`` gives a jsonl file.  Parts (``--parts``, default all):
      ``--tolerance`` (5e-3).  The exit status is 1 when it fails.
   b  speed: the paper-scale configs MoE(8/64), CoE-2(4/64), MoE(7/64), CoE-2(3/64) and
      CoE-2(4/48) (configs/paper/) in bf16, each trained for ``--warmup`` + ``--steps`` steps by
-     coe-train's loop on 32 x 512 tokens per step, without evaluation or final checkpoint;
-     reported from its own metrics: median tokens/s, TFLOP/s and MFU over the timed steps, peak
-     memory, and the CoE/MoE step-time ratios of the pairs that match expert passes or
-     parameters, all measured in this one run.
+     coe-train's loop on 32 x 512 tokens per step, without evaluation or final checkpoint,
+     once per micro-batch size of ``--micro-batches`` (default 32 and 8: the whole step in one
+     micro-batch, as a user with one 80 GB GPU would run these models, and the paper's 8 x
+     512); reported from its own metrics: median tokens/s, TFLOP/s and MFU over the timed
+     steps, peak memory, and the CoE/MoE step-time ratios of the pairs that match expert
+     passes or parameters, all measured in this one run.
   c  one layer: benchmarks/coe_layer.py's CoE/MoE pairs (EP = 1, hidden 1024, experts of hidden
      704, 4096 tokens, bf16; fp32 on CPU), run from the checkout.
   d  host work and profile: benchmarks/host_work.py on MoE(8/64) and CoE-2(4/64) at the paper's
-     sizes: ops launched and device reads per training step, and over two profiled steps the
+     sizes, part b's step in micro-batches of the first ``--micro-batches`` size: ops launched
+     and device reads per training step, and over two profiled steps the
      GPU time per kernel class (GEMM, attention, element-wise, ...) and the fraction of the
      time some kernel ran (the rest: the GPU waiting for the host), run from the checkout.
 
 ``--toy`` shrinks the paper configs keeping their structure (MLA, 63 or 47 routed + 1 shared
-expert become 15 or 11 + 1, same top-k and C; 2 layers, hidden 64, 64 tokens) and the layer
-and host-work benchmarks, so that CI runs this script end to end on CPU.  The JSON (``--out``, under
+expert become 15 or 11 + 1, same top-k and C; 2 layers, hidden 64, 64 tokens, 4 x 64 tokens
+per step in micro-batches of 4 and 2) and the layer and host-work benchmarks, so that CI runs this script end to end on CPU.  The JSON (``--out``, under
 benchmarks/results/ by default) names the device, GPU, torch, CUDA, megatron-core and
 Transformer Engine versions, the layer implementation used, and the command; ``targets`` holds
 each one-GPU target (MFU, CoE/MoE step time, memory, loss agreement) with its value from this
@@ -86,11 +89,10 @@ def toy_overrides(num_experts: int) -> list[str]:
             "model.mla.kv_lora_rank=32", "model.mla.qk_head_dim=16",
             "model.mla.qk_pos_emb_head_dim=8", "model.mla.v_head_dim=16",
             f"model.moe.num_experts={(num_experts + 1) // 4 - 1}",
-            "model.moe.expert_hidden_size=32", "model.moe.shared_expert_hidden_size=32",
-            "train.micro_batch_size=2", "train.global_batch_size=4"]
+            "model.moe.expert_hidden_size=32", "model.moe.shared_expert_hidden_size=32"]
 
 
-def speed_overrides(args, run_dir: Path) -> list[str]:
+def speed_overrides(args, run_dir: Path, micro_batch: int) -> list[str]:
     data = (["data.source=jsonl", f"data.paths=[{json.dumps(str(args.data))}]",
              f"data.text_keys=[{','.join(json.dumps(k) for k in args.text_keys)}]"]
             if args.data else ["data.source=arithmetic", "data.paths=[]"])
@@ -98,7 +100,8 @@ def speed_overrides(args, run_dir: Path) -> list[str]:
             "data.tokenizer=byte", "data.split=98,1,1",
             f"train.steps={args.warmup + args.steps}", "train.log_interval=1",
             "train.eval_interval=0", "train.eval_iters=1", "train.tensorboard=false",
-            "train.micro_batch_size=8", f"train.global_batch_size={args.global_batch}",
+            f"train.micro_batch_size={micro_batch}",
+            f"train.global_batch_size={args.global_batch}",
             "schedule.warmup_steps=0", "checkpoint.save_interval=0",
             "checkpoint.save_final=false", "checkpoint.resume=none"]
 
@@ -166,15 +169,25 @@ def check_reference(args, work: Path) -> dict:
 
 
 def measure_paper(args, work: Path) -> dict:
-    """Part (b): each paper config trained for warmup + steps steps, one after the other."""
+    """Part (b): every paper config at every micro-batch size; ``by_micro_batch`` maps each
+    size (as a string) to its configs' numbers and CoE/MoE ratios."""
+    return {"warmup_steps": args.warmup, "timed_steps": args.steps,
+            "global_batch": args.global_batch,
+            "by_micro_batch": {str(m): measure_setting(args, work / f"paper-mb{m}", m)
+                               for m in args.micro_batches}}
+
+
+def measure_setting(args, work: Path, micro_batch: int) -> dict:
+    """Each paper config trained for warmup + steps steps in micro-batches of ``micro_batch``
+    sequences, one config after the other."""
     from megatron_coe.config import load_config
     from megatron_coe.metrics import parameter_count, train_flops_per_token
 
     variants = {}
-    (work / "paper").mkdir(exist_ok=True)
+    work.mkdir()
     for name, file in PAPER:
-        run_dir = work / "paper" / file.removesuffix(".yaml")
-        overrides = speed_overrides(args, run_dir)
+        run_dir = work / file.removesuffix(".yaml")
+        overrides = speed_overrides(args, run_dir, micro_batch)
         if args.toy:
             base = load_config(ROOT / "configs" / "paper" / file, overrides)
             overrides += toy_overrides(base.model.moe.num_experts)
@@ -199,7 +212,7 @@ def measure_paper(args, work: Path) -> dict:
             **{k: statistics.median(r[k] for r in timed) for k in timed[0]
                if k.startswith("gpu_") and isinstance(timed[0][k], (int, float))}}
         v = variants[name]
-        print(f"(b) {name:12s} {v['tokens_per_s']:10,.0f} tokens/s  "
+        print(f"(b) mb {micro_batch:<3d} {name:12s} {v['tokens_per_s']:10,.0f} tokens/s  "
               f"{v['tflops']:7.2f} TFLOP/s  MFU "
               + (f"{v['mfu'] * 100:5.2f} %" if v["mfu"] is not None else "  n/a  ")
               + f"  peak {v['peak_mem_gib']:.2f} GiB  step {v['median_step_s'] * 1e3:.0f} ms "
@@ -211,10 +224,10 @@ def measure_paper(args, work: Path) -> dict:
             "flops_per_token": variants[coe]["flops_per_token"] / variants[moe]["flops_per_token"],
             "parameters": variants[coe]["parameters"] / variants[moe]["parameters"]}
         r = ratios[f"{coe} / {moe}"]
-        print(f"(b) {coe} / {moe}: step time {r['step_time']:.3f}, FLOPs per token "
+        print(f"(b) mb {micro_batch:<3d} {coe} / {moe}: step time {r['step_time']:.3f}, "
+              f"FLOPs per token "
               f"{r['flops_per_token']:.3f}, parameters {r['parameters']:.3f}", flush=True)
-    return {"warmup_steps": args.warmup, "timed_steps": args.steps, "variants": variants,
-            "ratios": ratios}
+    return {"micro_batch_size": micro_batch, "variants": variants, "ratios": ratios}
 
 
 def run_benchmark(name: str, options: list[str], work: Path) -> tuple[dict, str]:
@@ -262,8 +275,10 @@ def host_profile(args, work: Path) -> dict:
     if not (ROOT / "benchmarks" / "host_work.py").exists():
         return {"skipped": "benchmarks/ not found: run from a checkout of the repository"}
     options = ["--device", args.device, "--configs", "MoE(8/64)", "CoE-2(4/64)", "--profile"]
-    options += (["--warmup", "0", "--steps", "1", "--set", "model.num_layers=2",
-                 "train.global_batch_size=4"] if args.toy else ["--full-size"])
+    options += ["--warmup", "0", "--steps", "1"] if args.toy else ["--full-size"]
+    options += ["--set", *(["model.num_layers=2"] if args.toy else []),
+                f"train.global_batch_size={args.global_batch}",
+                f"train.micro_batch_size={args.micro_batches[0]}"]
     result, command = run_benchmark("host_work", options, work)
     for name, r in result["configs"].items():
         p = r["profile"]
@@ -276,20 +291,19 @@ def host_profile(args, work: Path) -> dict:
     return {"command": command, **result}
 
 
-# (name, part, how to read it from the results, comparison, target: None = --tolerance)
-TARGETS = [
-    ("MoE(8/64) MFU", "b", lambda r: r["paper"]["variants"]["MoE(8/64)"]["mfu"], ">=", 0.25),
-    ("CoE-2(4/64) MFU", "b", lambda r: r["paper"]["variants"]["CoE-2(4/64)"]["mfu"], ">=", 0.23),
-    ("CoE-2(4/64) / MoE(8/64) step time", "b",
-     lambda r: r["paper"]["ratios"]["CoE-2(4/64) / MoE(8/64)"]["step_time"], "<=", 1.12),
-    ("CoE-2(3/64) / MoE(7/64) step time (equal FLOPs)", "b",
-     lambda r: r["paper"]["ratios"]["CoE-2(3/64) / MoE(7/64)"]["step_time"], "<=", 1.05),
-    ("CoE-2(4/48) peak memory / MoE(8/64)", "b",
-     lambda r: r["paper"]["variants"]["CoE-2(4/48)"]["peak_mem_gib"]
-     / r["paper"]["variants"]["MoE(8/64)"]["peak_mem_gib"], "<=", 0.85),
-    ("tiny fp32 losses vs CPU reference, max |difference|", "a",
-     lambda r: r["reference"]["max_abs_diff"], "<=", None),
+# (name, how to read it from part b's numbers at one micro-batch size, comparison, target)
+SPEED_TARGETS = [
+    ("MoE(8/64) MFU", lambda s: s["variants"]["MoE(8/64)"]["mfu"], ">=", 0.25),
+    ("CoE-2(4/64) MFU", lambda s: s["variants"]["CoE-2(4/64)"]["mfu"], ">=", 0.23),
+    ("CoE-2(4/64) / MoE(8/64) step time",
+     lambda s: s["ratios"]["CoE-2(4/64) / MoE(8/64)"]["step_time"], "<=", 1.12),
+    ("CoE-2(3/64) / MoE(7/64) step time (equal FLOPs)",
+     lambda s: s["ratios"]["CoE-2(3/64) / MoE(7/64)"]["step_time"], "<=", 1.05),
+    ("CoE-2(4/48) peak memory / MoE(8/64)",
+     lambda s: s["variants"]["CoE-2(4/48)"]["peak_mem_gib"]
+     / s["variants"]["MoE(8/64)"]["peak_mem_gib"], "<=", 0.85),
 ]
+LOSS_TARGET = "tiny fp32 losses vs CPU reference, max |difference|"
 
 
 def targets(result: dict, args) -> list[dict]:
@@ -297,15 +311,21 @@ def targets(result: dict, args) -> list[dict]:
     whether it is met.  ``met`` is None where the run has no value (a part not run, MFU without
     a known peak) and for part (b) unless it ran the paper's sizes on a GPU (``--toy`` or CPU
     numbers are printed, not judged)."""
-    judged = {"a": True, "b": args.device == "cuda" and not args.toy}
-    out = []
-    for name, part, read, op, target in TARGETS:
-        target = args.tolerance if target is None else target
-        value = read(result) if part in args.parts else None
+    def entry(measure, value, op, target, judged):
         met = None
-        if value is not None and judged[part]:
+        if value is not None and judged:
             met = value >= target if op == ">=" else value <= target
-        out.append({"measure": name, "value": value, "target": f"{op} {target:g}", "met": met})
+        return {"measure": measure, "value": value, "target": f"{op} {target:g}", "met": met}
+
+    out = []
+    for m in args.micro_batches:
+        setting = result["paper"]["by_micro_batch"][str(m)] if "b" in args.parts else None
+        for name, read, op, target in SPEED_TARGETS:
+            out.append(entry(f"{name}, micro-batch {m}",
+                             read(setting) if setting else None, op, target,
+                             args.device == "cuda" and not args.toy))
+    value = result["reference"]["max_abs_diff"] if "a" in args.parts else None
+    out.append(entry(LOSS_TARGET, value, "<=", args.tolerance, True))
     return out
 
 
@@ -358,8 +378,11 @@ def parse_args(argv):
     p.add_argument("--tolerance", type=float, default=5e-3)
     p.add_argument("--warmup", type=int, default=3, help="part b: untimed steps per config")
     p.add_argument("--steps", type=int, default=10, help="part b: timed steps per config")
-    p.add_argument("--global-batch", type=int, default=32,
-                   help="part b: sequences per step (micro-batches of 8)")
+    p.add_argument("--global-batch", type=int,
+                   help="part b and d: sequences per step (default 32; 4 with --toy)")
+    p.add_argument("--micro-batches", type=int, nargs="+", metavar="N",
+                   help="part b: sequences per micro-batch, one run of every config per size; "
+                   "part d uses the first (default 32 8; 4 2 with --toy)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more overrides for part b's configs")
     p.add_argument("--keep", action="store_true", help="keep the work directory (run logs)")
@@ -368,6 +391,14 @@ def parse_args(argv):
         p.error("--steps and --reference-steps must be >= 1, --warmup >= 0")
     if args.tolerance <= 0:
         p.error("--tolerance must be > 0")
+    if args.global_batch is None:
+        args.global_batch = 4 if args.toy else 32
+    if args.micro_batches is None:
+        args.micro_batches = [4, 2] if args.toy else [32, 8]
+    bad = [m for m in args.micro_batches if m < 1 or args.global_batch % m]
+    if bad or len(set(args.micro_batches)) < len(args.micro_batches):
+        p.error(f"--micro-batches {args.micro_batches}: each must divide --global-batch "
+                f"{args.global_batch}, once")
     if args.data is not None and not args.data.is_file():
         p.error(f"--data {args.data}: no such file")
     return args
@@ -419,7 +450,7 @@ def main(argv=None) -> int:
         value = "-" if t["value"] is None else f"{t['value']:.4g}"
         verdict = {True: "met", False: "MISSED",
                    None: "not judged" if t["value"] is not None else "not measured"}[t["met"]]
-        print(f"target: {t['measure']:52s} {value:>9s} (target {t['target']}): {verdict}",
+        print(f"target: {t['measure']:64s} {value:>9s} (target {t['target']}): {verdict}",
               flush=True)
     result["wall_s"] = time.perf_counter() - began
     out.parent.mkdir(parents=True, exist_ok=True)

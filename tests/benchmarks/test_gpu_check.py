@@ -34,20 +34,29 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
     assert a["max_abs_diff"] <= 1e-3  # same machine kind as the reference: (near) exact
     assert "(a) tiny CoE, fp32, cpu, local" in done.stdout and ": PASS" in done.stdout
 
-    b = res["paper"]
-    assert set(b["variants"]) == NAMES
-    for name, v in b["variants"].items():
-        assert v["model_impl"] == "local" and v["mfu"] is None  # no peak known for a CPU
-        assert v["tokens_per_s"] > 0 and v["tflops"] > 0 and v["peak_mem_gib"] > 0, name
-        assert len(v["step_s"]) == 1 and len(v["losses"]) == 1
-    assert set(b["ratios"]) == {"CoE-2(4/64) / MoE(8/64)", "CoE-2(3/64) / MoE(7/64)",
-                                "CoE-2(4/48) / MoE(8/64)"}
-    # toy sizes keep the configs' structure: CoE-2(4/64) runs 10 expert passes to 9, the
-    # 48-expert CoE has fewer parameters, CoE-2(3/64) and MoE(7/64) nearly equal FLOPs
-    assert b["ratios"]["CoE-2(4/64) / MoE(8/64)"]["flops_per_token"] > 1
-    assert b["ratios"]["CoE-2(4/48) / MoE(8/64)"]["parameters"] < 0.9
-    assert abs(b["ratios"]["CoE-2(3/64) / MoE(7/64)"]["flops_per_token"] - 1) < 0.05
-    assert all(r["step_time"] > 0 for r in b["ratios"].values())
+    # part b once per micro-batch size (toy default: 4 and 2 of a 4-sequence step)
+    assert res["paper"]["global_batch"] == 4
+    settings = res["paper"]["by_micro_batch"]
+    assert list(settings) == ["4", "2"]
+    for m, b in settings.items():
+        assert b["micro_batch_size"] == int(m) and set(b["variants"]) == NAMES
+        for name, v in b["variants"].items():
+            assert v["model_impl"] == "local" and v["mfu"] is None  # no peak known for a CPU
+            assert v["tokens_per_s"] > 0 and v["tflops"] > 0 and v["peak_mem_gib"] > 0, name
+            assert len(v["step_s"]) == 1 and len(v["losses"]) == 1
+            assert v["tokens_per_step"] == 4 * 64
+        assert set(b["ratios"]) == {"CoE-2(4/64) / MoE(8/64)", "CoE-2(3/64) / MoE(7/64)",
+                                    "CoE-2(4/48) / MoE(8/64)"}
+        # toy sizes keep the configs' structure: CoE-2(4/64) runs 10 expert passes to 9, the
+        # 48-expert CoE has fewer parameters, CoE-2(3/64) and MoE(7/64) nearly equal FLOPs
+        assert b["ratios"]["CoE-2(4/64) / MoE(8/64)"]["flops_per_token"] > 1
+        assert b["ratios"]["CoE-2(4/48) / MoE(8/64)"]["parameters"] < 0.9
+        assert abs(b["ratios"]["CoE-2(3/64) / MoE(7/64)"]["flops_per_token"] - 1) < 0.05
+        assert all(r["step_time"] > 0 for r in b["ratios"].values())
+    # the same data and weights: a step's loss does not depend on how it is split (fp32)
+    for name in NAMES:
+        one, two = (settings[m]["variants"][name]["losses"][0] for m in ("4", "2"))
+        assert abs(one - two) < 1e-4, (name, one, two)
 
     c = res["layer"]
     assert [p["pair"] for p in c["pairs"]] == ["CoE-2(4/64) vs MoE(8/64)",
@@ -57,6 +66,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
 
     d = res["host"]
     assert d["command"].startswith("python benchmarks/host_work.py --device cpu")
+    assert d["command"].endswith("train.global_batch_size=4 train.micro_batch_size=4")
     assert set(d["configs"]) == {"MoE(8/64)", "CoE-2(4/64)"}
     for name, r in d["configs"].items():
         # three device reads per step (loss, gradient check, gradient norm), whatever the size
@@ -66,16 +76,19 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
     assert d["ratios"]["CoE-2(4/64) / MoE(8/64)"]["launches"] > 1
 
     # every one-GPU target read back from this run's numbers; MFU needs a GPU's peak, and toy
-    # sizes on a CPU are reported, not judged; the loss agreement is judged everywhere
+    # sizes on a CPU are reported, not judged; the loss agreement is judged everywhere.  Five
+    # speed and memory targets per micro-batch size, and the loss
     t = {x["measure"]: x for x in res["targets"]}
-    assert len(t) == 6
-    assert t["MoE(8/64) MFU"]["value"] is None and t["MoE(8/64) MFU"]["met"] is None
-    ratio = t["CoE-2(4/64) / MoE(8/64) step time"]
-    assert ratio["value"] == b["ratios"]["CoE-2(4/64) / MoE(8/64)"]["step_time"]
-    assert ratio["met"] is None and ratio["target"] == "<= 1.12"
-    memory = t["CoE-2(4/48) peak memory / MoE(8/64)"]["value"]
-    assert memory == (b["variants"]["CoE-2(4/48)"]["peak_mem_gib"]
-                      / b["variants"]["MoE(8/64)"]["peak_mem_gib"])
+    assert len(t) == 11
+    for m, b in settings.items():
+        mfu = t[f"MoE(8/64) MFU, micro-batch {m}"]
+        assert mfu["value"] is None and mfu["met"] is None
+        ratio = t[f"CoE-2(4/64) / MoE(8/64) step time, micro-batch {m}"]
+        assert ratio["value"] == b["ratios"]["CoE-2(4/64) / MoE(8/64)"]["step_time"]
+        assert ratio["met"] is None and ratio["target"] == "<= 1.12"
+        memory = t[f"CoE-2(4/48) peak memory / MoE(8/64), micro-batch {m}"]["value"]
+        assert memory == (b["variants"]["CoE-2(4/48)"]["peak_mem_gib"]
+                          / b["variants"]["MoE(8/64)"]["peak_mem_gib"])
     loss = t["tiny fp32 losses vs CPU reference, max |difference|"]
     assert loss["value"] == a["max_abs_diff"] and loss["met"] is True
     assert loss["target"] == "<= 0.005"  # --tolerance
