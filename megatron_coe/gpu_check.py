@@ -179,7 +179,10 @@ def measure_paper(args, work: Path) -> dict:
 
 def measure_setting(args, work: Path, micro_batch: int) -> dict:
     """Each paper config trained for warmup + steps steps in micro-batches of ``micro_batch``
-    sequences, one config after the other."""
+    sequences, one config after the other.  A config that runs out of device memory is recorded
+    with its ``error`` and left out of the ratios; the others still run."""
+    import torch
+
     from megatron_coe.config import load_config
     from megatron_coe.metrics import parameter_count, train_flops_per_token
 
@@ -194,8 +197,18 @@ def measure_setting(args, work: Path, micro_batch: int) -> dict:
         overrides += args.set
         config = load_config(ROOT / "configs" / "paper" / file, overrides)
         began = time.perf_counter()
-        records = [r for r in train_run(config, run_dir.with_suffix(".log"))
-                   if r["kind"] == "train"]
+        try:
+            records = [r for r in train_run(config, run_dir.with_suffix(".log"))
+                       if r["kind"] == "train"]
+        except torch.OutOfMemoryError as e:
+            variants[name] = {"config": f"configs/paper/{file}",
+                              "error": f"out of memory: {str(e).splitlines()[0]}"}
+            print(f"(b) mb {micro_batch:<3d} {name:12s} {variants[name]['error']}", flush=True)
+            continue
+        finally:  # what the failed run held is freed once its exception is gone
+            gc.collect()
+            if config.device == "cuda":
+                torch.cuda.empty_cache()
         timed = [r for r in records if r["step"] > args.warmup]
         tokens_per_step = config.train.global_batch_size * config.model.seq_length
         median = {k: statistics.median(r[k] for r in timed) if timed and timed[0].get(k)
@@ -219,6 +232,8 @@ def measure_setting(args, work: Path, micro_batch: int) -> dict:
               f"({v['model_impl']})", flush=True)
     ratios = {}
     for coe, moe in PAIRS:
+        if "error" in variants[coe] or "error" in variants[moe]:
+            continue
         ratios[f"{coe} / {moe}"] = {
             "step_time": variants[coe]["median_step_s"] / variants[moe]["median_step_s"],
             "flops_per_token": variants[coe]["flops_per_token"] / variants[moe]["flops_per_token"],
@@ -317,12 +332,17 @@ def targets(result: dict, args) -> list[dict]:
             met = value >= target if op == ">=" else value <= target
         return {"measure": measure, "value": value, "target": f"{op} {target:g}", "met": met}
 
+    def speed(read, setting):
+        try:  # None where the run has no value (a config out of memory)
+            return read(setting) if setting else None
+        except KeyError:
+            return None
+
     out = []
     for m in args.micro_batches:
         setting = result["paper"]["by_micro_batch"][str(m)] if "b" in args.parts else None
         for name, read, op, target in SPEED_TARGETS:
-            out.append(entry(f"{name}, micro-batch {m}",
-                             read(setting) if setting else None, op, target,
+            out.append(entry(f"{name}, micro-batch {m}", speed(read, setting), op, target,
                              args.device == "cuda" and not args.toy))
     value = result["reference"]["max_abs_diff"] if "a" in args.parts else None
     out.append(entry(LOSS_TARGET, value, "<=", args.tolerance, True))

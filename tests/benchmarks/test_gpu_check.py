@@ -1,12 +1,15 @@
 """python -m megatron_coe.gpu_check, the one-GPU check, run end to end on CPU at toy sizes (the
 same script a GPU runs): its JSON names the machine and versions, part (a) matches the
 checked-in one-process reference and fails against a perturbed one, parts (b), (c) and (d)
-report every paper config, layer pair and host-work count.  No timing is asserted."""
+report every paper config (at each micro-batch size), layer pair and host-work count; a config
+out of memory is recorded and the check goes on; bad sizes are refused.  No timing is asserted."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = {"MoE(8/64)", "CoE-2(4/64)", "MoE(7/64)", "CoE-2(3/64)", "CoE-2(4/48)"}
@@ -112,3 +115,46 @@ def test_gpu_check_fails_against_a_perturbed_reference(tmp_path):
     assert all(t["value"] is None for t in res["targets"] if t is not loss)  # only part a ran
     assert 0.009 < res["reference"]["max_abs_diff"] < 0.011
     assert ": FAIL" in done.stdout and "coe-gpu-check: FAIL" in done.stdout
+
+
+def test_gpu_check_records_a_config_out_of_memory_and_goes_on(tmp_path, monkeypatch):
+    """A config that runs out of device memory at one micro-batch size is recorded with its
+    error; the other sizes and configs still run, and its targets read "not measured"."""
+    import torch
+
+    from megatron_coe import gpu_check as check
+
+    ran = []
+
+    def train_run(config, log):
+        ran.append((config.train.micro_batch_size, Path(config.run_dir).name))
+        if config.train.micro_batch_size == 4 and Path(config.run_dir).name == "coe-2-4of48":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        step = {"kind": "train", "loss": 1.0, "tokens_per_s": 100.0, "tflops_per_device": 1.0,
+                "mfu": None, "mem_gib": 1.0}
+        return [{**step, "step": 1}, {**step, "step": 2}]
+
+    monkeypatch.setattr(check, "train_run", train_run)
+    monkeypatch.setattr(check, "written_impl", lambda run_dir: "local")
+    out = tmp_path / "check.json"
+    assert check.main(["--device", "cpu", "--toy", "--parts", "b", "--warmup", "1",
+                       "--steps", "1", "--out", str(out)]) == 0
+    assert len(ran) == 10  # every config at both sizes
+    res = json.loads(out.read_text())
+    small, large = (res["paper"]["by_micro_batch"][m] for m in ("2", "4"))
+    assert set(small["variants"]) == set(large["variants"]) == NAMES
+    assert large["variants"]["CoE-2(4/48)"]["error"].startswith("out of memory: CUDA out of")
+    assert set(large["ratios"]) == {"CoE-2(4/64) / MoE(8/64)", "CoE-2(3/64) / MoE(7/64)"}
+    assert len(small["ratios"]) == 3
+    t = {x["measure"]: x["value"] for x in res["targets"]}
+    assert t["CoE-2(4/48) peak memory / MoE(8/64), micro-batch 4"] is None
+    assert t["CoE-2(4/48) peak memory / MoE(8/64), micro-batch 2"] == 1.0
+    assert t["CoE-2(4/64) / MoE(8/64) step time, micro-batch 4"] == 1.0
+
+
+def test_gpu_check_refuses_micro_batches_that_do_not_divide_the_step(capsys):
+    from megatron_coe import gpu_check as check
+
+    with pytest.raises(SystemExit):
+        check.parse_args(["--micro-batches", "32", "12"])
+    assert "each must divide --global-batch 32" in capsys.readouterr().err
