@@ -14,7 +14,8 @@ overlapped schedule (parallel.overlap_expert_comm) against the plain one; CoE-2(
 at other tokens per rank (--tokens-sweep); and what recomputing the whole MoE/CoE layer in
 backward (train.recompute=moe), or only each iteration's expert MLPs (train.recompute=experts),
 or only the grouped experts' activation (train.recompute=moe_act, against grouped experts),
-costs in time and gives back in saved activations (kept after
+costs in time and gives back in saved activations, beside the fused SwiGLU
+(model.swiglu_fusion) (kept after
 the forward, and peak over forward + backward, the recomputed forward included); and on CPU the
 local spec's LocalExperts against Megatron's SequentialMLP forward; and grouped-GEMM experts
 (model.moe.grouped_gemm: GroupedExperts on CPU, TEGroupedMLP with TE) against one GEMM per
@@ -41,12 +42,14 @@ SCALING = [(c, 2) for c in (1, 2, 3, 4)]  # time vs C at fixed k
 SECTIONS = ["pairs", "scaling", "overlap", "tokens", "recompute", "experts", "grouped"]
 
 
-def make_config(args, iterations, topk, overlap=False, recompute="none", grouped=None):
+def make_config(args, iterations, topk, overlap=False, recompute="none", grouped=None,
+                fusion=None):
     from megatron_coe.config import config_from_dict
 
     return config_from_dict({
         "device": args.device, "precision": args.precision,
         "model": {"num_layers": 1, "hidden_size": args.hidden, "num_attention_heads": 8,
+                  "swiglu_fusion": fusion,
                   "moe": {"num_experts": 63 if args.ep in (1, 3, 7) else 64, "topk": topk,
                           "expert_hidden_size": args.expert_hidden,
                           "shared_expert_hidden_size": None if args.no_shared_expert
@@ -224,15 +227,20 @@ def run(args):
                                     "ratio_overlapped": times[2] / times[3] if ep > 1 else None,
                                     "median_s_overlapped": times[2:]})
     if "recompute" in want:
+        # unfused SwiGLU throughout but in the last rows
         modes = {"none": "", "moe": " + recompute", "experts": " + expert recompute"}
-        configs = [make_config(args, *shape, recompute=r) for shape in (coe, moe) for r in modes]
+        configs = [make_config(args, *shape, recompute=r, fusion=False) for shape in (coe, moe)
+                   for r in modes]
         labels = [name + suffix for name in ("CoE-2(4/64)", "MoE(8/64)")
                   for suffix in modes.values()]
-        # moe_act recomputes grouped experts' activation: against grouped experts keeping it
+        # moe_act recomputes grouped experts' activation, and the fused SwiGLU keeps less of
+        # it: against grouped experts keeping it
         for name, shape in (("CoE-2(4/64)", coe), ("MoE(8/64)", moe)):
-            for r, suffix in (("none", ", grouped"), ("moe_act", ", grouped + activation "
-                                                                "recompute")):
-                configs.append(make_config(args, *shape, recompute=r, grouped=True))
+            for r, fusion, suffix in (("none", False, ", grouped"),
+                                      ("moe_act", False, ", grouped + activation recompute"),
+                                      ("none", True, ", grouped + fused SwiGLU")):
+                configs.append(make_config(args, *shape, recompute=r, grouped=True,
+                                           fusion=fusion))
                 labels.append(name + suffix)
         times, _, acts = bench(args, configs)
         for label, t, a in zip(labels, times, acts):

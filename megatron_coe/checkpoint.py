@@ -76,6 +76,7 @@ def model_definition(config: Config) -> dict:
     # (gpt_layer_specs' sharded_state_dict_keys_map), and both expert layouts write
     # SequentialMLP's checkpoint format
     m.pop("impl")
+    m.pop("swiglu_fusion")  # the same math as fused kernels or as separate ops
     if config.model.attention != "mla":
         m.pop("mla")
     if m["coe"] is not None and not m["coe"]["iteration_norm"]:

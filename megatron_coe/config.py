@@ -106,9 +106,18 @@ LEAN_EXPERTS_UNSUPPORTED = {
     "fp8": "FP8", "fp4": "FP4", "add_bias_linear": "linear biases",
     "moe_apply_probs_on_input": "probabilities on the input",
     "use_te_activation_func": "Transformer Engine activations",
-    "bias_activation_fusion": "fused bias-activation", "activation_func_clamp_value": "clamped GLU",
+    "activation_func_clamp_value": "clamped GLU",
     "cpu_offloading": "CPU offloading", "gradient_accumulation_fusion": "gradient-accumulation fusion",
 }
+
+
+def swiglu_fusion(config: "Config") -> bool:
+    """Whether the SwiGLU activations run as Megatron's fused kernels (model.swiglu_fusion,
+    resolved without trying torch.compile: explicit true/false is kept, auto is on for CUDA).
+    A run resolves auto once more at start-up (model.build.resolve_swiglu_fusion), off where
+    torch.compile fails on the device."""
+    fusion = config.model.swiglu_fusion
+    return config.device == "cuda" if fusion is None else fusion
 
 
 def grouped_experts(config: "Config") -> bool:
@@ -185,6 +194,12 @@ class ModelConfig:
     # transformer_engine, or local (Megatron's plain-PyTorch spec; the only one on CPU).  A run
     # writes the resolved choice into its config.yaml.
     impl: str = "auto"
+    # SwiGLU as Megatron's fused kernels (Megatron-LM's --bias-swiglu-fusion, TransformerConfig
+    # bias_activation_fusion): torch.compile'd forward and backward; experts fold the routing
+    # probability in and keep only fc1's output and the probabilities for backward.  null
+    # (auto): on with device=cuda where torch.compile runs (checked at start-up), off on CPU;
+    # a run writes the resolved choice into its config.yaml.
+    swiglu_fusion: Optional[bool] = None
 
 
 @dataclass
@@ -553,6 +568,14 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if m.coe is not None:
         _validate_coe(m.coe)
     _validate_transformer_overrides(m)
+    if swiglu_fusion(config):
+        # Megatron's fused SwiGLU has no GLU offset or clamp, and TE activations replace it
+        for key in ("glu_linear_offset", "activation_func_clamp_value", "use_te_activation_func"):
+            if m.transformer_overrides.get(key):
+                raise ValueError(f"model.swiglu_fusion (true, or auto with device=cuda) runs "
+                                 f"Megatron's fused SwiGLU, which cannot be combined with "
+                                 f"model.transformer_overrides.{key}: remove it or set "
+                                 "model.swiglu_fusion=false")
     _validate_parallel(config, world_size)
 
 
@@ -800,6 +823,9 @@ def _validate_transformer_overrides(m: ModelConfig) -> None:
             raise ValueError(
                 f"model.transformer_overrides.{key} is not a Megatron TransformerConfig field"
             )
+    if "bias_activation_fusion" in m.transformer_overrides:
+        raise ValueError("model.transformer_overrides.bias_activation_fusion: set "
+                         "model.swiglu_fusion (true, false or null for auto) instead")
     if m.coe is not None and m.coe.iterations > 1:
         for key, why in SINGLE_ROUTE_FEATURES.items():
             if m.transformer_overrides.get(key):

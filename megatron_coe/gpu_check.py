@@ -134,12 +134,14 @@ def train_run(config, log: Path) -> list[dict]:
     return read_metrics(Path(config.run_dir))
 
 
-def written_impl(run_dir: Path) -> str | None:
-    """The layer implementation a run used, from the config.yaml it wrote."""
+def written_choices(run_dir: Path) -> dict:
+    """The layer implementation and SwiGLU fusion a run used, from the config.yaml it wrote
+    (resolved there from auto): {"model_impl", "swiglu_fusion"}, None where absent."""
     import yaml
 
     path = Path(run_dir) / "config.yaml"
-    return yaml.safe_load(path.read_text())["model"]["impl"] if path.exists() else None
+    model = yaml.safe_load(path.read_text())["model"] if path.exists() else {}
+    return {"model_impl": model.get("impl"), "swiglu_fusion": model.get("swiglu_fusion")}
 
 
 def check_reference(args, work: Path) -> dict:
@@ -163,7 +165,7 @@ def check_reference(args, work: Path) -> dict:
     worst = max(compared, key=lambda s: diffs[list(compared).index(s)])
     passed = bool(compared) and max(diffs) <= args.tolerance  # a NaN loss fails too
     return {"passed": passed, "tolerance": args.tolerance, "max_abs_diff": max(diffs),
-            "worst_step": worst, "steps": compared, "model_impl": written_impl(run_dir),
+            "worst_step": worst, "steps": compared, **written_choices(run_dir),
             "reference_command": reference["command"],
             "valid_loss": {r["step"]: r["loss"] for r in records if r["kind"] == "valid"}}
 
@@ -214,7 +216,7 @@ def measure_setting(args, work: Path, micro_batch: int) -> dict:
         median = {k: statistics.median(r[k] for r in timed) if timed and timed[0].get(k)
                   is not None else None for k in ("tokens_per_s", "tflops_per_device", "mfu")}
         variants[name] = {
-            "config": f"configs/paper/{file}", "model_impl": written_impl(run_dir),
+            "config": f"configs/paper/{file}", **written_choices(run_dir),
             "parameters": parameter_count(config), "tokens_per_step": tokens_per_step,
             "flops_per_token": train_flops_per_token(config),
             "median_step_s": tokens_per_step / median["tokens_per_s"],
@@ -229,7 +231,7 @@ def measure_setting(args, work: Path, micro_batch: int) -> dict:
               f"{v['tflops']:7.2f} TFLOP/s  MFU "
               + (f"{v['mfu'] * 100:5.2f} %" if v["mfu"] is not None else "  n/a  ")
               + f"  peak {v['peak_mem_gib']:.2f} GiB  step {v['median_step_s'] * 1e3:.0f} ms "
-              f"({v['model_impl']})", flush=True)
+              f"({v['model_impl']}, SwiGLU fusion {v['swiglu_fusion']})", flush=True)
     ratios = {}
     for coe, moe in PAIRS:
         if "error" in variants[coe] or "error" in variants[moe]:

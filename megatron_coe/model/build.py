@@ -4,7 +4,8 @@ The model is Megatron's own GPTModel (embeddings, rotary or MLA attention, norms
 the only CoE-specific pieces are the module spec (spec.py) and the layers it points to.
 Attention, experts and norms come from Megatron's local spec or its Transformer Engine spec,
 as ``model.impl`` says (:func:`resolve_impl`): the local spec on CPU, and on CUDA Transformer
-Engine when it is importable (``auto``) or asked for by name.
+Engine when it is importable (``auto``) or asked for by name.  ``model.swiglu_fusion`` turns on
+Megatron's fused SwiGLU kernels in either spec (:func:`resolve_swiglu_fusion`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_coe import parallel
-from megatron_coe.config import CoEConfig, Config, grouped_experts, te_only_overrides
+from megatron_coe.config import (CoEConfig, Config, grouped_experts, swiglu_fusion,
+                                 te_only_overrides)
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.router_stats import install_tracker
 from megatron_coe.model.spec import coe_block_spec
@@ -41,7 +43,7 @@ def transformer_config(config: Config) -> TransformerConfig:
         add_bias_linear=False,
         gated_linear_unit=True,  # SwiGLU experts and MLPs, as in DeepSeek-V2
         activation_func=F.silu,
-        bias_activation_fusion=False,
+        bias_activation_fusion=swiglu_fusion(config),
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
@@ -151,15 +153,48 @@ def resolve_impl(config: Config) -> tuple[str, str]:
     return "local", f"auto: Transformer Engine is not importable ({error})"
 
 
+def resolve_swiglu_fusion(config: Config) -> tuple[bool, str]:
+    """(model.swiglu_fusion as this run uses it, and why).  Explicit true/false is kept; auto
+    is off on CPU and, on CUDA, on when Megatron's fused SwiGLU (torch.compile) runs a forward
+    and backward on the device, tried here once, so a machine without a working compiler
+    (Triton) falls back to the unfused ops instead of failing in the first step."""
+    fusion = config.model.swiglu_fusion
+    if fusion is not None:
+        return fusion, f"model.swiglu_fusion={str(fusion).lower()}"
+    if config.device != "cuda":
+        return False, "auto: off on CPU"
+    error = fused_swiglu_error(torch.device("cuda", torch.cuda.current_device()))
+    if error is None:
+        return True, "auto: device=cuda and torch.compile runs the fused kernels"
+    return False, f"auto: torch.compile failed on this GPU ({error}); unfused SwiGLU"
+
+
+def fused_swiglu_error(device: torch.device) -> str | None:
+    """None when Megatron's fused weighted SwiGLU runs forward and backward on ``device``,
+    else the error, in one line."""
+    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+    try:
+        z = torch.randn(8, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
+        p = torch.rand(8, 1, device=device, requires_grad=True)
+        weighted_bias_swiglu_impl(z, None, p).float().sum().backward()
+    except Exception as e:  # torch.compile raises its backends' errors wrapped in its own
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return None
+
+
 def with_resolved_impl(config: Config) -> Config:
-    """``config`` with model.impl resolved (see :func:`resolve_impl`); prints the choice and
-    the reason once, on rank 0."""
+    """``config`` with model.impl and model.swiglu_fusion resolved (see :func:`resolve_impl`,
+    :func:`resolve_swiglu_fusion`); prints each choice and the reason once, on rank 0."""
     import torch.distributed as dist
 
     impl, why = resolve_impl(config)
+    fusion, fusion_why = resolve_swiglu_fusion(config)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"model.impl: {impl} ({why})", flush=True)
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, impl=impl))
+        print(f"model.swiglu_fusion: {str(fusion).lower()} ({fusion_why})", flush=True)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, impl=impl,
+                                                                 swiglu_fusion=fusion))
 
 
 def use_transformer_engine(config: Config) -> bool:

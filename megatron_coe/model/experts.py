@@ -17,7 +17,7 @@ schedule), so that fixed cost weighs C times as much as in an MoE layer; on 2 CP
 about 8 ms per 32 experts per forward + backward (benchmarks/coe_layer.py).
 
 Parameters, state dict and sharded (checkpoint) state dict are SequentialMLP's.  Any setting the
-lean forward does not implement (FP8/FP4, expert tensor parallelism, biases, fused or TE
+lean forward does not implement (FP8/FP4, expert tensor parallelism, biases, TE
 activations, clamped GLU, probabilities on the input, gradient-accumulation fusion, weight
 rematerialisation, frozen weights, CPU offloading, autocast, forward hooks on the experts or their
 linears, Transformer Engine linears) runs SequentialMLP's own forward instead.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.modules.module as nn_hooks
+from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.moe.experts import SequentialMLP
 
@@ -55,8 +56,17 @@ def host_counts(tokens_per_expert) -> list[int]:
 
 def scaled_activation(config, z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """A * p from Z = X W1^T, rows of any experts: A = act(Z[:, :F]) * (Z[:, F:] + offset)
-    gated, act(Z) otherwise; each row scaled by its routing probability, in A's dtype."""
+    gated, act(Z) otherwise; each row scaled by its routing probability, in A's dtype.
+
+    With ``bias_activation_fusion`` (model.swiglu_fusion; SwiGLU, offset 0) this is Megatron's
+    fused weighted SwiGLU, as its SequentialMLP and TEGroupedMLP call it: one torch.compile'd
+    kernel computes silu(Z1) * Z2 * p in fp32 and rounds once to Z's dtype (the separate ops
+    round after each op below 32 bits), and backward computes dZ and dp from Z and p alone,
+    the only tensors it keeps."""
     c = config
+    if c.bias_activation_fusion:
+        return weighted_bias_swiglu_impl(z, None, probs.unsqueeze(-1),
+                                         c.activation_func_fp8_input_store)
     if c.gated_linear_unit:
         z_act, z_lin = torch.chunk(z, 2, dim=-1)
         a = c.activation_func(z_act) * (z_lin + c.glu_linear_offset)

@@ -73,12 +73,19 @@ recomputes A * p (element-wise, no GEMM) by the same ops before fc2's backward:
 Gradients are bit-identical (tests/layer/test_activation_recompute.py); backward pays the
 activation's element-wise ops once more.
 
+Fused SwiGLU (``model.swiglu_fusion``, Megatron's ``bias_activation_fusion``; on by default on
+CUDA).  A * p is Megatron's fused weighted SwiGLU (experts.scaled_activation): one compiled
+kernel forward, one backward, which keeps Z and p only, so the activation's kept tensors shrink
+as under ``moe_act`` without recomputing anything:
+
+    kept per row  (fused)   X (H) + Z (2F) + p + A * p (F)
+
 FP8.  With ``fp8.backend: torch`` both linears run as FP8 grouped GEMMs (``model/fp8.py``:
 each call quantizes its activations and the weights from their own amax; dW in the activations'
 precision), on bf16 master weights.  Megatron's (Transformer Engine's) FP8 settings are off then.
 
 Not implemented (construction raises; config.validate() names them first): expert tensor
-parallelism, Transformer Engine FP8/FP4, linear biases, probabilities on the input, TE or fused activations,
+parallelism, Transformer Engine FP8/FP4, linear biases, probabilities on the input, TE activations,
 clamped GLU, CPU offloading, gradient-accumulation fusion.  LocalExperts covers those.
 """
 

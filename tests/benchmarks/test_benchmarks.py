@@ -1,6 +1,6 @@
 """The documented benchmark commands run from a checkout, at toy sizes, and what they count is
 right: all-to-all calls and bytes equal their closed form (and CoE's bytes equal MoE's), the
-layer recompute keeps less for backward, and in whole training steps the overlapped schedule
+layer recompute and the fused SwiGLU keep less for backward, and in whole training steps the overlapped schedule
 reproduces the plain schedule's losses exactly.  No timing is asserted."""
 
 import json
@@ -40,6 +40,9 @@ def test_layer_benchmark_counts_the_closed_form_all_to_all(tmp_path):
     assert kept["CoE-2(4/64) + recompute"] < kept["CoE-2(4/64) + expert recompute"]
     assert kept["CoE-2(4/64) + expert recompute"] < kept["CoE-2(4/64)"] * 0.75
     assert kept["CoE-2(4/64)"] > kept["MoE(8/64)"]
+    for layer in ("CoE-2(4/64)", "MoE(8/64)"):  # moe_act and the fused SwiGLU keep less
+        assert kept[f"{layer}, grouped + activation recompute"] < kept[f"{layer}, grouped"]
+        assert kept[f"{layer}, grouped + fused SwiGLU"] < kept[f"{layer}, grouped"]
 
 
 def test_train_step_benchmark_overlapped_trains_like_plain(tmp_path):

@@ -1,0 +1,127 @@
+"""model.swiglu_fusion: the SwiGLU activations as Megatron's fused kernels (torch.compile; on CPU
+inductor's C++ kernels).  LocalExperts stays bit-identical to SequentialMLP, which calls the same
+fused function; a CoE layer (grouped experts, shared expert) equals the separate ops within
+float rounding, fp32 and bf16, and keeps less for backward; the config resolves and refuses it
+by name."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from experts_harness import E, H, local_submodules, run, tf_config
+from megatron_coe.config import config_from_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from coe_layer import saved_activation_bytes  # noqa: E402
+
+
+def _config(fusion, recompute="none", iterations=2, topk=2, device="cpu", **model):
+    return config_from_dict({
+        "device": device,
+        "model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+                  "swiglu_fusion": fusion,
+                  "moe": {"num_experts": 7, "topk": topk, "expert_hidden_size": 24,
+                          "shared_expert_hidden_size": 24, "aux_loss": "seq_aux_loss"},
+                  "coe": {"iterations": iterations}, **model},
+        "train": {"recompute": recompute}})
+
+
+def _fwd_bwd(layer, x):
+    x = x.clone().requires_grad_(True)
+    y, _ = layer(x)
+    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return [y.detach(), x.grad, *(p.grad.clone() for p in layer.parameters())]
+
+
+def _layers(*configs, dtype=torch.float32):
+    from megatron_coe.model import build_moe_layer
+
+    layers = []
+    for config in configs:
+        torch.manual_seed(0)
+        layers.append(build_moe_layer(config).to(dtype))
+    return layers
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_fused_coe_layer_equals_the_separate_ops_and_keeps_less(dtype, tol):
+    from megatron_coe.model.grouped_experts import GroupedExperts
+
+    plain, fused = _layers(_config(False), _config(True), dtype=dtype)
+    assert isinstance(fused.experts, GroupedExperts)
+    assert fused.config.bias_activation_fusion and not plain.config.bias_activation_fusion
+    x = torch.randn(40, 2, 32, dtype=dtype)
+    for a, b in zip(_fwd_bwd(fused, x), _fwd_bwd(plain, x)):
+        assert a.dtype == b.dtype
+        scale = b.float().abs().max().clamp_min(1e-6)
+        assert ((a.float() - b.float()).abs().max() / scale) <= tol
+    kept = [saved_activation_bytes(layer, x)["kept"] for layer in (plain, fused)]
+    # per routed row the activation keeps Z (2F) and p instead of Z, act(Z1), Z2 + offset and
+    # act(Z1) (Z2 + offset): 3F elements less (fc2 keeps A p either way); per row of the
+    # shared expert (all 80 rows, each iteration; no p) Z instead of Z, act(Z1), Z2 + offset
+    routed, shared, f = 80 * 2 * 2, 80 * 2, 24
+    assert kept[0] - kept[1] == (routed * 3 + shared * 2) * f * x.element_size(), kept
+
+
+def test_moe_act_on_the_fused_activation_gives_the_same_bits():
+    fused, recomputed = _layers(_config(True), _config(True, "moe_act"))
+    assert recomputed.experts.recompute_activation
+    x = torch.randn(40, 2, 32)
+    for a, b in zip(_fwd_bwd(recomputed, x), _fwd_bwd(fused, x)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_local_experts_bit_identical_to_sequential_mlp_when_fused(dtype, monkeypatch):
+    from megatron.core.fusions import fused_bias_swiglu
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_coe.model import experts
+    from megatron_coe.model.experts import LocalExperts
+
+    tf = dataclasses.replace(tf_config(), bias_activation_fusion=True)
+    pg = get_default_pg_collection()
+    torch.manual_seed(0)
+    stock = SequentialMLP(E, tf, local_submodules(False), pg_collection=pg).to(dtype)
+    lean = LocalExperts(E, tf, local_submodules(False), pg_collection=pg).to(dtype)
+    lean.load_state_dict(stock.state_dict())
+    assert lean._lean
+    fused_calls = []
+    apply = fused_bias_swiglu.WeightedSwiGLUFunction.apply
+    monkeypatch.setattr(fused_bias_swiglu.WeightedSwiGLUFunction, "apply",
+                        lambda *a: fused_calls.append(1) or apply(*a))
+    linear_calls = []
+    linear = experts._Linear.apply
+    monkeypatch.setattr(experts._Linear, "apply", lambda *a: linear_calls.append(1) or linear(*a))
+    counts = torch.tensor([5, 0, 17, 1, 0, 9])
+    n = int(counts.sum())
+    x, probs, gy = torch.randn(n, H).to(dtype), torch.rand(n), torch.randn(n, H)
+    a, b = run(stock, x, counts, probs, gy), run(lean, x, counts, probs, gy)
+    assert len(linear_calls) == 2 * E and len(fused_calls) >= 2 * E  # both fused, lean path ran
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    for (name, p), q in zip(stock.named_parameters(), lean.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_swiglu_fusion_resolves_and_refuses_by_name():
+    from megatron_coe.checkpoint import model_definition
+    from megatron_coe.config import swiglu_fusion
+    from megatron_coe.model.build import resolve_swiglu_fusion
+
+    assert swiglu_fusion(_config(None)) is False  # auto: off on CPU
+    assert swiglu_fusion(_config(None, device="cuda")) is True
+    assert resolve_swiglu_fusion(_config(None)) == (False, "auto: off on CPU")
+    assert resolve_swiglu_fusion(_config(True)) == (True, "model.swiglu_fusion=true")
+    # a kernel choice, not the model: checkpoints load either way
+    assert model_definition(_config(True)) == model_definition(_config(False))
+    with pytest.raises(ValueError, match="set model.swiglu_fusion"):
+        _config(None, transformer_overrides={"bias_activation_fusion": True})
+    with pytest.raises(ValueError, match="fused SwiGLU, which cannot be combined with "
+                                         "model.transformer_overrides.glu_linear_offset"):
+        _config(None, device="cuda", transformer_overrides={"glu_linear_offset": 1.0})
+    _config(False, device="cuda", transformer_overrides={"glu_linear_offset": 1.0})
