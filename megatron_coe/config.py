@@ -111,13 +111,32 @@ LEAN_EXPERTS_UNSUPPORTED = {
 }
 
 
+# TransformerConfig settings that Megatron's fused SwiGLU cannot run with (truthy = in use;
+# gated_linear_unit: false is a plain MLP, no GLU to fuse)
+SWIGLU_FUSION_BLOCKERS = ("glu_linear_offset", "activation_func_clamp_value",
+                          "use_te_activation_func")
+
+
+def swiglu_fusion_blocker(m: "ModelConfig") -> str | None:
+    """The transformer_overrides setting that rules the fused SwiGLU out, or None."""
+    o = m.transformer_overrides
+    if o.get("gated_linear_unit", True) is False:
+        return "gated_linear_unit=false"
+    return next((f"{k}={o[k]}" for k in SWIGLU_FUSION_BLOCKERS if o.get(k)), None)
+
+
 def swiglu_fusion(config: "Config") -> bool:
-    """Whether the SwiGLU activations run as Megatron's fused kernels (model.swiglu_fusion,
-    resolved without trying torch.compile: explicit true/false is kept, auto is on for CUDA).
-    A run resolves auto once more at start-up (model.build.resolve_swiglu_fusion), off where
-    torch.compile fails on the device."""
-    fusion = config.model.swiglu_fusion
-    return config.device == "cuda" if fusion is None else fusion
+    """Whether the SwiGLU activations run as Megatron's fused kernels, as far as the config
+    says: model.swiglu_fusion when set (or Megatron's own transformer_overrides
+    .bias_activation_fusion, which it must not contradict); auto: on with device=cuda unless a
+    transformer_overrides setting rules it out.  A run also tries torch.compile on its device
+    before it keeps auto on (model.build.resolve_swiglu_fusion)."""
+    m = config.model
+    if "bias_activation_fusion" in m.transformer_overrides:
+        return bool(m.transformer_overrides["bias_activation_fusion"])
+    if m.swiglu_fusion is not None:
+        return m.swiglu_fusion
+    return config.device == "cuda" and swiglu_fusion_blocker(m) is None
 
 
 def grouped_experts(config: "Config") -> bool:
@@ -568,14 +587,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if m.coe is not None:
         _validate_coe(m.coe)
     _validate_transformer_overrides(m)
-    if swiglu_fusion(config):
-        # Megatron's fused SwiGLU has no GLU offset or clamp, and TE activations replace it
-        for key in ("glu_linear_offset", "activation_func_clamp_value", "use_te_activation_func"):
-            if m.transformer_overrides.get(key):
-                raise ValueError(f"model.swiglu_fusion (true, or auto with device=cuda) runs "
-                                 f"Megatron's fused SwiGLU, which cannot be combined with "
-                                 f"model.transformer_overrides.{key}: remove it or set "
-                                 "model.swiglu_fusion=false")
+    _validate_swiglu_fusion(m)
     _validate_parallel(config, world_size)
 
 
@@ -823,9 +835,6 @@ def _validate_transformer_overrides(m: ModelConfig) -> None:
             raise ValueError(
                 f"model.transformer_overrides.{key} is not a Megatron TransformerConfig field"
             )
-    if "bias_activation_fusion" in m.transformer_overrides:
-        raise ValueError("model.transformer_overrides.bias_activation_fusion: set "
-                         "model.swiglu_fusion (true, false or null for auto) instead")
     if m.coe is not None and m.coe.iterations > 1:
         for key, why in SINGLE_ROUTE_FEATURES.items():
             if m.transformer_overrides.get(key):
@@ -839,6 +848,21 @@ def _validate_transformer_overrides(m: ModelConfig) -> None:
                 f"model.transformer_overrides.cuda_graph_impl={graph!r} cannot capture a CoE "
                 f"layer (routing is data-dependent in every iteration); use 'none'"
             )
+
+
+def _validate_swiglu_fusion(m: ModelConfig) -> None:
+    """An explicit model.swiglu_fusion=true against settings Megatron's fused SwiGLU cannot run
+    with (auto turns itself off there), and against a contradicting bias_activation_fusion."""
+    override = m.transformer_overrides.get("bias_activation_fusion")
+    if m.swiglu_fusion is not None and override is not None and bool(override) != m.swiglu_fusion:
+        raise ValueError(f"model.swiglu_fusion={str(m.swiglu_fusion).lower()} contradicts "
+                         f"model.transformer_overrides.bias_activation_fusion={override}: "
+                         "keep one of them (model.swiglu_fusion is the same setting)")
+    blocker = swiglu_fusion_blocker(m)
+    if blocker is not None and (m.swiglu_fusion or override):
+        raise ValueError(f"model.swiglu_fusion=true (bias_activation_fusion) runs Megatron's "
+                         f"fused SwiGLU, which cannot run with model.transformer_overrides."
+                         f"{blocker}: remove that or set model.swiglu_fusion=false")
 
 
 def _transformer_config_fields() -> set[str] | None:

@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from megatron_coe import parallel
 from megatron_coe.config import (CoEConfig, Config, grouped_experts, swiglu_fusion,
-                                 te_only_overrides)
+                                 swiglu_fusion_blocker, te_only_overrides)
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.router_stats import install_tracker
 from megatron_coe.model.spec import coe_block_spec
@@ -43,7 +43,7 @@ def transformer_config(config: Config) -> TransformerConfig:
         add_bias_linear=False,
         gated_linear_unit=True,  # SwiGLU experts and MLPs, as in DeepSeek-V2
         activation_func=F.silu,
-        bias_activation_fusion=swiglu_fusion(config),
+        bias_activation_fusion=resolve_swiglu_fusion(config)[0],
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         bias_dropout_fusion=False,
@@ -154,33 +154,51 @@ def resolve_impl(config: Config) -> tuple[str, str]:
 
 
 def resolve_swiglu_fusion(config: Config) -> tuple[bool, str]:
-    """(model.swiglu_fusion as this run uses it, and why).  Explicit true/false is kept; auto
-    is off on CPU and, on CUDA, on when Megatron's fused SwiGLU (torch.compile) runs a forward
-    and backward on the device, tried here once, so a machine without a working compiler
-    (Triton) falls back to the unfused ops instead of failing in the first step."""
-    fusion = config.model.swiglu_fusion
-    if fusion is not None:
+    """(model.swiglu_fusion as this process runs it, and why).  What the config says
+    (config.swiglu_fusion: explicit, Megatron's bias_activation_fusion override, or auto: on
+    for CUDA unless an override rules it out); auto on CUDA is then kept only if Megatron's
+    fused SwiGLU (torch.compile) runs a forward and backward on the device in the run's dtype,
+    tried once per process, so a machine without a working compiler (Triton) runs the unfused
+    ops instead of failing in the first step."""
+    m = config.model
+    fusion = swiglu_fusion(config)
+    if "bias_activation_fusion" in m.transformer_overrides:
+        return fusion, "model.transformer_overrides.bias_activation_fusion"
+    if m.swiglu_fusion is not None:
         return fusion, f"model.swiglu_fusion={str(fusion).lower()}"
-    if config.device != "cuda":
-        return False, "auto: off on CPU"
-    error = fused_swiglu_error(torch.device("cuda", torch.cuda.current_device()))
+    if not fusion:
+        return False, ("auto: off on CPU" if config.device != "cuda" else
+                       f"auto: off with transformer_overrides.{swiglu_fusion_blocker(m)}")
+    error = fused_swiglu_error("cuda", _DTYPES[config.precision])
     if error is None:
         return True, "auto: device=cuda and torch.compile runs the fused kernels"
     return False, f"auto: torch.compile failed on this GPU ({error}); unfused SwiGLU"
 
 
-def fused_swiglu_error(device: torch.device) -> str | None:
-    """None when Megatron's fused weighted SwiGLU runs forward and backward on ``device``,
-    else the error, in one line."""
-    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+_FUSED_SWIGLU_ERRORS: dict[tuple[str, torch.dtype], str | None] = {}
 
-    try:
-        z = torch.randn(8, 16, device=device, dtype=torch.bfloat16, requires_grad=True)
-        p = torch.rand(8, 1, device=device, requires_grad=True)
-        weighted_bias_swiglu_impl(z, None, p).float().sum().backward()
-    except Exception as e:  # torch.compile raises its backends' errors wrapped in its own
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    return None
+
+def fused_swiglu_error(device_type: str, dtype: torch.dtype) -> str | None:
+    """None when Megatron's fused weighted SwiGLU runs forward and backward on this device type
+    in ``dtype``, else the error in one line; tried once per process, without touching the
+    random number generators' state."""
+    key = (device_type, dtype)
+    if key not in _FUSED_SWIGLU_ERRORS:
+        from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+        error = None
+        try:
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if device_type == "cuda" else torch.device(device_type))
+            with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
+                z = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
+                p = torch.rand(8, 1, device=device, requires_grad=True)
+                weighted_bias_swiglu_impl(z, None, p).float().sum().backward()
+        except Exception as e:  # no usable device, or torch.compile's wrapped backend error
+            lines = str(e).strip().splitlines()
+            error = f"{type(e).__name__}: {lines[0] if lines else ''}"
+        _FUSED_SWIGLU_ERRORS[key] = error
+    return _FUSED_SWIGLU_ERRORS[key]
 
 
 def with_resolved_impl(config: Config) -> Config:
@@ -190,6 +208,12 @@ def with_resolved_impl(config: Config) -> Config:
 
     impl, why = resolve_impl(config)
     fusion, fusion_why = resolve_swiglu_fusion(config)
+    if dist.is_initialized() and config.model.swiglu_fusion is None:
+        # auto: every rank runs the same kernels, fused only where all of them can
+        on = torch.tensor([int(fusion)], device="cuda" if config.device == "cuda" else "cpu")
+        dist.all_reduce(on, op=dist.ReduceOp.MIN)
+        if fusion and not on.item():
+            fusion, fusion_why = False, "auto: torch.compile failed on another rank"
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"model.impl: {impl} ({why})", flush=True)
         print(f"model.swiglu_fusion: {str(fusion).lower()} ({fusion_why})", flush=True)

@@ -145,7 +145,7 @@ def test_gpu_check_records_a_config_out_of_memory_and_goes_on(tmp_path, monkeypa
     res = json.loads(out.read_text())
     small, large = (res["paper"]["by_micro_batch"][m] for m in ("2", "4"))
     assert set(small["variants"]) == set(large["variants"]) == NAMES
-    assert large["variants"]["CoE-2(4/48)"]["error"].startswith("out of memory: CUDA out of")
+    assert large["variants"]["CoE-2(4/48)"]["error"].startswith("OutOfMemoryError: CUDA out of")
     assert set(large["ratios"]) == {"CoE-2(4/64) / MoE(8/64)", "CoE-2(3/64) / MoE(7/64)"}
     assert len(small["ratios"]) == 3
     t = {x["measure"]: x["value"] for x in res["targets"]}
@@ -154,9 +154,32 @@ def test_gpu_check_records_a_config_out_of_memory_and_goes_on(tmp_path, monkeypa
     assert t["CoE-2(4/64) / MoE(8/64) step time, micro-batch 4"] == 1.0
 
 
-def test_gpu_check_refuses_micro_batches_that_do_not_divide_the_step(capsys):
+def test_gpu_check_refuses_bad_batch_sizes(capsys):
     from megatron_coe import gpu_check as check
 
     with pytest.raises(SystemExit):
         check.parse_args(["--micro-batches", "32", "12"])
     assert "each must divide --global-batch 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        check.parse_args(["--global-batch", "0"])
+    assert "--global-batch must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the sizes are the check's own arguments
+        check.parse_args(["--set", "train.micro_batch_size=16"])
+    assert "use --micro-batches and --global-batch" in capsys.readouterr().err
+
+
+def test_gpu_check_keeps_the_other_parts_when_one_fails(tmp_path, monkeypatch):
+    """A part that raises (part d here) is recorded with its error; the JSON holds the other
+    parts' results and the exit status says something failed."""
+    from megatron_coe import gpu_check as check
+
+    def host_profile(args, work):
+        raise RuntimeError("benchmarks/host_work.py failed (1):\nCUDA out of memory")
+
+    monkeypatch.setattr(check, "host_profile", host_profile)
+    monkeypatch.setattr(check, "layer_pairs", lambda args, work: {"pairs": []})
+    out = tmp_path / "check.json"
+    assert check.main(["--device", "cpu", "--toy", "--parts", "c", "d", "--out", str(out)]) == 1
+    res = json.loads(out.read_text())
+    assert res["layer"] == {"pairs": []} and res["passed"] is False
+    assert res["host"] == {"error": "RuntimeError: benchmarks/host_work.py failed (1):"}

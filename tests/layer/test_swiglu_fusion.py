@@ -108,20 +108,35 @@ def test_local_experts_bit_identical_to_sequential_mlp_when_fused(dtype, monkeyp
         assert torch.equal(p.grad, q.grad), name
 
 
-def test_swiglu_fusion_resolves_and_refuses_by_name():
+def test_swiglu_fusion_resolves_and_refuses_by_name(monkeypatch):
     from megatron_coe.checkpoint import model_definition
     from megatron_coe.config import swiglu_fusion
-    from megatron_coe.model.build import resolve_swiglu_fusion
+    from megatron_coe.model import build
 
+    offset = {"transformer_overrides": {"glu_linear_offset": 1.0}}
     assert swiglu_fusion(_config(None)) is False  # auto: off on CPU
     assert swiglu_fusion(_config(None, device="cuda")) is True
-    assert resolve_swiglu_fusion(_config(None)) == (False, "auto: off on CPU")
-    assert resolve_swiglu_fusion(_config(True)) == (True, "model.swiglu_fusion=true")
+    assert build.resolve_swiglu_fusion(_config(None)) == (False, "auto: off on CPU")
+    assert build.resolve_swiglu_fusion(_config(True)) == (True, "model.swiglu_fusion=true")
+    # auto steps aside for settings the fused kernel cannot run; an explicit true is refused
+    assert build.resolve_swiglu_fusion(_config(None, device="cuda", **offset)) == (
+        False, "auto: off with transformer_overrides.glu_linear_offset=1.0")
+    with pytest.raises(ValueError, match="fused SwiGLU, which cannot run with "
+                                         "model.transformer_overrides.glu_linear_offset=1.0"):
+        _config(True, device="cuda", **offset)
+    # Megatron's own name for it is the same setting
+    megatron = {"transformer_overrides": {"bias_activation_fusion": True}}
+    assert swiglu_fusion(_config(None, **megatron)) is True
+    with pytest.raises(ValueError, match="contradicts model.transformer_overrides"):
+        _config(False, **megatron)
+    # auto on CUDA keeps the fusion only where torch.compile ran it (tried once, remembered)
+    monkeypatch.setitem(build._FUSED_SWIGLU_ERRORS, ("cuda", torch.float32),
+                        "BackendCompilerFailed: no Triton")
+    assert build.resolve_swiglu_fusion(_config(None, device="cuda")) == (
+        False, "auto: torch.compile failed on this GPU (BackendCompilerFailed: no Triton); "
+        "unfused SwiGLU")
+    monkeypatch.setitem(build._FUSED_SWIGLU_ERRORS, ("cuda", torch.float32), None)
+    assert build.resolve_swiglu_fusion(_config(None, device="cuda"))[0] is True
+    assert build.fused_swiglu_error("cpu", torch.float32) is None  # inductor's C++ kernels
     # a kernel choice, not the model: checkpoints load either way
     assert model_definition(_config(True)) == model_definition(_config(False))
-    with pytest.raises(ValueError, match="set model.swiglu_fusion"):
-        _config(None, transformer_overrides={"bias_activation_fusion": True})
-    with pytest.raises(ValueError, match="fused SwiGLU, which cannot be combined with "
-                                         "model.transformer_overrides.glu_linear_offset"):
-        _config(None, device="cuda", transformer_overrides={"glu_linear_offset": 1.0})
-    _config(False, device="cuda", transformer_overrides={"glu_linear_offset": 1.0})
