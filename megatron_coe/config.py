@@ -216,8 +216,9 @@ class ModelConfig:
     # SwiGLU as Megatron's fused kernels (Megatron-LM's --bias-swiglu-fusion, TransformerConfig
     # bias_activation_fusion): torch.compile'd forward and backward; experts fold the routing
     # probability in and keep only fc1's output and the probabilities for backward.  null
-    # (auto): on with device=cuda where torch.compile runs (checked at start-up), off on CPU;
-    # a run writes the resolved choice into its config.yaml.
+    # (auto): on with device=cuda where torch.compile runs (tried once per process), off on CPU
+    # and with transformer_overrides it cannot run with (SWIGLU_FUSION_BLOCKERS); a run writes
+    # the resolved choice into its config.yaml.
     swiglu_fusion: Optional[bool] = None
 
 
