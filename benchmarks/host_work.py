@@ -216,6 +216,8 @@ def run(args):
         results[name] = {
             "config": str(path.relative_to(ROOT)), "overrides": overrides,
             "parameters_tensors": sum(1 for _ in model.parameters()),
+            # counted eagerly when on (megatron_coe/host_ops.py); profiled as compiled
+            "swiglu_fusion": bool(model.config.bias_activation_fusion),
             "layers": config.model.num_layers, "micro_batches": micros,
             "tokens_per_step": t.global_batch_size * config.model.seq_length,
             "flops_per_token": train_flops_per_token(config),

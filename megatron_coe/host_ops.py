@@ -28,6 +28,11 @@ leaves out the syncs of code in files whose path ends with one of its entries; t
 are counted, as they stand in for Megatron's ops doing the same job on a GPU (the CPU
 permutation's ``nonzero`` for Megatron's fixed-shape argsort, for instance).  The counts are a
 measurement, not an assertion: tests use them to bound syncs per step.
+
+torch.compile'd functions (the fused SwiGLU of ``model.swiglu_fusion``) do not run compiled
+while a dispatch mode is active: TorchDynamo runs them eagerly, so their ops are counted one by
+one (forward 3 and backward 20 for Megatron's weighted SwiGLU), where a GPU launches one or two
+generated kernels each way.  Count with the fusion off to compare launches.
 """
 
 from __future__ import annotations
