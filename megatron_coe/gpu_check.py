@@ -467,8 +467,9 @@ def main(argv=None) -> int:
             try:
                 result[key] = measure(args, work)
             except Exception as e:  # a part that fails leaves the others' results intact
-                result[key] = {"error": one_line(e)}
-                print(f"({part}) failed: {result[key]['error']}", flush=True)
+                # the message's end holds the cause (a benchmark's own traceback, say)
+                result[key] = {"error": one_line(e), "detail": str(e)[-3000:]}
+                print(f"({part}) failed: {result[key]['detail']}", flush=True)
                 continue
             if part == "a":
                 a = result["reference"]

@@ -182,4 +182,5 @@ def test_gpu_check_keeps_the_other_parts_when_one_fails(tmp_path, monkeypatch):
     assert check.main(["--device", "cpu", "--toy", "--parts", "c", "d", "--out", str(out)]) == 1
     res = json.loads(out.read_text())
     assert res["layer"] == {"pairs": []} and res["passed"] is False
-    assert res["host"] == {"error": "RuntimeError: benchmarks/host_work.py failed (1):"}
+    assert res["host"]["error"] == "RuntimeError: benchmarks/host_work.py failed (1):"
+    assert res["host"]["detail"].endswith("CUDA out of memory")  # the cause, kept
