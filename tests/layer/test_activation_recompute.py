@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from layer_harness import fwd_bwd, layer_config, seeded_layers
 from megatron_coe.config import config_from_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -15,34 +16,17 @@ from coe_layer import saved_activation_bytes  # noqa: E402
 
 
 def _config(recompute, iterations=2, topk=2, **moe):
-    return config_from_dict({
-        "model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
-                  "moe": {"num_experts": 7, "topk": topk, "expert_hidden_size": 24,
-                          "shared_expert_hidden_size": 24, "aux_loss": "seq_aux_loss", **moe},
-                  "coe": {"iterations": iterations}},
-        "train": {"recompute": recompute}})
-
-
-def _fwd_bwd(layer, x):
-    x = x.clone().requires_grad_(True)
-    y, _ = layer(x)
-    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-    return [y.detach(), x.grad, *(p.grad.clone() for p in layer.parameters())]
+    return layer_config(iterations, topk, recompute, **moe)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("iterations,topk", [(1, 4), (2, 2), (3, 1)])
 def test_recomputed_activation_gives_the_same_bits_and_keeps_less(dtype, iterations, topk):
-    from megatron_coe.model import build_moe_layer
-
-    layers = []
-    for recompute in ("none", "moe_act"):
-        torch.manual_seed(0)
-        layers.append(build_moe_layer(_config(recompute, iterations, topk)).to(dtype))
-    plain, recomputed = layers
+    plain, recomputed = seeded_layers(_config("none", iterations, topk),
+                                      _config("moe_act", iterations, topk), dtype=dtype)
     assert not plain.experts.recompute_activation and recomputed.experts.recompute_activation
     x = torch.randn(40, 2, 32, dtype=dtype)
-    for a, b in zip(_fwd_bwd(recomputed, x), _fwd_bwd(plain, x)):
+    for a, b in zip(fwd_bwd(recomputed, x), fwd_bwd(plain, x)):
         assert torch.equal(a, b)
     kept = [saved_activation_bytes(layer, x)["kept"] for layer in (plain, recomputed)]
     # per routed row the activation and fc2 keep Z (2F) and p instead of Z, act(Z1),

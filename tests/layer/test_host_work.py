@@ -15,6 +15,7 @@ own replacements are left out), so these CPU tests bound a GPU run's host syncs.
 import pytest
 import torch
 
+from layer_harness import fwd_bwd
 from megatron_coe.config import config_from_dict
 from megatron_coe.host_ops import HostOps
 
@@ -26,13 +27,6 @@ def _layer_config(iterations, topk, grouped):
                 "shared_expert_hidden_size": 16, "aux_loss": "seq_aux_loss",
                 "grouped_gemm": grouped},
         "coe": {"iterations": iterations}}})
-
-
-def _fwd_bwd(layer, x):
-    x = x.clone().requires_grad_(True)
-    y, _ = layer(x)
-    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-    return [y.detach(), x.grad, *(p.grad.clone() for p in layer.parameters())]
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-expert"])
@@ -49,9 +43,9 @@ def test_expert_parallel_size_one_dispatch_skips_the_identity_sort(grouped, iter
     megatron.token_dispatcher.local_only = False  # Megatron's own path: sort, counts to host
     x = torch.randn(48, 2, 32)
     with HostOps() as ops_fast:
-        got = _fwd_bwd(fast, x)
+        got = fwd_bwd(fast, x)
     with HostOps() as ops_megatron:
-        expected = _fwd_bwd(megatron, x)
+        expected = fwd_bwd(megatron, x)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
     # grouped experts take the counts on the device; the per-expert loop reads them once per

@@ -12,49 +12,26 @@ import pytest
 import torch
 
 from experts_harness import E, H, local_submodules, run, tf_config
-from megatron_coe.config import config_from_dict
+from layer_harness import fwd_bwd, layer_config, seeded_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from coe_layer import saved_activation_bytes  # noqa: E402
 
 
-def _config(fusion, recompute="none", iterations=2, topk=2, device="cpu", **model):
-    return config_from_dict({
-        "device": device,
-        "model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
-                  "swiglu_fusion": fusion,
-                  "moe": {"num_experts": 7, "topk": topk, "expert_hidden_size": 24,
-                          "shared_expert_hidden_size": 24, "aux_loss": "seq_aux_loss"},
-                  "coe": {"iterations": iterations}, **model},
-        "train": {"recompute": recompute}})
-
-
-def _fwd_bwd(layer, x):
-    x = x.clone().requires_grad_(True)
-    y, _ = layer(x)
-    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-    return [y.detach(), x.grad, *(p.grad.clone() for p in layer.parameters())]
-
-
-def _layers(*configs, dtype=torch.float32):
-    from megatron_coe.model import build_moe_layer
-
-    layers = []
-    for config in configs:
-        torch.manual_seed(0)
-        layers.append(build_moe_layer(config).to(dtype))
-    return layers
+def _config(fusion, recompute="none", device="cpu", **model):
+    return layer_config(recompute=recompute, device=device,
+                        model={"swiglu_fusion": fusion, **model})
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_fused_coe_layer_equals_the_separate_ops_and_keeps_less(dtype, tol):
     from megatron_coe.model.grouped_experts import GroupedExperts
 
-    plain, fused = _layers(_config(False), _config(True), dtype=dtype)
+    plain, fused = seeded_layers(_config(False), _config(True), dtype=dtype)
     assert isinstance(fused.experts, GroupedExperts)
     assert fused.config.bias_activation_fusion and not plain.config.bias_activation_fusion
     x = torch.randn(40, 2, 32, dtype=dtype)
-    for a, b in zip(_fwd_bwd(fused, x), _fwd_bwd(plain, x)):
+    for a, b in zip(fwd_bwd(fused, x), fwd_bwd(plain, x)):
         assert a.dtype == b.dtype
         scale = b.float().abs().max().clamp_min(1e-6)
         assert ((a.float() - b.float()).abs().max() / scale) <= tol
@@ -67,10 +44,10 @@ def test_fused_coe_layer_equals_the_separate_ops_and_keeps_less(dtype, tol):
 
 
 def test_moe_act_on_the_fused_activation_gives_the_same_bits():
-    fused, recomputed = _layers(_config(True), _config(True, "moe_act"))
+    fused, recomputed = seeded_layers(_config(True), _config(True, "moe_act"))
     assert recomputed.experts.recompute_activation
     x = torch.randn(40, 2, 32)
-    for a, b in zip(_fwd_bwd(recomputed, x), _fwd_bwd(fused, x)):
+    for a, b in zip(fwd_bwd(recomputed, x), fwd_bwd(fused, x)):
         assert torch.equal(a, b)
 
 
