@@ -207,11 +207,13 @@ def measure_setting(args, work: Path, micro_batch: int) -> dict:
         except Exception as e:  # out of memory, mostly: the other configs still run
             variants[name] = {"config": f"configs/paper/{file}", "error": one_line(e)}
             print(f"(b) mb {micro_batch:<3d} {name:12s} {variants[name]['error']}", flush=True)
-            continue
-        finally:  # what the failed run held is freed once its exception is gone
+        if name in variants:
+            # train_run freed what it could while the exception held the run's frames; the
+            # rest goes now that the exception is gone
             gc.collect()
             if config.device == "cuda":
                 torch.cuda.empty_cache()
+            continue
         timed = [r for r in records if r["step"] > args.warmup]
         tokens_per_step = config.train.global_batch_size * config.model.seq_length
         median = {k: statistics.median(r[k] for r in timed) if timed and timed[0].get(k)
