@@ -37,7 +37,9 @@ names the device, GPU, torch, CUDA, megatron-core and Transformer Engine version
 implementation and SwiGLU fusion used, and the command; ``targets`` holds each one-GPU target
 (MFU, CoE/MoE step time, memory, loss agreement) with its value from this run and whether it
 is met (printed at the end too).  A part that fails (or a config of part b) is recorded with
-its ``error`` and the others still run; the JSON is written either way.  Targets are
+its ``error`` and the others still run; the JSON is written either way, and after each part
+and each config of part (b) (``complete`` false until the end), so a run stopped at a time
+limit keeps what it measured.  Targets are
 measurements: the exit status is 1 only when part (a) fails its tolerance or a part fails.
 """
 
@@ -172,25 +174,33 @@ def check_reference(args, work: Path) -> dict:
             "valid_loss": {r["step"]: r["loss"] for r in records if r["kind"] == "valid"}}
 
 
-def measure_paper(args, work: Path) -> dict:
+def measure_paper(args, work: Path, progress=None) -> dict:
     """Part (b): every paper config at every micro-batch size; ``by_micro_batch`` maps each
-    size (as a string) to its configs' numbers and CoE/MoE ratios."""
-    return {"warmup_steps": args.warmup, "timed_steps": args.steps,
-            "global_batch": args.global_batch,
-            "by_micro_batch": {str(m): measure_setting(args, work / f"paper-mb{m}", m)
-                               for m in args.micro_batches}}
+    size (as a string) to its configs' numbers and CoE/MoE ratios.  ``progress`` (if given)
+    is called with the results so far after each config."""
+    paper = {"warmup_steps": args.warmup, "timed_steps": args.steps,
+             "global_batch": args.global_batch, "by_micro_batch": {}}
+    for m in args.micro_batches:
+        def done_so_far(setting, m=m):
+            paper["by_micro_batch"][str(m)] = setting
+            if progress:
+                progress(paper)
+        measure_setting(args, work / f"paper-mb{m}", m, done_so_far)
+    return paper
 
 
-def measure_setting(args, work: Path, micro_batch: int) -> dict:
+def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
     """Each paper config trained for warmup + steps steps in micro-batches of ``micro_batch``
     sequences, one config after the other.  A config that fails (runs out of device memory,
-    mostly) is recorded with its ``error`` and left out of the ratios; the others still run."""
+    mostly) is recorded with its ``error`` and left out of the ratios; the others still run.
+    ``progress`` is called with the setting's results after each config and at the end."""
     import torch
 
     from megatron_coe.config import load_config
     from megatron_coe.metrics import parameter_count, train_flops_per_token
 
-    variants = {}
+    variants, ratios = {}, {}
+    setting = {"micro_batch_size": micro_batch, "variants": variants, "ratios": ratios}
     work.mkdir()
     for name, file in PAPER:
         run_dir = work / file.removesuffix(".yaml")
@@ -213,6 +223,7 @@ def measure_setting(args, work: Path, micro_batch: int) -> dict:
             gc.collect()
             if config.device == "cuda":
                 torch.cuda.empty_cache()
+            progress(setting)
             continue
         timed = [r for r in records if r["step"] > args.warmup]
         tokens_per_step = config.train.global_batch_size * config.model.seq_length
@@ -235,7 +246,7 @@ def measure_setting(args, work: Path, micro_batch: int) -> dict:
               + (f"{v['mfu'] * 100:5.2f} %" if v["mfu"] is not None else "  n/a  ")
               + f"  peak {v['peak_mem_gib']:.2f} GiB  step {v['median_step_s'] * 1e3:.0f} ms "
               f"({v['model_impl']}, SwiGLU fusion {v['swiglu_fusion']})", flush=True)
-    ratios = {}
+        progress(setting)
     for coe, moe in PAIRS:
         if "error" in variants[coe] or "error" in variants[moe]:
             continue
@@ -247,7 +258,8 @@ def measure_setting(args, work: Path, micro_batch: int) -> dict:
         print(f"(b) mb {micro_batch:<3d} {coe} / {moe}: step time {r['step_time']:.3f}, "
               f"FLOPs per token "
               f"{r['flops_per_token']:.3f}, parameters {r['parameters']:.3f}", flush=True)
-    return {"micro_batch_size": micro_batch, "variants": variants, "ratios": ratios}
+    progress(setting)
+    return setting
 
 
 def one_line(e: BaseException) -> str:
@@ -441,6 +453,20 @@ def parse_args(argv):
     return args
 
 
+def save(result: dict, args, out: Path, began: float, parts: dict, complete: bool) -> None:
+    """The verdict, the targets and the time so far into ``result``, written to ``out``
+    (``complete`` False while parts remain to run)."""
+    failed = [key for key, _ in parts.values() if "error" in result.get(key, {})]
+    result["passed"] = result.get("reference", {}).get("passed", True) and not failed
+    result["targets"] = targets(result, args)
+    result["complete"] = complete
+    result["wall_s"] = time.perf_counter() - began
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -461,7 +487,11 @@ def main(argv=None) -> int:
           f"{result['megatron_core']}, Transformer Engine {result['transformer_engine']}",
           flush=True)
     work = Path(tempfile.mkdtemp(prefix="coe-gpu-check-"))
-    parts = {"a": ("reference", check_reference), "b": ("paper", measure_paper),
+    def paper_so_far(paper):
+        save({**result, "paper": paper}, args, out, began, parts, complete=False)
+
+    parts = {"a": ("reference", check_reference),
+             "b": ("paper", lambda args, work: measure_paper(args, work, paper_so_far)),
              "c": ("layer", layer_pairs), "d": ("host", host_profile)}
     try:
         for part in args.parts:
@@ -472,6 +502,7 @@ def main(argv=None) -> int:
                 # the message's end holds the cause (a benchmark's own traceback, say)
                 result[key] = {"error": one_line(e), "detail": str(e)[-3000:]}
                 print(f"({part}) failed: {result[key]['detail']}", flush=True)
+                save(result, args, out, began, parts, complete=False)
                 continue
             if part == "a":
                 a = result["reference"]
@@ -479,6 +510,8 @@ def main(argv=None) -> int:
                       f"reference| {a['max_abs_diff']:.2e} at step {a['worst_step']} over "
                       f"{len(a['steps'])} steps (tolerance {a['tolerance']:g}): "
                       f"{'PASS' if a['passed'] else 'FAIL'}", flush=True)
+            # written after each part, so that a run stopped at a time limit keeps what it has
+            save(result, args, out, began, parts, complete=False)
     finally:
         if args.keep:
             print(f"work directory kept: {work}")
@@ -486,18 +519,13 @@ def main(argv=None) -> int:
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
-    failed = [key for key, _ in parts.values() if "error" in result.get(key, {})]
-    result["passed"] = result.get("reference", {}).get("passed", True) and not failed
-    result["targets"] = targets(result, args)
+    save(result, args, out, began, parts, complete=True)
     for t in result["targets"]:
         value = "-" if t["value"] is None else f"{t['value']:.4g}"
         verdict = {True: "met", False: "MISSED",
                    None: "not judged" if t["value"] is not None else "not measured"}[t["met"]]
         print(f"target: {t['measure']:64s} {value:>9s} (target {t['target']}): {verdict}",
               flush=True)
-    result["wall_s"] = time.perf_counter() - began
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
     print(f"coe-gpu-check: {'PASS' if result['passed'] else 'FAIL'} in {result['wall_s']:.0f} s; "
           f"results in {out}", flush=True)
     return 0 if result["passed"] else 1
