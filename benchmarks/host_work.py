@@ -36,7 +36,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gzip
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -59,7 +61,8 @@ CLASSES = [
     ("communication", r"nccl|all_to_all|allreduce|all_reduce|c10d|gloo"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*(fprop|bprop|dgrad)|_efficient_attention"),
-    ("GEMM", r"gemm|cutlass|xmma|cublas|matmul|grouped_mm|\bmm\b|aten::mm|aten::bmm|aten::addmm"
+    ("GEMM", r"gemm|cutlass|xmma|cublas|nvjet|matmul|grouped_mm|\bmm\b|aten::mm|aten::bmm"
+             r"|aten::addmm"
              r"|aten::linear|wgrad|dgrad"),
     ("memory copy", r"^memcpy|^memset|Memcpy|Memset"),
     ("copy, index, permute", r"index|gather|scatter|copy|cat|sort|radix|topk|permute|nonzero"
@@ -114,7 +117,9 @@ def profile_classes(prof, device: str, wall_s: float) -> dict:
     spans = []
     for evt in prof.events():
         if device == "cuda":
-            if evt.device_type != DeviceType.CUDA:
+            # kernels only: a user annotation (record_function, the optimizer's step) spans
+            # kernels already counted
+            if evt.device_type != DeviceType.CUDA or evt.is_user_annotation:
                 continue
             us = evt.time_range.end - evt.time_range.start
             spans.append((evt.time_range.start, evt.time_range.end))
@@ -207,10 +212,19 @@ def run(args):
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                                    if device.type == "cuda" else [])
             began = time.perf_counter()
-            with torch_profile(activities=activities) as prof:
+            with torch_profile(activities=activities, record_shapes=bool(args.trace),
+                               with_stack=bool(args.trace)) as prof:
                 for i in range(PROFILED_STEPS):
                     step(warm + 1 + args.steps + i)
             profile = profile_classes(prof, device.type, time.perf_counter() - began)
+            if args.trace:  # for chrome://tracing or Perfetto, gzipped
+                traces = Path(args.trace)
+                traces.mkdir(parents=True, exist_ok=True)
+                trace = tmp / f"{path.stem}.json"
+                prof.export_chrome_trace(str(trace))
+                with open(trace, "rb") as f, gzip.open(traces / f"{path.stem}.json.gz", "wb") as g:
+                    shutil.copyfileobj(f, g)
+                profile["trace"] = str(traces / f"{path.stem}.json.gz")
         micros = t.global_batch_size // t.micro_batch_size // dp
         fb = regions["forward-backward + loss"]
         results[name] = {
@@ -218,6 +232,7 @@ def run(args):
             "parameters_tensors": sum(1 for _ in model.parameters()),
             # counted eagerly when on (megatron_coe/host_ops.py); profiled as compiled
             "swiglu_fusion": bool(model.config.bias_activation_fusion),
+            "loss_fusion": bool(model.loss_fusion),
             "layers": config.model.num_layers, "micro_batches": micros,
             "tokens_per_step": t.global_batch_size * config.model.seq_length,
             "flops_per_token": train_flops_per_token(config),
@@ -267,6 +282,9 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="also profile two steps: time per kernel class (per ATen op class on "
                    "CPU), and on CUDA the fraction of the time some kernel runs")
+    p.add_argument("--trace", metavar="DIR",
+                   help="with --profile: also write each config's trace (shapes and Python "
+                   "stacks) to DIR/<config>.json.gz, for chrome://tracing or Perfetto")
     p.add_argument("--configs", nargs="+", default=[name for name, _ in CONFIGS],
                    choices=[name for name, _ in CONFIGS], metavar="NAME",
                    help="which configs (default: all four); ratios need both of a pair")
@@ -278,6 +296,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.trace and not args.profile:
+        p.error("--trace needs --profile")
     sys.path.insert(0, str(ROOT))
     from processes import spawn, write_results
 

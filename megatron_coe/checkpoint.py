@@ -77,6 +77,7 @@ def model_definition(config: Config) -> dict:
     # SequentialMLP's checkpoint format
     m.pop("impl")
     m.pop("swiglu_fusion")  # the same math as fused kernels or as separate ops
+    m.pop("loss_fusion")  # likewise
     if config.model.attention != "mla":
         m.pop("mla")
     if m["coe"] is not None and not m["coe"]["iteration_norm"]:

@@ -139,13 +139,15 @@ def train_run(config, log: Path) -> list[dict]:
 
 
 def written_choices(run_dir: Path) -> dict:
-    """The layer implementation and SwiGLU fusion a run used, from the config.yaml it wrote
-    (resolved there from auto): {"model_impl", "swiglu_fusion"}, None where absent."""
+    """The layer implementation and the SwiGLU and loss fusions a run used, from the config.yaml
+    it wrote (resolved there from auto): {"model_impl", "swiglu_fusion", "loss_fusion"}, None
+    where absent."""
     import yaml
 
     path = Path(run_dir) / "config.yaml"
     model = yaml.safe_load(path.read_text())["model"] if path.exists() else {}
-    return {"model_impl": model.get("impl"), "swiglu_fusion": model.get("swiglu_fusion")}
+    return {"model_impl": model.get("impl"), "swiglu_fusion": model.get("swiglu_fusion"),
+            "loss_fusion": model.get("loss_fusion")}
 
 
 def check_reference(args, work: Path) -> dict:
@@ -245,7 +247,8 @@ def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
               f"{v['tflops']:7.2f} TFLOP/s  MFU "
               + (f"{v['mfu'] * 100:5.2f} %" if v["mfu"] is not None else "  n/a  ")
               + f"  peak {v['peak_mem_gib']:.2f} GiB  step {v['median_step_s'] * 1e3:.0f} ms "
-              f"({v['model_impl']}, SwiGLU fusion {v['swiglu_fusion']})", flush=True)
+              f"({v['model_impl']}, SwiGLU fusion {v['swiglu_fusion']}, loss fusion "
+              f"{v['loss_fusion']})", flush=True)
         progress(setting)
     for coe, moe in PAIRS:
         if "error" in variants[coe] or "error" in variants[moe]:

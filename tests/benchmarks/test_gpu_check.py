@@ -45,7 +45,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
         assert b["micro_batch_size"] == int(m) and set(b["variants"]) == NAMES
         for name, v in b["variants"].items():
             assert v["model_impl"] == "local" and v["mfu"] is None  # no peak known for a CPU
-            assert v["swiglu_fusion"] is False  # auto: off on CPU
+            assert v["swiglu_fusion"] is False and v["loss_fusion"] is False  # auto: off on CPU
             assert v["tokens_per_s"] > 0 and v["tflops"] > 0 and v["peak_mem_gib"] > 0, name
             assert len(v["step_s"]) == 1 and len(v["losses"]) == 1
             assert v["tokens_per_step"] == 4 * 64
@@ -137,7 +137,8 @@ def test_gpu_check_records_a_config_out_of_memory_and_goes_on(tmp_path, monkeypa
 
     monkeypatch.setattr(check, "train_run", train_run)
     monkeypatch.setattr(check, "written_choices",
-                        lambda run_dir: {"model_impl": "local", "swiglu_fusion": False})
+                        lambda run_dir: {"model_impl": "local", "swiglu_fusion": False,
+                                         "loss_fusion": False})
     out = tmp_path / "check.json"
     assert check.main(["--device", "cpu", "--toy", "--parts", "b", "--warmup", "1",
                        "--steps", "1", "--out", str(out)]) == 0

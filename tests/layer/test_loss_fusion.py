@@ -1,0 +1,108 @@
+"""model.loss_fusion: the language-model loss as two compiled kernels (on CPU inductor's C++
+kernels) equals Megatron's vocabulary-parallel cross entropy, loss and logits gradient, within
+float rounding, for fp32 and bf16 logits and for targets outside the vocabulary; the gradient
+comes back in the logits' dtype; a model built with it trains to the same losses."""
+
+import pytest
+import torch
+
+
+def _megatron_loss(logits, target):
+    from megatron.core import parallel_state, tensor_parallel
+
+    return tensor_parallel.vocab_parallel_cross_entropy(
+        logits, target, tp_group=parallel_state.get_tensor_model_parallel_group())
+
+
+@pytest.fixture(scope="module")
+def one_rank_groups():
+    from megatron_coe import parallel
+    from megatron_coe.config import load_config
+
+    from layer_harness import layer_config  # noqa: F401  (conftest's path)
+
+    parallel.initialize(load_config(None, ["device=cpu"]))
+    yield
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_fused_loss_equals_megatrons_cross_entropy(dtype, tol, one_rank_groups):
+    from megatron_coe.model.loss import fused_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(7, 3, 50) * 4).to(dtype)
+    target = torch.randint(0, 50, (7, 3))
+    target[0, 0], target[5, 2] = -1, 50  # outside the vocabulary: predicted logit counts as 0
+    g = torch.rand(7, 3)
+    grads, losses = [], []
+    for fn in (fused_cross_entropy, _megatron_loss):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, target)
+        (loss * g).sum().backward()
+        losses.append(loss)
+        grads.append(x.grad)
+    assert losses[0].dtype == torch.float32 and losses[0].shape == target.shape
+    assert grads[0].dtype == dtype
+    assert torch.allclose(losses[0], losses[1].float(), rtol=tol, atol=tol)
+    # Megatron's gradient is fp32 until its caller casts; ours is rounded once to the dtype
+    assert torch.allclose(grads[0].float(), grads[1].to(dtype).float(),
+                          rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+def _model_loss_and_grads(loss_fusion):
+    from megatron_coe.config import load_config
+    from megatron_coe.model import build_model
+
+    config = load_config(None, ["device=cpu", "precision=fp32", "model.num_layers=1",
+                                f"model.loss_fusion={str(loss_fusion).lower()}"])
+    torch.manual_seed(0)
+    model = build_model(config)
+    assert model.loss_fusion is loss_fusion
+    tokens = torch.randint(0, config.model.vocab_size, (2, config.model.seq_length + 1))
+    position_ids = torch.arange(config.model.seq_length).expand(2, -1)
+    loss = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:])
+    loss.mean().backward()
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_model_with_the_fused_loss_gives_megatrons_loss_and_gradients(one_rank_groups):
+    fused, fused_grads = _model_loss_and_grads(True)
+    plain, plain_grads = _model_loss_and_grads(False)
+    assert fused.shape == plain.shape
+    assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys() and fused_grads
+    for name in plain_grads:
+        assert torch.allclose(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_loss_fusion_resolves_and_refuses_by_name(monkeypatch):
+    from megatron_coe.config import load_config, loss_fusion
+    from megatron_coe.checkpoint import model_definition
+    from megatron_coe.model import build
+
+    def config(*overrides):
+        return load_config(None, ["device=cuda", *overrides])
+
+    assert loss_fusion(load_config(None, ["device=cpu"])) is False  # auto: off on CPU
+    assert loss_fusion(config()) is True
+    assert loss_fusion(config("parallel.tensor=2")) is False
+    megatron = "model.transformer_overrides={cross_entropy_loss_fusion: true}"
+    assert loss_fusion(config(megatron)) is False
+    with pytest.raises(ValueError, match="model.loss_fusion=true cannot run with "
+                                         "parallel.tensor=2"):
+        config("parallel.tensor=2", "model.loss_fusion=true")
+    with pytest.raises(ValueError, match="cross_entropy_loss_fusion"):
+        config(megatron, "model.loss_fusion=true")
+    # auto on CUDA keeps it only where torch.compile ran it (tried once, remembered)
+    monkeypatch.setitem(build._PROBE_ERRORS, ("loss", "cuda", torch.float32),
+                        "BackendCompilerFailed: no Triton")
+    assert build.resolve_loss_fusion(config()) == (
+        False, "auto: torch.compile failed on this GPU (BackendCompilerFailed: no Triton); "
+        "Megatron's loss")
+    monkeypatch.setitem(build._PROBE_ERRORS, ("loss", "cuda", torch.float32), None)
+    assert build.resolve_loss_fusion(config()) == (
+        True, "auto: device=cuda and torch.compile runs the fused kernels")
+    assert build.fused_kernel_error("loss", "cpu", torch.float32) is None
+    # a kernel choice, not the model: checkpoints load either way
+    assert model_definition(config("model.loss_fusion=true")) == model_definition(
+        config("model.loss_fusion=false"))
