@@ -46,6 +46,8 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from megatron_coe.model.permutation import gathered
+
 
 @dataclass
 class A2AEntry:
@@ -335,6 +337,20 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.local_only = (self.ep_size == 1 and self.tp_size == 1 and not self.drop_and_pad
                            and c.moe_expert_capacity_factor is None
                            and not c.moe_router_padding_for_quantization)
+        # Dropless top-k without padding gives every token exactly k rows: then the local
+        # permutation and its inverse run as gathers (model/permutation.py), not atomic adds
+        self.rows_per_token = (c.moe_router_topk if not self.drop_and_pad
+                               and c.moe_expert_capacity_factor is None
+                               and not c.moe_router_padding_for_quantization
+                               and not c.moe_permute_fusion else None)
+
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        with gathered(self.rows_per_token):
+            return super().dispatch_preprocess(hidden_states, routing_map, probs)
+
+    def combine_postprocess(self, hidden_states):
+        with gathered(self.rows_per_token):
+            return super().combine_postprocess(hidden_states)
 
     def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
         if self.local_only:

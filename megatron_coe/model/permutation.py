@@ -1,0 +1,105 @@
+"""Token permutation for dropless top-k routing, as gathers in both directions.
+
+The dispatcher sorts a layer's T tokens x into N = T k rows grouped by expert (permute) and
+sums each token's k expert outputs back (unpermute).  With ``index`` the token of each row
+(expert-major, as Megatron's ``permute`` lists them):
+
+    permute:    rows[r] = x[index[r]]                 backward: dx[t] = sum_{r: index[r]=t} drows[r]
+    unpermute:  y[t] = sum_{r: index[r]=t} rows[r]    backward: drows[r] = dy[index[r]]
+
+Megatron computes both sums by scattering rows into a zeroed [T, hidden] tensor with atomic
+adds (index_add_ / scatter_add_), which on a GPU in bf16 take several times a gather's time.
+Dropless top-k routing gives every token exactly k rows, so a stable sort of ``index``, the rows
+in token order, makes each sum a gather and a reduction over k:
+
+    sum_{r: index[r]=t} rows[r] = sum_j rows[order[t k + j]],    order = argsort(index, stable)
+
+which reads each row once and writes each token once, without atomics.  The terms are the
+same; the reduction adds them in another order and, in bf16, rounds once (in fp32) instead of
+after every add, so results equal Megatron's within float rounding.
+
+:func:`gathered` applies this to Megatron's dispatcher for the duration of one dispatch or
+combine: it wraps the dispatcher module's ``permute`` and ``unpermute`` (Megatron's, or the CPU
+backend's), which still choose the rows; anything but the dropless unpadded case runs them
+unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class _GatherRows(torch.autograd.Function):
+    """rows = x[index]; backward: each token's k row gradients gathered and summed."""
+
+    @staticmethod
+    def forward(ctx, x, index, k):
+        ctx.save_for_backward(index)
+        ctx.k = k
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (index,) = ctx.saved_tensors
+        return sum_by_token(grad_rows, index, ctx.k), None, None
+
+
+class _SumRows(torch.autograd.Function):
+    """y[t] = sum of token t's k rows; backward: dy gathered back to the rows."""
+
+    @staticmethod
+    def forward(ctx, rows, index, k):
+        ctx.save_for_backward(index)
+        return sum_by_token(rows, index, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def sum_by_token(rows: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    """[T, ...]: for each token t, the sum of the k rows r with index[r] == t."""
+    order = torch.argsort(index, stable=True)
+    return rows.index_select(0, order).view(-1, k, *rows.shape[1:]).sum(1)
+
+
+@contextlib.contextmanager
+def gathered(k: int | None):
+    """Within this context Megatron's dispatcher permutes and unpermutes by gathers, for
+    routing that gives every token exactly ``k`` rows (None: no change)."""
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    if k is None:
+        yield
+        return
+    permute, unpermute = td.permute, td.unpermute
+
+    def gather_permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False,
+                       drop_and_pad=False, **kwargs):
+        if (fused or drop_and_pad or kwargs.get("align_size", 0) or tokens.dim() != 2
+                or num_out_tokens != tokens.shape[0] * k):
+            return permute(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad,
+                           **kwargs)
+        # the rows' tokens as Megatron (or the CPU backend) picks them, on a zero-width view
+        _, permuted_probs, index, pad, counts = permute(
+            tokens.detach()[:, :0], routing_map, probs, num_out_tokens, fused, drop_and_pad,
+            **kwargs)
+        return _GatherRows.apply(tokens, index, k), permuted_probs, index, pad, counts
+
+    def gather_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None,
+                         routing_map=None, fused=False, drop_and_pad=False, **kwargs):
+        if (probs is not None or fused or drop_and_pad or kwargs.get("pad_offsets") is not None
+                or permuted_tokens.dim() != 2
+                or permuted_tokens.shape[0] != restore_shape[0] * k):
+            return unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map,
+                             fused, drop_and_pad, **kwargs)
+        return _SumRows.apply(permuted_tokens, sorted_indices, k)
+
+    td.permute, td.unpermute = gather_permute, gather_unpermute
+    try:
+        yield
+    finally:
+        td.permute, td.unpermute = permute, unpermute
