@@ -317,6 +317,8 @@ def host_profile(args, work: Path) -> dict:
         return {"skipped": "benchmarks/ not found: run from a checkout of the repository"}
     options = ["--device", args.device, "--configs", "MoE(8/64)", "CoE-2(4/64)", "--profile"]
     options += ["--warmup", "0", "--steps", "1"] if args.toy else ["--full-size"]
+    if args.trace:
+        options += ["--trace", str(args.trace.resolve())]
     options += ["--set", *(["model.num_layers=2"] if args.toy else []),
                 f"train.global_batch_size={args.global_batch}",
                 f"train.micro_batch_size={args.micro_batches[0]}"]
@@ -431,6 +433,8 @@ def parse_args(argv):
                    "part d uses the first (default 32 8; 4 2 with --toy)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more overrides for part b's configs")
+    p.add_argument("--trace", type=Path, metavar="DIR", help="part d: also write each "
+                   "config's profiler trace to DIR/<config>.json.gz (Perfetto, chrome://tracing)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (run logs)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or (args.reference_steps or 1) < 1:
