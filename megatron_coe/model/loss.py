@@ -49,8 +49,8 @@ _compiled: dict[str, object] = {}
 
 def _kernel(name: str):
     if name not in _compiled:
-        _compiled[name] = torch.compile({"loss": _token_loss, "grad": _logits_grad}[name],
-                                        dynamic=False)
+        # torch.compile's default: specialised to the first shape, then one dynamic kernel
+        _compiled[name] = torch.compile({"loss": _token_loss, "grad": _logits_grad}[name])
     return _compiled[name]
 
 
