@@ -152,6 +152,7 @@ def profile_classes(prof, device: str, wall_s: float) -> dict:
 def run(args):
     """Every config in turn on this one rank: counts, step times, profile."""
     from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
     from megatron.core.transformer.moe import moe_logging
 
     from megatron_coe import parallel
@@ -235,7 +236,7 @@ def run(args):
             "parameters_tensors": sum(1 for _ in model.parameters()),
             # counted eagerly when on (megatron_coe/host_ops.py); profiled as compiled
             "swiglu_fusion": bool(model.config.bias_activation_fusion),
-            "loss_fusion": bool(getattr(model, "module", model).loss_fusion),
+            "loss_fusion": bool(unwrap_model(model).loss_fusion),
             "layers": config.model.num_layers, "micro_batches": micros,
             "tokens_per_step": t.global_batch_size * config.model.seq_length,
             "flops_per_token": train_flops_per_token(config),

@@ -6,8 +6,7 @@ Attention, experts and norms come from Megatron's local spec or its Transformer 
 as ``model.impl`` says (:func:`resolve_impl`): the local spec on CPU, and on CUDA Transformer
 Engine when it is importable (``auto``) or asked for by name.  ``model.swiglu_fusion`` turns on
 Megatron's fused SwiGLU kernels in either spec (:func:`resolve_swiglu_fusion`);
-``model.loss_fusion`` the compiled loss of loss.py, through GPTModel's one subclass there
-(:func:`resolve_loss_fusion`).
+``model.loss_fusion`` the compiled loss of loss.py, through GPTModel's one subclass there.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_coe import parallel
-from megatron_coe.config import (CoEConfig, Config, grouped_experts, loss_fusion,
-                                 loss_fusion_blocker, swiglu_fusion,
+from megatron_coe.config import (CoEConfig, Config, grouped_experts, swiglu_fusion,
                                  swiglu_fusion_blocker, te_only_overrides)
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.model.loss import CoEGPTModel
@@ -173,66 +171,36 @@ def resolve_swiglu_fusion(config: Config) -> tuple[bool, str]:
     if not fusion:
         return False, ("auto: off on CPU" if config.device != "cuda" else
                        f"auto: off with transformer_overrides.{swiglu_fusion_blocker(m)}")
-    error = fused_kernel_error("swiglu", "cuda", _DTYPES[config.precision])
+    error = fused_swiglu_error("cuda", _DTYPES[config.precision])
     if error is None:
         return True, "auto: device=cuda and torch.compile runs the fused kernels"
     return False, f"auto: torch.compile failed on this GPU ({error}); unfused SwiGLU"
 
 
-def resolve_loss_fusion(config: Config) -> tuple[bool, str]:
-    """(model.loss_fusion as this process runs it, and why): what the config says
-    (config.loss_fusion); auto on CUDA is then kept only if the compiled loss
-    (megatron_coe/model/loss.py) runs forward and backward on the device in the run's dtype,
-    tried once per process."""
-    fusion = loss_fusion(config)
-    if config.model.loss_fusion is not None:
-        return fusion, f"model.loss_fusion={str(fusion).lower()}"
-    if not fusion:
-        blocker = loss_fusion_blocker(config)
-        return False, ("auto: off on CPU" if config.device != "cuda" else f"auto: off with {blocker}")
-    error = fused_kernel_error("loss", "cuda", _DTYPES[config.precision])
-    if error is None:
-        return True, "auto: device=cuda and torch.compile runs the fused kernels"
-    return False, f"auto: torch.compile failed on this GPU ({error}); Megatron's loss"
+_FUSED_SWIGLU_ERRORS: dict[tuple[str, torch.dtype], str | None] = {}
 
 
-def _probe_swiglu(device, dtype):
-    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+def fused_swiglu_error(device_type: str, dtype: torch.dtype) -> str | None:
+    """None when Megatron's fused weighted SwiGLU runs forward and backward on this device type
+    in ``dtype``, else the error in one line; tried once per process, without touching the
+    random number generators' state."""
+    key = (device_type, dtype)
+    if key not in _FUSED_SWIGLU_ERRORS:
+        from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 
-    z = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
-    p = torch.rand(8, 1, device=device, requires_grad=True)
-    weighted_bias_swiglu_impl(z, None, p).float().sum().backward()
-
-
-def _probe_loss(device, dtype):
-    from megatron_coe.model.loss import fused_cross_entropy
-
-    z = torch.randn(4, 2, 16, device=device, dtype=dtype, requires_grad=True)
-    fused_cross_entropy(z, torch.randint(0, 16, (4, 2), device=device)).sum().backward()
-
-
-_PROBES = {"swiglu": _probe_swiglu, "loss": _probe_loss}
-_PROBE_ERRORS: dict[tuple[str, str, torch.dtype], str | None] = {}
-
-
-def fused_kernel_error(kernel: str, device_type: str, dtype: torch.dtype) -> str | None:
-    """None when the compiled ``kernel`` ("swiglu": Megatron's fused weighted SwiGLU; "loss":
-    model/loss.py's cross entropy) runs forward and backward on this device type in ``dtype``,
-    else the error in one line; tried once per process, without touching the random number
-    generators' state."""
-    key = (kernel, device_type, dtype)
-    if key not in _PROBE_ERRORS:
         error = None
         try:
             device = (torch.device("cuda", torch.cuda.current_device())
                       if device_type == "cuda" else torch.device(device_type))
             with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
-                _PROBES[kernel](device, dtype)
+                z = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
+                p = torch.rand(8, 1, device=device, requires_grad=True)
+                weighted_bias_swiglu_impl(z, None, p).float().sum().backward()
         except Exception as e:  # no usable device, or torch.compile's wrapped backend error
             lines = str(e).strip().splitlines()
             error = f"{type(e).__name__}: {lines[0] if lines else ''}"
-        _PROBE_ERRORS[key] = error
-    return _PROBE_ERRORS[key]
+        _FUSED_SWIGLU_ERRORS[key] = error
+    return _FUSED_SWIGLU_ERRORS[key]
 
 
 def with_resolved_impl(config: Config) -> Config:
@@ -241,23 +209,18 @@ def with_resolved_impl(config: Config) -> Config:
     import torch.distributed as dist
 
     impl, why = resolve_impl(config)
-    fusions = {"swiglu_fusion": resolve_swiglu_fusion(config),
-               "loss_fusion": resolve_loss_fusion(config)}
-    auto = [k for k in fusions if getattr(config.model, k) is None]
-    if dist.is_initialized() and auto:
+    fusion, fusion_why = resolve_swiglu_fusion(config)
+    if dist.is_initialized() and config.model.swiglu_fusion is None:
         # auto: every rank runs the same kernels, fused only where all of them can
-        on = torch.tensor([int(fusions[k][0]) for k in auto],
-                          device="cuda" if config.device == "cuda" else "cpu")
+        on = torch.tensor([int(fusion)], device="cuda" if config.device == "cuda" else "cpu")
         dist.all_reduce(on, op=dist.ReduceOp.MIN)
-        for k, agreed in zip(auto, on.tolist()):
-            if fusions[k][0] and not agreed:
-                fusions[k] = False, "auto: torch.compile failed on another rank"
+        if fusion and not on.item():
+            fusion, fusion_why = False, "auto: torch.compile failed on another rank"
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"model.impl: {impl} ({why})", flush=True)
-        for k, (fusion, fusion_why) in fusions.items():
-            print(f"model.{k}: {str(fusion).lower()} ({fusion_why})", flush=True)
-    return dataclasses.replace(config, model=dataclasses.replace(
-        config.model, impl=impl, **{k: v[0] for k, v in fusions.items()}))
+        print(f"model.swiglu_fusion: {str(fusion).lower()} ({fusion_why})", flush=True)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, impl=impl,
+                                                                 swiglu_fusion=fusion))
 
 
 def use_transformer_engine(config: Config) -> bool:
@@ -296,7 +259,7 @@ def build_model(config: Config) -> GPTModel:
     tf_config = transformer_config(config)
     install_tracker()
     model = CoEGPTModel(
-        loss_fusion=resolve_loss_fusion(config)[0],
+        loss_fusion=config.model.loss_fusion,
         config=tf_config,
         transformer_layer_spec=coe_block_spec(tf_config, _coe(config, te), te,
                                               config.parallel.overlap_expert_comm,

@@ -1,7 +1,8 @@
 """model.loss_fusion: the language-model loss as two compiled kernels (on CPU inductor's C++
 kernels) equals Megatron's vocabulary-parallel cross entropy, loss and logits gradient, within
 float rounding, for fp32 and bf16 logits and for targets outside the vocabulary; the gradient
-comes back in the logits' dtype; a model built with it trains to the same losses."""
+comes back in the logits' dtype; a model built with it gives Megatron's loss and gradients; it
+is off unless asked for and refused where it cannot run."""
 
 import pytest
 import torch
@@ -75,34 +76,17 @@ def test_a_model_with_the_fused_loss_gives_megatrons_loss_and_gradients(one_rank
         assert torch.allclose(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7), name
 
 
-def test_loss_fusion_resolves_and_refuses_by_name(monkeypatch):
-    from megatron_coe.config import load_config, loss_fusion
+def test_loss_fusion_is_opt_in_and_refused_where_it_cannot_run():
     from megatron_coe.checkpoint import model_definition
-    from megatron_coe.model import build
+    from megatron_coe.config import load_config
 
-    def config(*overrides):
-        return load_config(None, ["device=cuda", *overrides])
-
-    assert loss_fusion(load_config(None, ["device=cpu"])) is False  # auto: off on CPU
-    assert loss_fusion(config()) is True
-    assert loss_fusion(config("parallel.tensor=2")) is False
-    megatron = "model.transformer_overrides={cross_entropy_loss_fusion: true}"
-    assert loss_fusion(config(megatron)) is False
-    with pytest.raises(ValueError, match="model.loss_fusion=true cannot run with "
-                                         "parallel.tensor=2"):
-        config("parallel.tensor=2", "model.loss_fusion=true")
-    with pytest.raises(ValueError, match="cross_entropy_loss_fusion"):
-        config(megatron, "model.loss_fusion=true")
-    # auto on CUDA keeps it only where torch.compile ran it (tried once, remembered)
-    monkeypatch.setitem(build._PROBE_ERRORS, ("loss", "cuda", torch.float32),
-                        "BackendCompilerFailed: no Triton")
-    assert build.resolve_loss_fusion(config()) == (
-        False, "auto: torch.compile failed on this GPU (BackendCompilerFailed: no Triton); "
-        "Megatron's loss")
-    monkeypatch.setitem(build._PROBE_ERRORS, ("loss", "cuda", torch.float32), None)
-    assert build.resolve_loss_fusion(config()) == (
-        True, "auto: device=cuda and torch.compile runs the fused kernels")
-    assert build.fused_kernel_error("loss", "cpu", torch.float32) is None
+    assert load_config(None, ["device=cuda"]).model.loss_fusion is False
+    with pytest.raises(ValueError, match="model.loss_fusion=true needs the whole vocabulary on "
+                                         "each rank; parallel.tensor=2 splits it"):
+        load_config(None, ["parallel.tensor=2", "model.loss_fusion=true"])
+    with pytest.raises(ValueError, match="two fused losses: keep one"):
+        load_config(None, ["model.loss_fusion=true",
+                           "model.transformer_overrides={cross_entropy_loss_fusion: true}"])
     # a kernel choice, not the model: checkpoints load either way
-    assert model_definition(config("model.loss_fusion=true")) == model_definition(
-        config("model.loss_fusion=false"))
+    assert model_definition(load_config(None, ["model.loss_fusion=true"])) == model_definition(
+        load_config(None, ["model.loss_fusion=false"]))

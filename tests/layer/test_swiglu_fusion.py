@@ -107,13 +107,13 @@ def test_swiglu_fusion_resolves_and_refuses_by_name(monkeypatch):
     with pytest.raises(ValueError, match="contradicts model.transformer_overrides"):
         _config(False, **megatron)
     # auto on CUDA keeps the fusion only where torch.compile ran it (tried once, remembered)
-    monkeypatch.setitem(build._PROBE_ERRORS, ("swiglu", "cuda", torch.float32),
+    monkeypatch.setitem(build._FUSED_SWIGLU_ERRORS, ("cuda", torch.float32),
                         "BackendCompilerFailed: no Triton")
     assert build.resolve_swiglu_fusion(_config(None, device="cuda")) == (
         False, "auto: torch.compile failed on this GPU (BackendCompilerFailed: no Triton); "
         "unfused SwiGLU")
-    monkeypatch.setitem(build._PROBE_ERRORS, ("swiglu", "cuda", torch.float32), None)
+    monkeypatch.setitem(build._FUSED_SWIGLU_ERRORS, ("cuda", torch.float32), None)
     assert build.resolve_swiglu_fusion(_config(None, device="cuda"))[0] is True
-    assert build.fused_kernel_error("swiglu", "cpu", torch.float32) is None  # inductor's C++ kernels
+    assert build.fused_swiglu_error("cpu", torch.float32) is None  # inductor's C++ kernels
     # a kernel choice, not the model: checkpoints load either way
     assert model_definition(_config(True)) == model_definition(_config(False))
