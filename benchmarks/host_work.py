@@ -59,6 +59,8 @@ CLASSES = [
                           r"transpose|unsqueeze|squeeze|detach|alias|empty|empty_strided|"
                           r"permute|split|unbind|chunk|narrow|lift_fresh)$"),
     ("communication", r"nccl|all_to_all|allreduce|all_reduce|c10d|gloo"),
+    # torch.compile's generated kernels (the fused SwiGLU), named after the ops they fuse
+    ("compiled (Triton)", r"^triton_"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*(fprop|bprop|dgrad)|_efficient_attention"),
     ("GEMM", r"gemm|cutlass|xmma|cublas|nvjet|matmul|grouped_mm|\bmm\b|aten::mm|aten::bmm"
