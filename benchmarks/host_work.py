@@ -226,7 +226,10 @@ def run(args):
                 prof.export_chrome_trace(str(trace))
                 with open(trace, "rb") as f, gzip.open(traces / f"{path.stem}.json.gz", "wb") as g:
                     shutil.copyfileobj(f, g)
+                trace.unlink()
                 profile["trace"] = str(traces / f"{path.stem}.json.gz")
+            # shapes and Python stacks cost host time: busy_fraction is lower with --trace
+            profile["with_stack"] = bool(args.trace)
         # counted last: under the counting dispatch mode TorchDynamo runs compiled functions
         # eagerly (megatron_coe/host_ops.py), which must not reach the timed or profiled steps
         _, regions = step(warm + args.steps + (PROFILED_STEPS if args.profile else 0),

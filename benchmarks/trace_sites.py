@@ -9,7 +9,8 @@ Python stacks) is matched, through its correlation id, to the runtime call that 
 that call to the spans open around it on its thread: the ATen ops and the Python frames.  The
 site is the innermost frame in this project or Megatron-Core (``--frames``).  Kernels launched
 by autograd's backward thread, where no such frame is open, take the site of the forward op
-with the same sequence number (the op whose backward they are).  Per site and phase (forward,
+with the same sequence number (the op whose backward they are: of the ops recording that
+number, the last to start).  Per site and phase (forward,
 backward, optimizer) it reports the kernels' time per step (over ``--steps`` profiled steps),
 their number, and the split by kernel class (benchmarks/host_work.py's classes) and ATen op.
 Nothing here passes or fails; it reads a trace and prints.
@@ -41,7 +42,9 @@ class Spans:
     """The CPU ops and Python frames of one thread, to find those open at a time."""
 
     def __init__(self, events: list[dict]):
-        self.spans = sorted((e["ts"], e["ts"] + e.get("dur", 0), e) for e in events)
+        # by start, and of spans starting together the longer (outer) one first
+        self.spans = sorted(((e["ts"], e["ts"] + e.get("dur", 0), e) for e in events),
+                            key=lambda s: (s[0], -s[1]))
         self.starts = [s[0] for s in self.spans]
         self.longest = max((s[1] - s[0] for s in self.spans), default=0)
 
@@ -68,13 +71,17 @@ def attribute(events: list[dict], frames: str = DEFAULT_FRAMES) -> list[dict]:
         elif cat in KERNEL_CATEGORIES:
             kernels.append(e)
     threads = {tid: Spans(evts) for tid, evts in by_thread.items()}
-    forward_ops = {}  # autograd sequence number -> (thread, start) of the forward op
+    # autograd sequence number -> (thread, start) of the forward op that made the node: ops
+    # record the counter's current value and the one that makes a node moves it on, so of the
+    # ops carrying a number the last to start is that op (or one nested in it)
+    forward_ops = {}
     for tid, evts in by_thread.items():
         for e in evts:
             seq = e.get("args", {}).get("Sequence number")
             if (e.get("cat") == "cpu_op" and seq is not None
-                    and not e["name"].startswith("autograd::") and "Backward" not in e["name"]):
-                forward_ops.setdefault(seq, (tid, e["ts"]))
+                    and not e["name"].startswith("autograd::") and "Backward" not in e["name"]
+                    and (seq not in forward_ops or e["ts"] > forward_ops[seq][1])):
+                forward_ops[seq] = (tid, e["ts"])
 
     def project_frames(tid, ts):
         spans = threads[tid].open_at(ts) if tid in threads else []

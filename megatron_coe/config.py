@@ -224,7 +224,7 @@ class ModelConfig:
     # read once in their dtype, logsumexp kept per token, the gradient written once, instead of
     # Megatron's fp32 steps over [tokens, vocabulary].  Keeps 1 GiB less at the paper configs'
     # 16k tokens x 32k vocabulary; on one H100 with torch 2.11 (2026-11-27) the kernels
-    # torch.compile generates made the MoE(8/64) step 17 ms slower (docs/performance.md), so it
+    # torch.compile generates made the MoE(8/64) step 16 ms slower (docs/performance.md), so it
     # is off unless asked for.  Unsplit vocabulary only (parallel.tensor 1).
     loss_fusion: bool = False
 

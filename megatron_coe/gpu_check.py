@@ -494,7 +494,10 @@ def main(argv=None) -> int:
           f"{result['megatron_core']}, Transformer Engine {result['transformer_engine']}",
           flush=True)
     work = Path(tempfile.mkdtemp(prefix="coe-gpu-check-"))
+    progress = {}  # part (b)'s results so far, kept if the part then fails
+
     def paper_so_far(paper):
+        progress["paper"] = paper
         save({**result, "paper": paper}, args, out, began, parts, complete=False)
 
     parts = {"a": ("reference", check_reference),
@@ -507,7 +510,8 @@ def main(argv=None) -> int:
                 result[key] = measure(args, work)
             except Exception as e:  # a part that fails leaves the others' results intact
                 # the message's end holds the cause (a benchmark's own traceback, say)
-                result[key] = {"error": one_line(e), "detail": str(e)[-3000:]}
+                result[key] = {**progress.get(key, {}), "error": one_line(e),
+                               "detail": str(e)[-3000:]}
                 print(f"({part}) failed: {result[key]['detail']}", flush=True)
                 save(result, args, out, began, parts, complete=False)
                 continue

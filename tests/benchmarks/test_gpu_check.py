@@ -45,7 +45,8 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
         assert b["micro_batch_size"] == int(m) and set(b["variants"]) == NAMES
         for name, v in b["variants"].items():
             assert v["model_impl"] == "local" and v["mfu"] is None  # no peak known for a CPU
-            assert v["swiglu_fusion"] is False and v["loss_fusion"] is False  # auto: off on CPU
+            # swiglu auto: off on CPU; the loss fusion is off unless asked for
+            assert v["swiglu_fusion"] is False and v["loss_fusion"] is False
             assert v["tokens_per_s"] > 0 and v["tflops"] > 0 and v["peak_mem_gib"] > 0, name
             assert len(v["step_s"]) == 1 and len(v["losses"]) == 1
             assert v["tokens_per_step"] == 4 * 64
@@ -185,3 +186,43 @@ def test_gpu_check_keeps_the_other_parts_when_one_fails(tmp_path, monkeypatch):
     assert res["layer"] == {"pairs": []} and res["passed"] is False
     assert res["host"]["error"] == "RuntimeError: benchmarks/host_work.py failed (1):"
     assert res["host"]["detail"].endswith("CUDA out of memory")  # the cause, kept
+
+
+def test_gpu_check_writes_as_it_goes_and_keeps_part_b_up_to_a_failure(tmp_path, monkeypatch):
+    """The JSON is on disk (complete: false) while configs still run; a failure that ends part
+    (b) early keeps the configs already measured next to the error."""
+    from megatron_coe import gpu_check as check
+
+    out = tmp_path / "check.json"
+    seen = []
+
+    def train_run(config, log):
+        if out.exists():
+            seen.append(json.loads(out.read_text()))
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # not a config's failure: ends the part
+        step = {"kind": "train", "loss": 1.0, "tokens_per_s": 100.0, "tflops_per_device": 1.0,
+                "mfu": None, "mem_gib": 1.0}
+        return [{**step, "step": 1}, {**step, "step": 2}]
+
+    def measure_setting(args, work, micro_batch, progress):
+        try:
+            return real(args, work, micro_batch, progress)
+        except KeyboardInterrupt:
+            raise RuntimeError("interrupted") from None
+
+    real = check.measure_setting
+    monkeypatch.setattr(check, "train_run", train_run)
+    monkeypatch.setattr(check, "measure_setting", measure_setting)
+    monkeypatch.setattr(check, "written_choices",
+                        lambda run_dir: {"model_impl": "local", "swiglu_fusion": False,
+                                         "loss_fusion": False})
+    assert check.main(["--device", "cpu", "--toy", "--parts", "b", "--warmup", "1",
+                       "--steps", "1", "--out", str(out)]) == 1
+    assert [s["complete"] for s in seen] == [False, False, False]
+    first_three = ["MoE(8/64)", "CoE-2(4/64)", "MoE(7/64)"]  # the 4th config was interrupted
+    assert list(seen[-1]["paper"]["by_micro_batch"]["4"]["variants"]) == first_three
+    res = json.loads(out.read_text())
+    assert res["complete"] is True and res["paper"]["error"] == "RuntimeError: interrupted"
+    kept = res["paper"]["by_micro_batch"]["4"]["variants"]
+    assert list(kept) == first_three and "error" not in kept["MoE(8/64)"]

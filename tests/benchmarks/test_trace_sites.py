@@ -27,7 +27,12 @@ def _trace():
         # forward, main thread: a project frame around an ATen op that launches a GEMM
         span("python_function", "torch/nn/modules/module.py(1): _call_impl", 1, 0, 120),
         span("python_function", "/x/megatron_coe/model/experts.py(42): forward", 1, 5, 100),
+        # an earlier op that recorded the same counter value without making a node
+        span("python_function", "/x/megatron_coe/data/batches.py(7): next_batch", 1, 1, 3),
+        span("cpu_op", "aten::to", 1, 2, 1, **{"Sequence number": 5}),
         span("cpu_op", "aten::mm", 1, 10, 10, **{"Sequence number": 5}),
+        # nested spans starting together: the outer one is the thread's outermost
+        span("cpu_op", "aten::t", 1, 10, 2, **{"Sequence number": 5}),
         launch(1, 12, 1), kernel("sm90_xmma_gemm_bf16", 30, 7.0, 1),
         # backward, autograd's thread: no project frame; its forward op has sequence number 5
         span("cpu_op", "autograd::engine::evaluate_function: MmBackward0", 2, 200, 100,
