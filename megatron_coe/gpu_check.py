@@ -20,7 +20,9 @@ source unless ``--data`` gives a jsonl file.  Parts (``--parts``, default all):
      micro-batch, as a user with one 80 GB GPU would run these models, and the paper's 8 x
      512); reported from its own metrics: median tokens/s, TFLOP/s and MFU over the timed
      steps, peak memory, and the CoE/MoE step-time ratios of the pairs that match expert
-     passes or parameters, all measured in this one run.
+     passes or parameters, all measured in this one run.  ``--compare KEY=VALUE ...`` also
+     runs every config at the first size with those overrides (an A/B of one setting, e.g.
+     ``model.swiglu_fusion=false``, in the same process).
   c  one layer: benchmarks/coe_layer.py's CoE/MoE pairs (EP = 1, hidden 1024, experts of hidden
      704, 4096 tokens, bf16; fp32 on CPU), run from the checkout.
   d  host work and profile: benchmarks/host_work.py on MoE(8/64) and CoE-2(4/64) at the paper's
@@ -188,7 +190,29 @@ def measure_paper(args, work: Path, progress=None) -> dict:
             if progress:
                 progress(paper)
         measure_setting(args, work / f"paper-mb{m}", m, done_so_far)
+    if args.compare:
+        m = args.micro_batches[0]
+        other = argparse.Namespace(**{**vars(args), "set": args.set + args.compare})
+
+        def compared_so_far(setting):
+            paper["compare"] = {"set": args.compare, **setting,
+                                "step_time_vs_default": step_time_ratios(
+                                    setting, paper["by_micro_batch"][str(m)])}
+            if progress:
+                progress(paper)
+        print(f"(b) mb {m:<3d} again with {' '.join(args.compare)}:", flush=True)
+        measure_setting(other, work / f"paper-mb{m}-compare", m, compared_so_far)
+        for name, r in paper["compare"]["step_time_vs_default"].items():
+            print(f"(b) mb {m:<3d} {name:12s} with {' '.join(args.compare)}: step time x{r:.3f}",
+                  flush=True)
     return paper
+
+
+def step_time_ratios(setting: dict, default: dict) -> dict:
+    """Per config measured in both: its median step time in ``setting`` over ``default``."""
+    a, b = setting["variants"], default["variants"]
+    return {name: a[name]["median_step_s"] / b[name]["median_step_s"] for name in a
+            if name in b and "error" not in a[name] and "error" not in b[name]}
 
 
 def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
@@ -433,6 +457,10 @@ def parse_args(argv):
                    "part d uses the first (default 32 8; 4 2 with --toy)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more overrides for part b's configs")
+    p.add_argument("--compare", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="part b: also run every config at the first micro-batch size with these "
+                   "overrides (e.g. model.swiglu_fusion=false) and report each config's step "
+                   "time against the default's (paper.compare)")
     p.add_argument("--trace", type=Path, metavar="DIR", help="part d: also write each "
                    "config's profiler trace to DIR/<config>.json.gz (Perfetto, chrome://tracing)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (run logs)")
@@ -445,10 +473,14 @@ def parse_args(argv):
         args.global_batch = 4 if args.toy else 32
     if args.global_batch < 1:
         p.error("--global-batch must be >= 1")
-    fixed = [kv for kv in args.set if kv.split("=", 1)[0] in ("train.micro_batch_size",
-                                                             "train.global_batch_size")]
-    if fixed:
-        p.error(f"--set {' '.join(fixed)}: use --micro-batches and --global-batch")
+    for option in ("set", "compare"):
+        fixed = [kv for kv in getattr(args, option) if kv.split("=", 1)[0] in (
+            "train.micro_batch_size", "train.global_batch_size")]
+        if fixed:
+            p.error(f"--{option} {' '.join(fixed)}: use --micro-batches and --global-batch")
+    bare = [kv for kv in args.compare if "=" not in kv]
+    if bare:
+        p.error(f"--compare {' '.join(bare)}: give KEY=VALUE")
     if args.micro_batches is None:
         args.micro_batches = [4, 2] if args.toy else [32, 8]
     bad = [m for m in args.micro_batches if m < 1 or args.global_batch % m]

@@ -226,3 +226,37 @@ def test_gpu_check_writes_as_it_goes_and_keeps_part_b_up_to_a_failure(tmp_path, 
     assert res["complete"] is True and res["paper"]["error"] == "RuntimeError: interrupted"
     kept = res["paper"]["by_micro_batch"]["4"]["variants"]
     assert list(kept) == first_three and "error" not in kept["MoE(8/64)"]
+
+
+def test_gpu_check_compares_a_setting_in_the_same_run(tmp_path, monkeypatch, capsys):
+    """--compare runs every config again at the first micro-batch size with the overrides and
+    reports each one's step time against the default run's; bad values are refused first."""
+    from megatron_coe import gpu_check as check
+
+    runs = []
+
+    def train_run(config, log):
+        per_expert = not config.model.moe.grouped_gemm
+        runs.append((config.train.micro_batch_size, per_expert))
+        tokens = 50.0 if per_expert else 100.0  # the compared setting runs at half the speed
+        step = {"kind": "train", "loss": 1.0, "tokens_per_s": tokens, "tflops_per_device": 1.0,
+                "mfu": None, "mem_gib": 1.0}
+        return [{**step, "step": 1}, {**step, "step": 2}]
+
+    monkeypatch.setattr(check, "train_run", train_run)
+    monkeypatch.setattr(check, "written_choices",
+                        lambda run_dir: {"model_impl": "local", "swiglu_fusion": False,
+                                         "loss_fusion": False})
+    out = tmp_path / "check.json"
+    assert check.main(["--device", "cpu", "--toy", "--parts", "b", "--warmup", "1", "--steps",
+                       "1", "--compare", "model.moe.grouped_gemm=false", "--out", str(out)]) == 0
+    assert runs == [(4, False)] * 5 + [(2, False)] * 5 + [(4, True)] * 5
+    compare = json.loads(out.read_text())["paper"]["compare"]
+    assert compare["set"] == ["model.moe.grouped_gemm=false"]
+    assert compare["micro_batch_size"] == 4 and set(compare["variants"]) == NAMES
+    assert compare["step_time_vs_default"] == {name: 2.0 for name in NAMES}
+    for bad in (["--compare", "model.swiglu_fusion"], ["--compare", "train.micro_batch_size=2"]):
+        with pytest.raises(SystemExit):
+            check.parse_args(bad)
+    err = capsys.readouterr().err
+    assert "give KEY=VALUE" in err and "use --micro-batches and --global-batch" in err
