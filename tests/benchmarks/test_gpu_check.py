@@ -22,6 +22,23 @@ def gpu_check(*args):
                                "OMP_NUM_THREADS": "1"})
 
 
+def fake_training(monkeypatch, check, before=lambda config: None,
+                  tokens_per_s=lambda config: 100.0):
+    """Part (b) without training: every run calls ``before(config)`` (which may record or
+    raise) and reports two steps at ``tokens_per_s(config)``; the written choices are the CPU's
+    defaults."""
+    def train_run(config, log):
+        before(config)
+        step = {"kind": "train", "loss": 1.0, "tokens_per_s": tokens_per_s(config),
+                "tflops_per_device": 1.0, "mfu": None, "mem_gib": 1.0}
+        return [{**step, "step": 1}, {**step, "step": 2}]
+
+    monkeypatch.setattr(check, "train_run", train_run)
+    monkeypatch.setattr(check, "written_choices",
+                        lambda run_dir: {"model_impl": "local", "swiglu_fusion": False,
+                                         "loss_fusion": False})
+
+
 def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
     out = tmp_path / "check.json"
     done = gpu_check("--warmup", "0", "--steps", "1", "--reference-steps", "4", "--out", str(out))
@@ -128,18 +145,12 @@ def test_gpu_check_records_a_config_out_of_memory_and_goes_on(tmp_path, monkeypa
 
     ran = []
 
-    def train_run(config, log):
+    def before(config):
         ran.append((config.train.micro_batch_size, Path(config.run_dir).name))
         if config.train.micro_batch_size == 4 and Path(config.run_dir).name == "coe-2-4of48":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        step = {"kind": "train", "loss": 1.0, "tokens_per_s": 100.0, "tflops_per_device": 1.0,
-                "mfu": None, "mem_gib": 1.0}
-        return [{**step, "step": 1}, {**step, "step": 2}]
 
-    monkeypatch.setattr(check, "train_run", train_run)
-    monkeypatch.setattr(check, "written_choices",
-                        lambda run_dir: {"model_impl": "local", "swiglu_fusion": False,
-                                         "loss_fusion": False})
+    fake_training(monkeypatch, check, before)
     out = tmp_path / "check.json"
     assert check.main(["--device", "cpu", "--toy", "--parts", "b", "--warmup", "1",
                        "--steps", "1", "--out", str(out)]) == 0
@@ -196,14 +207,11 @@ def test_gpu_check_writes_as_it_goes_and_keeps_part_b_up_to_a_failure(tmp_path, 
     out = tmp_path / "check.json"
     seen = []
 
-    def train_run(config, log):
+    def before(config):
         if out.exists():
             seen.append(json.loads(out.read_text()))
         if len(seen) == 3:
             raise KeyboardInterrupt  # not a config's failure: ends the part
-        step = {"kind": "train", "loss": 1.0, "tokens_per_s": 100.0, "tflops_per_device": 1.0,
-                "mfu": None, "mem_gib": 1.0}
-        return [{**step, "step": 1}, {**step, "step": 2}]
 
     def measure_setting(args, work, micro_batch, progress):
         try:
@@ -212,11 +220,8 @@ def test_gpu_check_writes_as_it_goes_and_keeps_part_b_up_to_a_failure(tmp_path, 
             raise RuntimeError("interrupted") from None
 
     real = check.measure_setting
-    monkeypatch.setattr(check, "train_run", train_run)
+    fake_training(monkeypatch, check, before)
     monkeypatch.setattr(check, "measure_setting", measure_setting)
-    monkeypatch.setattr(check, "written_choices",
-                        lambda run_dir: {"model_impl": "local", "swiglu_fusion": False,
-                                         "loss_fusion": False})
     assert check.main(["--device", "cpu", "--toy", "--parts", "b", "--warmup", "1",
                        "--steps", "1", "--out", str(out)]) == 1
     assert [s["complete"] for s in seen] == [False, False, False]
@@ -234,19 +239,12 @@ def test_gpu_check_compares_a_setting_in_the_same_run(tmp_path, monkeypatch, cap
     from megatron_coe import gpu_check as check
 
     runs = []
-
-    def train_run(config, log):
-        per_expert = not config.model.moe.grouped_gemm
-        runs.append((config.train.micro_batch_size, per_expert))
-        tokens = 50.0 if per_expert else 100.0  # the compared setting runs at half the speed
-        step = {"kind": "train", "loss": 1.0, "tokens_per_s": tokens, "tflops_per_device": 1.0,
-                "mfu": None, "mem_gib": 1.0}
-        return [{**step, "step": 1}, {**step, "step": 2}]
-
-    monkeypatch.setattr(check, "train_run", train_run)
-    monkeypatch.setattr(check, "written_choices",
-                        lambda run_dir: {"model_impl": "local", "swiglu_fusion": False,
-                                         "loss_fusion": False})
+    fake_training(
+        monkeypatch, check,
+        lambda config: runs.append((config.train.micro_batch_size,
+                                    not config.model.moe.grouped_gemm)),
+        # the compared setting (per-expert GEMMs) runs at half the speed
+        lambda config: 100.0 if config.model.moe.grouped_gemm else 50.0)
     out = tmp_path / "check.json"
     assert check.main(["--device", "cpu", "--toy", "--parts", "b", "--warmup", "1", "--steps",
                        "1", "--compare", "model.moe.grouped_gemm=false", "--out", str(out)]) == 0
