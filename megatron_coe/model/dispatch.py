@@ -334,15 +334,13 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         # that sort's split sizes), and the sort's two copies of every row, forward and
         # backward, are skipped.  Experts that need the counts on the host read them there
         # (SequentialMLP, TEGroupedMLP, LocalExperts: one read); GroupedExperts does not.
-        self.local_only = (self.ep_size == 1 and self.tp_size == 1 and not self.drop_and_pad
-                           and c.moe_expert_capacity_factor is None
-                           and not c.moe_router_padding_for_quantization)
+        dropless = (not self.drop_and_pad and c.moe_expert_capacity_factor is None
+                    and not c.moe_router_padding_for_quantization)
+        self.local_only = self.ep_size == 1 and self.tp_size == 1 and dropless
         # Dropless top-k without padding gives every token exactly k rows: then the local
         # permutation and its inverse run as gathers (model/permutation.py), not atomic adds
-        self.rows_per_token = (c.moe_router_topk if not self.drop_and_pad
-                               and c.moe_expert_capacity_factor is None
-                               and not c.moe_router_padding_for_quantization
-                               and not c.moe_permute_fusion else None)
+        self.rows_per_token = (c.moe_router_topk if dropless and not c.moe_permute_fusion
+                               else None)
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         with gathered(self.rows_per_token):
