@@ -242,6 +242,7 @@ def run(args):
             # counted eagerly when on (megatron_coe/host_ops.py); profiled as compiled
             "swiglu_fusion": bool(model.config.bias_activation_fusion),
             "loss_fusion": bool(unwrap_model(model).loss_fusion),
+            "fused_kernels": unwrap_model(model).fused_kernels,
             "layers": config.model.num_layers, "micro_batches": micros,
             "tokens_per_step": t.global_batch_size * config.model.seq_length,
             "flops_per_token": train_flops_per_token(config),

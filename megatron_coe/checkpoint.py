@@ -78,6 +78,7 @@ def model_definition(config: Config) -> dict:
     m.pop("impl")
     m.pop("swiglu_fusion")  # the same math as fused kernels or as separate ops
     m.pop("loss_fusion")  # likewise
+    m.pop("fused_kernels")  # which kernels compute that math
     if config.model.attention != "mla":
         m.pop("mla")
     if m["coe"] is not None and not m["coe"]["iteration_norm"]:

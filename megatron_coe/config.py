@@ -13,7 +13,9 @@ Naming: CoE-C(k/N) is ``model.coe.iterations = C``, ``model.moe.topk = k``,
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -227,6 +229,13 @@ class ModelConfig:
     # torch.compile generates made the MoE(8/64) step 16 ms slower (docs/performance.md), so it
     # is off unless asked for.  Unsplit vocabulary only (parallel.tensor 1).
     loss_fusion: bool = False
+    # How the fused kernels above are made: "compile" (torch.compile of the torch math, as
+    # Megatron's fused SwiGLU is) or "triton" (this package's hand-written Triton kernels,
+    # model/triton_cross_entropy.py and model/triton_swiglu.py: the loss, and the routed
+    # experts' weighted SwiGLU in the local spec's grouped experts; the shared expert and
+    # Transformer Engine's experts keep their own).  triton needs device=cuda; it is not yet
+    # measured on a GPU, so compile stays the default.
+    fused_kernels: str = "compile"
 
 
 @dataclass
@@ -597,6 +606,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _validate_transformer_overrides(m)
     _validate_swiglu_fusion(m)
     _validate_loss_fusion(config)
+    _validate_fused_kernels(config)
     _validate_parallel(config, world_size)
 
 
@@ -870,6 +880,20 @@ def _validate_loss_fusion(config: "Config") -> None:
         raise ValueError("model.loss_fusion=true and model.transformer_overrides."
                          "cross_entropy_loss_fusion (Megatron's own fused loss) are two fused "
                          "losses: keep one")
+
+
+def _validate_fused_kernels(config: "Config") -> None:
+    kernels = config.model.fused_kernels
+    if kernels not in ("compile", "triton"):
+        raise ValueError(f"model.fused_kernels={kernels!r}: use compile or triton")
+    if kernels == "compile":
+        return
+    if config.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"model.fused_kernels=triton runs Triton kernels on a GPU; "
+                         f"device={config.device}: use model.fused_kernels=compile")
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("model.fused_kernels=triton needs the triton package (it comes with "
+                         "torch's CUDA wheels): install it or use model.fused_kernels=compile")
 
 
 def _validate_swiglu_fusion(m: ModelConfig) -> None:

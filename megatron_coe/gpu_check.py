@@ -12,7 +12,8 @@ source unless ``--data`` gives a jsonl file.  Parts (``--parts``, default all):
      EP = 1, weights initialised on the CPU generator (as on CPU), trained with coe-train's loop;
      its loss at every logged step against the checked-in CPU reference
      (tests/training/reference_losses.json, "one_process"): pass when every |difference| <=
-     ``--tolerance`` (5e-3).  The exit status is 1 when it fails.
+     ``--tolerance`` (5e-3).  The exit status is 1 when it fails.  ``--reference-set
+     KEY=VALUE ...`` runs it with other kernels (model.fused_kernels=triton, ...).
   b  speed: the paper-scale configs MoE(8/64), CoE-2(4/64), MoE(7/64), CoE-2(3/64) and
      CoE-2(4/48) (configs/paper/) in bf16, each trained for ``--warmup`` + ``--steps`` steps by
      coe-train's loop on 32 x 512 tokens per step, without evaluation or final checkpoint,
@@ -141,15 +142,15 @@ def train_run(config, log: Path) -> list[dict]:
 
 
 def written_choices(run_dir: Path) -> dict:
-    """The layer implementation and the SwiGLU and loss fusions a run used, from the config.yaml
-    it wrote (resolved there from auto): {"model_impl", "swiglu_fusion", "loss_fusion"}, None
-    where absent."""
+    """The layer implementation, the SwiGLU and loss fusions and their kernels a run used, from
+    the config.yaml it wrote (resolved there from auto): {"model_impl", "swiglu_fusion",
+    "loss_fusion", "fused_kernels"}, None where absent."""
     import yaml
 
     path = Path(run_dir) / "config.yaml"
     model = yaml.safe_load(path.read_text())["model"] if path.exists() else {}
     return {"model_impl": model.get("impl"), "swiglu_fusion": model.get("swiglu_fusion"),
-            "loss_fusion": model.get("loss_fusion")}
+            "loss_fusion": model.get("loss_fusion"), "fused_kernels": model.get("fused_kernels")}
 
 
 def check_reference(args, work: Path) -> dict:
@@ -162,7 +163,7 @@ def check_reference(args, work: Path) -> dict:
     stop_at = min(steps, args.reference_steps or steps)
     run_dir = work / "reference"
     config = load_config(TINY, [*reference_overrides(args.device, steps, stop_at),
-                                f"run_dir={run_dir}"])
+                                *args.reference_set, f"run_dir={run_dir}"])
     records = train_run(config, work / "reference.log")
     got = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
     compared = {step: {"loss": got.get(step), "reference": loss,
@@ -173,6 +174,7 @@ def check_reference(args, work: Path) -> dict:
     worst = max(compared, key=lambda s: diffs[list(compared).index(s)])
     passed = bool(compared) and max(diffs) <= args.tolerance  # a NaN loss fails too
     return {"passed": passed, "tolerance": args.tolerance, "max_abs_diff": max(diffs),
+            "set": args.reference_set,
             "worst_step": worst, "steps": compared, **written_choices(run_dir),
             "reference_command": reference["command"],
             "valid_loss": {r["step"]: r["loss"] for r in records if r["kind"] == "valid"}}
@@ -272,7 +274,7 @@ def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
               + (f"{v['mfu'] * 100:5.2f} %" if v["mfu"] is not None else "  n/a  ")
               + f"  peak {v['peak_mem_gib']:.2f} GiB  step {v['median_step_s'] * 1e3:.0f} ms "
               f"({v['model_impl']}, SwiGLU fusion {v['swiglu_fusion']}, loss fusion "
-              f"{v['loss_fusion']})", flush=True)
+              f"{v['loss_fusion']}, kernels {v['fused_kernels']})", flush=True)
         progress(setting)
     for coe, moe in PAIRS:
         if "error" in variants[coe] or "error" in variants[moe]:
@@ -447,6 +449,10 @@ def parse_args(argv):
                    help="reference losses (JSON with a one_process.train_loss table)")
     p.add_argument("--reference-steps", type=int,
                    help="stop part a after this many of the reference's steps (default: all)")
+    p.add_argument("--reference-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="part a: overrides for the tiny run, e.g. model.fused_kernels=triton "
+                   "model.loss_fusion=true model.swiglu_fusion=true to check those kernels "
+                   "against the CPU reference")
     p.add_argument("--tolerance", type=float, default=5e-3)
     p.add_argument("--warmup", type=int, default=3, help="part b: untimed steps per config")
     p.add_argument("--steps", type=int, default=10, help="part b: timed steps per config")
@@ -478,9 +484,10 @@ def parse_args(argv):
             "train.micro_batch_size", "train.global_batch_size")]
         if fixed:
             p.error(f"--{option} {' '.join(fixed)}: use --micro-batches and --global-batch")
-    bare = [kv for kv in args.compare if "=" not in kv]
-    if bare:
-        p.error(f"--compare {' '.join(bare)}: give KEY=VALUE")
+    for option in ("compare", "reference_set"):
+        bare = [kv for kv in getattr(args, option) if "=" not in kv]
+        if bare:
+            p.error(f"--{option.replace('_', '-')} {' '.join(bare)}: give KEY=VALUE")
     if args.micro_batches is None:
         args.micro_batches = [4, 2] if args.toy else [32, 8]
     bad = [m for m in args.micro_batches if m < 1 or args.global_batch % m]

@@ -6,7 +6,9 @@ Attention, experts and norms come from Megatron's local spec or its Transformer 
 as ``model.impl`` says (:func:`resolve_impl`): the local spec on CPU, and on CUDA Transformer
 Engine when it is importable (``auto``) or asked for by name.  ``model.swiglu_fusion`` turns on
 Megatron's fused SwiGLU kernels in either spec (:func:`resolve_swiglu_fusion`);
-``model.loss_fusion`` the compiled loss of loss.py, through GPTModel's one subclass there.
+``model.loss_fusion`` the fused loss of loss.py, through GPTModel's one subclass there;
+``model.fused_kernels`` whether those fused kernels are torch.compile'd or this package's
+Triton kernels.
 """
 
 from __future__ import annotations
@@ -260,11 +262,13 @@ def build_model(config: Config) -> GPTModel:
     install_tracker()
     model = CoEGPTModel(
         loss_fusion=config.model.loss_fusion,
+        fused_kernels=config.model.fused_kernels,
         config=tf_config,
         transformer_layer_spec=coe_block_spec(tf_config, _coe(config, te), te,
                                               config.parallel.overlap_expert_comm,
                                               config.train.recompute == "experts",
-                                              expert_fp8_recipe=expert_fp8_recipe(config)),
+                                              expert_fp8_recipe=expert_fp8_recipe(config),
+                                              fused_kernels=config.model.fused_kernels),
         vocab_size=config.model.vocab_size,
         max_sequence_length=config.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -288,7 +292,8 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     coe = None if stock_megatron else (config.model.coe or CoEConfig(iterations=1))
     block = coe_block_spec(tf_config, coe, te, config.parallel.overlap_expert_comm,
                            config.train.recompute == "experts" and not stock_megatron,
-                           expert_fp8_recipe=None if stock_megatron else expert_fp8_recipe(config))
+                           expert_fp8_recipe=None if stock_megatron else expert_fp8_recipe(config),
+                           fused_kernels=config.model.fused_kernels)
     moe_index = next(i for i in range(config.model.num_layers) if i not in config.model.dense_layers)
     layer = block.layer_specs[moe_index].submodules.mlp(
         config=tf_config, pg_collection=None, is_mtp_layer=False

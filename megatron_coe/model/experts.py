@@ -54,17 +54,24 @@ def host_counts(tokens_per_expert) -> list[int]:
     return [int(n) for n in tokens_per_expert]
 
 
-def scaled_activation(config, z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+def scaled_activation(config, z: torch.Tensor, probs: torch.Tensor,
+                      fused_kernels: str = "compile") -> torch.Tensor:
     """A * p from Z = X W1^T, rows of any experts: A = act(Z[:, :F]) * (Z[:, F:] + offset)
     gated, act(Z) otherwise; each row scaled by its routing probability, in A's dtype.
 
-    With ``bias_activation_fusion`` (model.swiglu_fusion; SwiGLU, offset 0) this is Megatron's
-    fused weighted SwiGLU, as its SequentialMLP and TEGroupedMLP call it: one torch.compile'd
-    kernel computes silu(Z1) * Z2 * p in fp32 and rounds once to Z's dtype (the separate ops
-    round after each op below 32 bits), and backward computes dZ and dp from Z and p alone,
-    the only tensors it keeps."""
+    With ``bias_activation_fusion`` (model.swiglu_fusion; SwiGLU, offset 0) this is one fused
+    weighted SwiGLU kernel forward and one backward, which compute silu(Z1) * Z2 * p in fp32,
+    round once to Z's dtype (the separate ops round after each op below 32 bits) and keep only
+    Z and p for backward.  ``fused_kernels`` (model.fused_kernels) picks the kernel: "compile",
+    Megatron's torch.compile'd one, as its SequentialMLP and TEGroupedMLP call it; "triton",
+    the Triton kernels of triton_swiglu.py (Megatron's again where
+    ``activation_func_fp8_input_store`` keeps Z in FP8)."""
     c = config
     if c.bias_activation_fusion:
+        if fused_kernels == "triton" and not c.activation_func_fp8_input_store:
+            from megatron_coe.model.triton_swiglu import weighted_swiglu
+
+            return weighted_swiglu(z, probs)
         return weighted_bias_swiglu_impl(z, None, probs.unsqueeze(-1),
                                          c.activation_func_fp8_input_store)
     if c.gated_linear_unit:

@@ -74,8 +74,9 @@ Gradients are bit-identical (tests/layer/test_activation_recompute.py); backward
 activation's element-wise ops once more.
 
 Fused SwiGLU (``model.swiglu_fusion``, Megatron's ``bias_activation_fusion``; on by default on
-CUDA).  A * p is Megatron's fused weighted SwiGLU (experts.scaled_activation): one compiled
-kernel forward, one backward, which keeps Z and p only, so the activation's kept tensors shrink
+CUDA).  A * p is a fused weighted SwiGLU (experts.scaled_activation: Megatron's compiled one,
+or with ``model.fused_kernels: triton`` this package's Triton kernels): one kernel forward, one
+backward, which keeps Z and p only, so the activation's kept tensors shrink
 as under ``moe_act`` without recomputing anything:
 
     kept per row  (fused)   X (H) + Z (2F) + p + A * p (F)
@@ -220,10 +221,10 @@ class _RecomputedActivationLinear(torch.autograd.Function):
     gradients are bit-identical to the kept-activation path."""
 
     @staticmethod
-    def forward(ctx, z, probs, weight, offs, counts, config):
+    def forward(ctx, z, probs, weight, offs, counts, activation):
         ctx.save_for_backward(z, probs, weight)
-        ctx.offs, ctx.counts, ctx.config = offs, counts, config
-        return _linear_forward(scaled_activation(config, z, probs), weight, offs, counts)
+        ctx.offs, ctx.counts, ctx.activation = offs, counts, activation
+        return _linear_forward(activation(z, probs), weight, offs, counts)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -231,7 +232,7 @@ class _RecomputedActivationLinear(torch.autograd.Function):
         with torch.enable_grad():
             z_ = z.detach().requires_grad_(ctx.needs_input_grad[0])
             p_ = probs.detach().requires_grad_(ctx.needs_input_grad[1])
-            a = scaled_activation(ctx.config, z_, p_)
+            a = ctx.activation(z_, p_)
         grad_a, grad_w = _linear_backward(grad_out, a.detach(), weight, ctx.offs, ctx.counts,
                                           True, ctx.needs_input_grad[2])
         inputs = [t for t in (z_, p_) if t.requires_grad]
@@ -246,7 +247,8 @@ class GroupedExperts(MegatronModule):
     ``forward(rows, tokens_per_expert, probs) -> (output, None)``); see the module docstring."""
 
     def __init__(self, num_local_experts: int, config, submodules, pg_collection=None,
-                 name: str | None = None, fp8_recipe: str | None = None):
+                 name: str | None = None, fp8_recipe: str | None = None,
+                 fused_kernels: str = "compile"):
         if config.moe_ffn_hidden_size != config.ffn_hidden_size:
             # as SequentialMLP: Megatron's MLP sizes fc2's input by config.ffn_hidden_size
             config = deepcopy(config)
@@ -257,6 +259,8 @@ class GroupedExperts(MegatronModule):
         self.num_local_experts = num_local_experts
         # fp8.backend: torch: both linears' GEMMs in FP8 with this recipe (model/fp8.py)
         self.fp8_recipe = fp8_recipe
+        # model.fused_kernels: which fused SwiGLU kernel (experts.scaled_activation)
+        self.fused_kernels = fused_kernels
         # train.recompute: moe_act (Megatron's recompute_modules "moe_act"): keep Z and p only
         self.recompute_activation = (config.recompute_granularity == "selective"
                                      and "moe_act" in (config.recompute_modules or ()))
@@ -304,9 +308,9 @@ class GroupedExperts(MegatronModule):
         z = _GroupedLinear.apply(x, w1, offs, counts)
         probs = permuted_probs.reshape(-1)
         if self.recompute_activation:
-            y = _RecomputedActivationLinear.apply(z, probs, w2, offs, counts, self.config)
+            y = _RecomputedActivationLinear.apply(z, probs, w2, offs, counts, self._activation)
         else:
-            y = _GroupedLinear.apply(scaled_activation(self.config, z, probs), w2, offs, counts)
+            y = _GroupedLinear.apply(self._activation(z, probs), w2, offs, counts)
         return y.reshape(*shape[:-1], y.shape[-1]), None
 
     def _fp8_forward(self, x, tokens_per_expert, permuted_probs, shape):
@@ -318,9 +322,12 @@ class GroupedExperts(MegatronModule):
 
         counts = host_counts(tokens_per_expert)  # the FP8 kernels take host counts: read once
         z = fp8_grouped_linear(x, self.fc1_weight, counts, self.fp8_recipe)
-        a = scaled_activation(self.config, z, permuted_probs.reshape(-1))
+        a = self._activation(z, permuted_probs.reshape(-1))
         y = fp8_grouped_linear(a, self.fc2_weight, counts, self.fp8_recipe)
         return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _activation(self, z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return scaled_activation(self.config, z, probs, self.fused_kernels)
 
     def _grouped(self, x: torch.Tensor) -> bool:
         """grouped_mm for these operands, else the per-expert loop (see the docstring).  Every

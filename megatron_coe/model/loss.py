@@ -1,4 +1,4 @@
-"""The language-model loss as two compiled kernels (``model.loss_fusion``).
+"""The language-model loss as two fused kernels (``model.loss_fusion``).
 
 For logits z (one row of V vocabulary scores per token) and target t, the token's loss is
 
@@ -13,9 +13,10 @@ Megatron's vocabulary-parallel cross entropy computes this in steps that each wr
 gradient, its cast back): at the paper's 16,384 tokens x 32,768 vocabulary that is 2 GiB per
 step, about ten times over.  Here the forward is one reduction that reads the logits once (in
 their own dtype, math in fp32) and keeps only logsumexp(z) per token; the backward recomputes
-the softmax from the logits and writes the gradient once, in the logits' dtype.  Both are
-``torch.compile``'d (Triton on CUDA).  The result equals Megatron's within fp32 rounding (the
-sums are taken in another order).
+the softmax from the logits and writes the gradient once, in the logits' dtype.  ``model.fused_kernels`` says how the two kernels are
+made: ``compile`` (the default) ``torch.compile``s the torch functions below (Triton on CUDA,
+generated); ``triton`` runs the hand-written Triton kernels of triton_cross_entropy.py (CUDA).
+Either equals Megatron's within fp32 rounding (the sums are taken in another order).
 
 Only for an unsplit vocabulary (tensor parallel size 1); Megatron's own runs otherwise.  A target
 outside [0, V) picks m (no gradient through it), as Megatron's masking gives with one partition.
@@ -47,7 +48,12 @@ def _logits_grad(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
 _compiled: dict[str, object] = {}
 
 
-def _kernel(name: str):
+def _kernel(name: str, impl: str):
+    if impl == "triton":
+        from megatron_coe.model import triton_cross_entropy
+
+        return {"loss": triton_cross_entropy.token_loss,
+                "grad": triton_cross_entropy.logits_grad}[name]
     if name not in _compiled:
         # torch.compile's default: specialised to the first shape, then one dynamic kernel
         _compiled[name] = torch.compile({"loss": _token_loss, "grad": _logits_grad}[name])
@@ -56,35 +62,41 @@ def _kernel(name: str):
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target):
-        loss, lse = _kernel("loss")(logits, target)
+    def forward(ctx, logits, target, impl):
+        loss, lse = _kernel("loss", impl)(logits, target)
         ctx.save_for_backward(logits, target, lse)
+        ctx.impl = impl
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         logits, target, lse = ctx.saved_tensors
-        return _kernel("grad")(logits, target, lse, grad.contiguous()), None
+        return _kernel("grad", ctx.impl)(logits, target, lse, grad.contiguous()), None, None
 
 
-def fused_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def fused_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                        impl: str = "compile") -> torch.Tensor:
     """Per-token loss (fp32, target's shape) of ``logits`` [..., V] (any float dtype) against
-    ``target`` [...]; the gradient comes back in the logits' dtype."""
-    return _FusedCrossEntropy.apply(logits, target)
+    ``target`` [...]; the gradient comes back in the logits' dtype.  ``impl``: model.fused_kernels."""
+    return _FusedCrossEntropy.apply(logits, target, impl)
 
 
 class CoEGPTModel(GPTModel):
     """Megatron's GPTModel whose language-model loss is :func:`fused_cross_entropy` when
-    ``loss_fusion`` is set (tensor parallel size 1); otherwise Megatron's own."""
+    ``loss_fusion`` is set (tensor parallel size 1), made as ``fused_kernels`` says; otherwise
+    Megatron's own."""
 
-    def __init__(self, *args, loss_fusion: bool = False, **kwargs):
+    def __init__(self, *args, loss_fusion: bool = False, fused_kernels: str = "compile",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_fusion = loss_fusion
+        self.fused_kernels = fused_kernels
 
     def compute_language_model_loss(self, labels: torch.Tensor,
                                     logits: torch.Tensor) -> torch.Tensor:
         if not self.loss_fusion:
             return super().compute_language_model_loss(labels, logits)
         # logits [s, b, V], labels [b, s] -> loss [b, s], as Megatron's
-        return fused_cross_entropy(logits, labels.transpose(0, 1).contiguous()).transpose(
+        return fused_cross_entropy(logits, labels.transpose(0, 1).contiguous(),
+                                   self.fused_kernels).transpose(
             0, 1).contiguous()

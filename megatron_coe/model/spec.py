@@ -37,7 +37,8 @@ from megatron_coe.model.transformer_layer import CoETransformerLayer
 
 def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_engine: bool,
                    overlap: bool = False, recompute_experts: bool = False,
-                   fused_attention: bool = True, expert_fp8_recipe: str | None = None):
+                   fused_attention: bool = True, expert_fp8_recipe: str | None = None,
+                   fused_kernels: str = "compile"):
     """Decoder block spec for ``transformer_config``; MoE layers become CoE layers when
     ``coe`` is given (C = 1 included: then it equals Megatron's MoE layer).  ``overlap``
     selects the overlapped expert-parallel schedule (``parallel.overlap_expert_comm``);
@@ -46,7 +47,8 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
     it applies (not with context parallelism, which keeps its own) unless ``fused_attention``
     is False: on CPU too, where torch's kernels measured faster than the unfused attention
     and a run's losses equal the unfused ones within float rounding (docs/performance.md).
-    ``expert_fp8_recipe`` (fp8.backend: torch) runs the grouped experts' GEMMs in FP8."""
+    ``expert_fp8_recipe`` (fp8.backend: torch) runs the grouped experts' GEMMs in FP8;
+    ``fused_kernels`` (model.fused_kernels) picks their fused SwiGLU's kernel."""
     block = get_gpt_decoder_block_spec(
         transformer_config,
         use_transformer_engine=use_transformer_engine,
@@ -78,6 +80,8 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
                 if extra and local is not GroupedExperts:
                     raise ValueError("fp8.backend=torch runs the grouped experts' GEMMs in FP8: "
                                      "set model.moe.grouped_gemm=true (or leave it null)")
+                if local is GroupedExperts and fused_kernels != "compile":
+                    extra["fused_kernels"] = fused_kernels
                 keywords["submodules"] = dataclasses.replace(
                     keywords["submodules"],
                     experts=functools.partial(local, *experts.args, **experts.keywords, **extra))

@@ -36,7 +36,7 @@ def fake_training(monkeypatch, check, before=lambda config: None,
     monkeypatch.setattr(check, "train_run", train_run)
     monkeypatch.setattr(check, "written_choices",
                         lambda run_dir: {"model_impl": "local", "swiglu_fusion": False,
-                                         "loss_fusion": False})
+                                         "loss_fusion": False, "fused_kernels": "compile"})
 
 
 def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
@@ -64,6 +64,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
             assert v["model_impl"] == "local" and v["mfu"] is None  # no peak known for a CPU
             # swiglu auto: off on CPU; the loss fusion is off unless asked for
             assert v["swiglu_fusion"] is False and v["loss_fusion"] is False
+            assert v["fused_kernels"] == "compile"
             assert v["tokens_per_s"] > 0 and v["tflops"] > 0 and v["peak_mem_gib"] > 0, name
             assert len(v["step_s"]) == 1 and len(v["losses"]) == 1
             assert v["tokens_per_step"] == 4 * 64
@@ -258,3 +259,26 @@ def test_gpu_check_compares_a_setting_in_the_same_run(tmp_path, monkeypatch, cap
             check.parse_args(bad)
     err = capsys.readouterr().err
     assert "give KEY=VALUE" in err and "use --micro-batches and --global-batch" in err
+
+
+def test_gpu_check_runs_part_a_with_other_kernels(tmp_path, monkeypatch, capsys):
+    """--reference-set reaches part (a)'s tiny run (and its JSON); bad values are refused."""
+    from megatron_coe import gpu_check as check
+
+    seen = []
+
+    def train_run(config, log):
+        seen.append(config.model)
+        return [{"kind": "train", "step": s, "loss": 5.0} for s in (1, 2)]
+
+    monkeypatch.setattr(check, "train_run", train_run)
+    out = tmp_path / "check.json"
+    check.main(["--device", "cpu", "--toy", "--parts", "a", "--reference-steps", "2",
+                "--reference-set", "model.loss_fusion=true", "model.swiglu_fusion=true",
+                "--out", str(out)])
+    assert len(seen) == 1 and seen[0].loss_fusion and seen[0].swiglu_fusion
+    assert json.loads(out.read_text())["reference"]["set"] == [
+        "model.loss_fusion=true", "model.swiglu_fusion=true"]
+    with pytest.raises(SystemExit):
+        check.parse_args(["--reference-set", "model.loss_fusion"])
+    assert "--reference-set model.loss_fusion: give KEY=VALUE" in capsys.readouterr().err

@@ -50,12 +50,13 @@ def test_fused_loss_equals_megatrons_cross_entropy(dtype, tol, one_rank_groups):
                           rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
 
 
-def _model_loss_and_grads(loss_fusion):
+def _model_loss_and_grads(loss_fusion, kernels="compile"):
     from megatron_coe.config import load_config
     from megatron_coe.model import build_model
 
     config = load_config(None, ["device=cpu", "precision=fp32", "model.num_layers=1",
-                                f"model.loss_fusion={str(loss_fusion).lower()}"])
+                                f"model.loss_fusion={str(loss_fusion).lower()}",
+                                f"model.fused_kernels={kernels}"])
     torch.manual_seed(0)
     model = build_model(config)
     assert model.loss_fusion is loss_fusion

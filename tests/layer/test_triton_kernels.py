@@ -1,0 +1,140 @@
+"""model.fused_kernels=triton: the hand-written Triton kernels, run on CPU through Triton's
+interpreter (TRITON_INTERPRET=1, the conftest's ``triton_interpreter``), equal what they replace
+within float rounding:
+
+- the loss (model/triton_cross_entropy.py): Megatron's vocabulary-parallel cross entropy and the
+  compiled kernels, loss and logits gradient, fp32 and bf16, for vocabularies of one and of
+  several blocks (not powers of two) and targets outside the vocabulary; a model built with it
+  gives Megatron's loss and gradients;
+- the routed experts' weighted SwiGLU (model/triton_swiglu.py): Megatron's fused weighted SwiGLU,
+  output and both gradients, for widths of one and of several column steps and row counts that
+  are not multiples of a block; a CoE layer with it equals one with Megatron's kernel, keeps the
+  same tensors for backward, and gives the same bits under moe_act recompute;
+- the config accepts it where it runs and refuses it on CPU by name.
+
+The interpreter checks the kernels' math and indexing, not their speed or Triton's GPU code
+generation: that is the GPU check's part (a), on a GPU."""
+
+import pytest
+import torch
+
+from layer_harness import fwd_bwd, layer_config, seeded_layers
+from test_loss_fusion import _megatron_loss, _model_loss_and_grads, one_rank_groups  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
+@pytest.mark.parametrize("vocab", [50, 5000], ids=["one-block", "two-blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_loss_equals_megatrons_cross_entropy(dtype, vocab, one_rank_groups):
+    from megatron_coe.model.loss import fused_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 3, vocab) * 4).to(dtype)
+    target = torch.randint(0, vocab, (5, 3))
+    target[0, 0], target[4, 2] = -1, vocab  # outside the vocabulary: predicted logit counts as 0
+    g = torch.rand(5, 3)
+    losses, grads = {}, {}
+    for name, fn in (("triton", lambda x, t: fused_cross_entropy(x, t, "triton")),
+                     ("compile", fused_cross_entropy), ("megatron", _megatron_loss)):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, target)
+        (loss * g).sum().backward()
+        losses[name], grads[name] = loss.float(), x.grad
+    assert losses["triton"].shape == target.shape and grads["triton"].dtype == dtype
+    for other in ("compile", "megatron"):
+        assert torch.allclose(losses["triton"], losses[other], rtol=1e-5, atol=1e-5), other
+    # one rounding to the dtype, as the compiled kernel's; Megatron's stays fp32 until cast
+    assert torch.allclose(grads["triton"].float(), grads["compile"].float(),
+                          rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+    assert torch.allclose(grads["triton"].float(), grads["megatron"].to(dtype).float(),
+                          rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+def test_a_model_with_the_triton_loss_gives_megatrons_loss_and_gradients(one_rank_groups):
+    fused, fused_grads = _model_loss_and_grads(True, "triton")
+    plain, plain_grads = _model_loss_and_grads(False)
+    assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == plain_grads.keys() and fused_grads
+    for name in plain_grads:
+        assert torch.allclose(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.parametrize("rows,width", [(37, 24), (5, 704), (3, 1408)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_triton_swiglu_equals_megatrons_fused_weighted_swiglu(rows, width, dtype, tol):
+    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+
+    from megatron_coe.model.triton_swiglu import weighted_swiglu
+
+    torch.manual_seed(0)
+    z = torch.randn(rows, 2 * width).to(dtype)
+    p = torch.rand(rows)
+    g = torch.randn(rows, width).to(dtype)
+    results = []
+    for fn in (weighted_swiglu, lambda z, p: weighted_bias_swiglu_impl(z, None, p.unsqueeze(-1))):
+        z_, p_ = z.clone().requires_grad_(), p.clone().requires_grad_()
+        y = fn(z_, p_)
+        y.backward(g)
+        results.append((y, z_.grad, p_.grad.reshape(-1)))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        scale = b.float().abs().max()
+        assert (a.float() - b.float()).abs().max() <= tol * scale
+
+
+def _config(kernels, recompute="none"):
+    return layer_config(recompute=recompute,
+                        model={"swiglu_fusion": True, "fused_kernels": kernels})
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_coe_layer_with_triton_swiglu_equals_the_compiled_one(dtype, tol):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from coe_layer import saved_activation_bytes
+
+    from megatron_coe.model import triton_swiglu
+
+    compiled, triton = seeded_layers(_config("compile"), _config("triton"), dtype=dtype)
+    assert triton.experts.fused_kernels == "triton"
+    x = torch.randn(40, 2, 32, dtype=dtype)
+    calls = []
+    apply = triton_swiglu.WeightedSwiGLU.apply
+    triton_swiglu.WeightedSwiGLU.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        got = fwd_bwd(triton, x)
+    finally:
+        triton_swiglu.WeightedSwiGLU.apply = apply
+    assert len(calls) == 2  # one per CoE iteration
+    for a, b in zip(got, fwd_bwd(compiled, x)):
+        assert a.dtype == b.dtype
+        scale = b.float().abs().max().clamp_min(1e-6)
+        assert ((a.float() - b.float()).abs().max() / scale) <= tol
+    assert saved_activation_bytes(triton, x) == saved_activation_bytes(compiled, x)
+
+
+def test_moe_act_on_the_triton_swiglu_gives_the_same_bits():
+    kept, recomputed = seeded_layers(_config("triton"), _config("triton", "moe_act"))
+    assert recomputed.experts.recompute_activation
+    x = torch.randn(40, 2, 32)
+    for a, b in zip(fwd_bwd(recomputed, x), fwd_bwd(kept, x)):
+        assert torch.equal(a, b)
+
+
+def test_fused_kernels_is_compile_unless_asked_and_triton_needs_a_gpu(monkeypatch):
+    from megatron_coe.checkpoint import model_definition
+    from megatron_coe.config import load_config
+
+    assert load_config(None, ["device=cuda"]).model.fused_kernels == "compile"
+    with pytest.raises(ValueError, match="model.fused_kernels='fast': use compile or triton"):
+        load_config(None, ["model.fused_kernels=fast"])
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="model.fused_kernels=triton runs Triton kernels on a "
+                                         "GPU; device=cpu: use model.fused_kernels=compile"):
+        load_config(None, ["device=cpu", "model.fused_kernels=triton"])
+    cuda = load_config(None, ["device=cuda", "model.fused_kernels=triton"])
+    # a kernel choice, not the model: checkpoints load either way
+    assert model_definition(cuda) == model_definition(load_config(None, ["device=cuda"]))
