@@ -231,10 +231,10 @@ class ModelConfig:
     loss_fusion: bool = False
     # How the fused kernels above are made: "compile" (torch.compile of the torch math, as
     # Megatron's fused SwiGLU is) or "triton" (this package's hand-written Triton kernels,
-    # model/triton_cross_entropy.py and model/triton_swiglu.py: the loss, and the routed
-    # experts' weighted SwiGLU in the local spec's grouped experts; the shared expert and
-    # Transformer Engine's experts keep their own).  triton needs device=cuda; it is not yet
-    # measured on a GPU, so compile stays the default.
+    # model/triton_cross_entropy.py and model/triton_swiglu.py: the loss, and the SwiGLU of
+    # the local spec's grouped experts and shared expert; Transformer Engine's layers keep
+    # their own).  triton needs device=cuda; it is not yet measured on a GPU, so compile stays
+    # the default.
     fused_kernels: str = "compile"
 
 

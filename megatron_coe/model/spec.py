@@ -32,6 +32,7 @@ from megatron_coe.model.experts import LocalExperts
 from megatron_coe.model.fused_attention import FusedDotProductAttention, fused_attention_applies
 from megatron_coe.model.grouped_experts import GroupedExperts
 from megatron_coe.model.layer import CoELayer
+from megatron_coe.model.shared_expert import SharedExpert
 from megatron_coe.model.transformer_layer import CoETransformerLayer
 
 
@@ -48,7 +49,9 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
     is False: on CPU too, where torch's kernels measured faster than the unfused attention
     and a run's losses equal the unfused ones within float rounding (docs/performance.md).
     ``expert_fp8_recipe`` (fp8.backend: torch) runs the grouped experts' GEMMs in FP8;
-    ``fused_kernels`` (model.fused_kernels) picks their fused SwiGLU's kernel."""
+    ``fused_kernels`` (model.fused_kernels) picks the fused SwiGLU's kernel of the grouped
+    experts and of the shared expert (:class:`~megatron_coe.model.shared_expert.SharedExpert`,
+    Megatron's SharedExpertMLP otherwise)."""
     block = get_gpt_decoder_block_spec(
         transformer_config,
         use_transformer_engine=use_transformer_engine,
@@ -85,6 +88,13 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
                 keywords["submodules"] = dataclasses.replace(
                     keywords["submodules"],
                     experts=functools.partial(local, *experts.args, **experts.keywords, **extra))
+                shared = keywords["submodules"].shared_experts
+                if fused_kernels != "compile" and isinstance(shared, functools.partial) and not (
+                        getattr(transformer_config, "use_grouped_gemm_for_shared_expert", False)):
+                    keywords["submodules"] = dataclasses.replace(
+                        keywords["submodules"], shared_experts=functools.partial(
+                            SharedExpert, *shared.args, **shared.keywords,
+                            fused_kernels=fused_kernels))
             coe_mlp = functools.partial(
                 CoELayer,
                 *mlp.args,

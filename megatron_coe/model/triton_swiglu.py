@@ -1,5 +1,6 @@
-"""The routed experts' weighted SwiGLU as two Triton kernels (``model.fused_kernels: triton``
-with ``model.swiglu_fusion``; experts.scaled_activation calls it).
+"""SwiGLU as two Triton kernels (``model.fused_kernels: triton`` with ``model.swiglu_fusion``):
+weighted for the routed experts (experts.scaled_activation), plain for the shared expert
+(shared_expert.py, p = 1 below, no dp).
 
 For fc1's output row z = [a | b] (2F values) and the row's routing probability p:
 
@@ -8,7 +9,7 @@ For fc1's output row z = [a | b] (2F values) and the row's routing probability p
                db = g * p * silu(a)
                dp = sum_f g * silu(a) * b
 
-This is Megatron's fused weighted SwiGLU (megatron/core/fusions/fused_bias_swiglu.py), math in
+This is Megatron's fused (weighted) SwiGLU (megatron/core/fusions/fused_bias_swiglu.py), math in
 fp32, rounded once to z's dtype, keeping only z and p for backward.  The forward is one program
 per tile of BLOCK_R rows x BLOCK_F columns; the backward one program per BLOCK_R rows, walking
 their columns in BLOCK_F steps, so dp's row sums need no atomics.  Each reads its inputs once
@@ -28,7 +29,8 @@ TILE = 4096  # elements per program step: BLOCK_R x BLOCK_F
 
 
 @triton.jit
-def _forward_kernel(z_ptr, p_ptr, out_ptr, R, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+def _forward_kernel(z_ptr, p_ptr, out_ptr, R, F, HAS_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_F: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     row_in = rows < R
@@ -36,18 +38,22 @@ def _forward_kernel(z_ptr, p_ptr, out_ptr, R, F, BLOCK_R: tl.constexpr, BLOCK_F:
     at = z_ptr + rows[:, None] * (2 * F) + cols[None, :]
     a = tl.load(at, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(at + F, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
-    y = a * tl.sigmoid(a) * b * p[:, None]
+    y = a * tl.sigmoid(a) * b
+    if HAS_P:
+        y = y * tl.load(p_ptr + rows, mask=row_in, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + rows[:, None] * F + cols[None, :], y.to(out_ptr.dtype.element_ty),
              mask=mask)
 
 
 @triton.jit
-def _backward_kernel(z_ptr, p_ptr, g_ptr, dz_ptr, dp_ptr, R, F, BLOCK_R: tl.constexpr,
-                     BLOCK_F: tl.constexpr):
+def _backward_kernel(z_ptr, p_ptr, g_ptr, dz_ptr, dp_ptr, R, F, HAS_P: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_in = rows < R
-    p = tl.load(p_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
+    if HAS_P:
+        p = tl.load(p_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
+    else:
+        p = tl.full([BLOCK_R], 1.0, tl.float32)
     dp = tl.zeros([BLOCK_R], tl.float32)
     dz_type = dz_ptr.dtype.element_ty
     for start in range(0, F, BLOCK_F):
@@ -64,8 +70,10 @@ def _backward_kernel(z_ptr, p_ptr, g_ptr, dz_ptr, dp_ptr, R, F, BLOCK_R: tl.cons
         da = gp * b * sig * (1.0 + a * (1.0 - sig))
         tl.store(dz_ptr + at, da.to(dz_type), mask=mask)
         tl.store(dz_ptr + at + F, (gp * silu).to(dz_type), mask=mask)
-        dp += tl.sum(g * silu * b, axis=1)
-    tl.store(dp_ptr + rows, dp.to(dp_ptr.dtype.element_ty), mask=row_in)
+        if HAS_P:
+            dp += tl.sum(g * silu * b, axis=1)
+    if HAS_P:
+        tl.store(dp_ptr + rows, dp.to(dp_ptr.dtype.element_ty), mask=row_in)
 
 
 def _blocks(F: int) -> tuple[int, int, int]:
@@ -79,13 +87,14 @@ def _blocks(F: int) -> tuple[int, int, int]:
     return TILE // block_f, block_f, 8
 
 
-class WeightedSwiGLU(torch.autograd.Function):
-    """silu(z[:, :F]) * z[:, F:] * p[:, None] for z [R, 2F] and p [R]; output in z's dtype,
-    dp in p's."""
+class SwiGLU(torch.autograd.Function):
+    """silu(z[:, :F]) * z[:, F:] (* p[:, None]) for z [R, 2F] and p [R] or None; output in z's
+    dtype, dp in p's."""
 
     @staticmethod
     def forward(ctx, z, p):
-        z, p = z.contiguous(), p.contiguous()
+        z = z.contiguous()
+        p = None if p is None else p.contiguous()
         R, F = z.shape[0], z.shape[1] // 2
         out = torch.empty((R, F), dtype=z.dtype, device=z.device)
         ctx.save_for_backward(z, p)
@@ -93,7 +102,8 @@ class WeightedSwiGLU(torch.autograd.Function):
             return out
         block_r, block_f, warps = _blocks(F)
         _forward_kernel[(triton.cdiv(R, block_r), triton.cdiv(F, block_f))](
-            z, p, out, R, F, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=warps)
+            z, z if p is None else p, out, R, F, HAS_P=p is not None, BLOCK_R=block_r,
+            BLOCK_F=block_f, num_warps=warps)
         return out
 
     @staticmethod
@@ -101,15 +111,21 @@ class WeightedSwiGLU(torch.autograd.Function):
         z, p = ctx.saved_tensors
         R, F = z.shape[0], z.shape[1] // 2
         dz = torch.empty_like(z)
-        dp = torch.empty_like(p)
+        dp = None if p is None else torch.empty_like(p)
         if R == 0:
             return dz, dp
         block_r, block_f, warps = _blocks(F)
         _backward_kernel[(triton.cdiv(R, block_r),)](
-            z, p, grad.contiguous(), dz, dp, R, F, BLOCK_R=block_r, BLOCK_F=block_f,
-            num_warps=warps)
+            z, z if p is None else p, grad.contiguous(), dz, z if dp is None else dp, R, F,
+            HAS_P=p is not None, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=warps)
         return dz, dp
 
 
 def weighted_swiglu(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    return WeightedSwiGLU.apply(z, p)
+    """silu(z[:, :F]) * z[:, F:] * p[:, None]: the routed experts' activation."""
+    return SwiGLU.apply(z, p)
+
+
+def swiglu(z: torch.Tensor) -> torch.Tensor:
+    """silu(z[..., :F]) * z[..., F:] over z's last dim: the shared expert's activation."""
+    return SwiGLU.apply(z.reshape(-1, z.shape[-1]), None).view(*z.shape[:-1], -1)

@@ -6,10 +6,11 @@ within float rounding:
   compiled kernels, loss and logits gradient, fp32 and bf16, for vocabularies of one and of
   several blocks (not powers of two) and targets outside the vocabulary; a model built with it
   gives Megatron's loss and gradients;
-- the routed experts' weighted SwiGLU (model/triton_swiglu.py): Megatron's fused weighted SwiGLU,
-  output and both gradients, for widths of one and of several column steps and row counts that
-  are not multiples of a block; a CoE layer with it equals one with Megatron's kernel, keeps the
-  same tensors for backward, and gives the same bits under moe_act recompute;
+- the experts' SwiGLU (model/triton_swiglu.py): Megatron's fused weighted SwiGLU (routed experts)
+  and fused SwiGLU (shared expert), output and gradients, for widths of one and of several
+  column steps and row counts that are not multiples of a block; a CoE layer with them (grouped
+  experts, model/shared_expert.py) equals one with Megatron's kernels, keeps the same tensors
+  for backward, and gives the same bits under moe_act recompute;
 - the config accepts it where it runs and refuses it on CPU by name.
 
 The interpreter checks the kernels' math and indexing, not their speed or Triton's GPU code
@@ -60,23 +61,28 @@ def test_a_model_with_the_triton_loss_gives_megatrons_loss_and_gradients(one_ran
         assert torch.allclose(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7), name
 
 
+@pytest.mark.parametrize("weighted", [True, False], ids=["routed", "shared"])
 @pytest.mark.parametrize("rows,width", [(37, 24), (5, 704), (3, 1408)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_triton_swiglu_equals_megatrons_fused_weighted_swiglu(rows, width, dtype, tol):
-    from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
+def test_triton_swiglu_equals_megatrons_fused_swiglu(rows, width, dtype, tol, weighted):
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl, weighted_bias_swiglu_impl
 
-    from megatron_coe.model.triton_swiglu import weighted_swiglu
+    from megatron_coe.model.triton_swiglu import swiglu, weighted_swiglu
 
     torch.manual_seed(0)
     z = torch.randn(rows, 2 * width).to(dtype)
     p = torch.rand(rows)
     g = torch.randn(rows, width).to(dtype)
+    if weighted:
+        fns = (weighted_swiglu, lambda z, p: weighted_bias_swiglu_impl(z, None, p.unsqueeze(-1)))
+    else:
+        fns = (lambda z, p: swiglu(z), lambda z, p: bias_swiglu_impl(z, None))
     results = []
-    for fn in (weighted_swiglu, lambda z, p: weighted_bias_swiglu_impl(z, None, p.unsqueeze(-1))):
-        z_, p_ = z.clone().requires_grad_(), p.clone().requires_grad_()
+    for fn in fns:
+        z_, p_ = z.clone().requires_grad_(), p.clone().requires_grad_(weighted)
         y = fn(z_, p_)
         y.backward(g)
-        results.append((y, z_.grad, p_.grad.reshape(-1)))
+        results.append((y, z_.grad, *([p_.grad.reshape(-1)] if weighted else [])))
     for a, b in zip(*results):
         assert a.dtype == b.dtype and a.shape == b.shape
         scale = b.float().abs().max()
@@ -98,17 +104,21 @@ def test_coe_layer_with_triton_swiglu_equals_the_compiled_one(dtype, tol):
 
     from megatron_coe.model import triton_swiglu
 
+    from megatron_coe.model.shared_expert import SharedExpert
+
     compiled, triton = seeded_layers(_config("compile"), _config("triton"), dtype=dtype)
     assert triton.experts.fused_kernels == "triton"
+    assert isinstance(triton.shared_experts, SharedExpert) and triton.shared_experts.triton_swiglu
+    assert type(compiled.shared_experts) is not SharedExpert
     x = torch.randn(40, 2, 32, dtype=dtype)
     calls = []
-    apply = triton_swiglu.WeightedSwiGLU.apply
-    triton_swiglu.WeightedSwiGLU.apply = lambda *a: calls.append(1) or apply(*a)
+    apply = triton_swiglu.SwiGLU.apply
+    triton_swiglu.SwiGLU.apply = lambda *a: calls.append(1) or apply(*a)
     try:
         got = fwd_bwd(triton, x)
     finally:
-        triton_swiglu.WeightedSwiGLU.apply = apply
-    assert len(calls) == 2  # one per CoE iteration
+        triton_swiglu.SwiGLU.apply = apply
+    assert len(calls) == 4  # routed and shared experts, in each CoE iteration
     for a, b in zip(got, fwd_bwd(compiled, x)):
         assert a.dtype == b.dtype
         scale = b.float().abs().max().clamp_min(1e-6)
