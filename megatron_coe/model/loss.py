@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from torch.autograd.function import once_differentiable
 
 
 def _token_loss(logits: torch.Tensor, target: torch.Tensor):
@@ -69,6 +70,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         logits, target, lse = ctx.saved_tensors
         return _kernel("grad", ctx.impl)(logits, target, lse, grad.contiguous()), None, None

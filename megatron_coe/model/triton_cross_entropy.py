@@ -6,9 +6,10 @@ For a row of logits z (V values) and its target t:
     forward:   lse = m + log sum_v exp(z_v - m),  m = max_v z_v;   loss = lse - z_t
     backward:  dz_v = g * (exp(z_v - lse) - [v == t])
 
-The forward is one pass over the row (one program per row): an online max and sum of
-exponentials, kept per lane of a BLOCK-wide vector and merged at the end, so the logits are read
-once in their own dtype (math in fp32) and only ``lse`` is kept for backward.  The backward is
+The forward is one pass over the row (one program per row): a running max over BLOCK-wide steps
+and a sum of exponentials per lane, rescaled when the max grows (one exponential per logit) and
+summed at the end, so the logits are read once in their own dtype (math in fp32) and only
+``lse`` is kept for backward.  The backward is
 one program per (row, BLOCK of the vocabulary): it reads the logits once and writes the gradient
 once, in the logits' dtype.  A target outside [0, V) picks m and has no one-hot term, as
 Megatron's vocabulary-parallel cross entropy gives with one partition (loss.py).
@@ -32,20 +33,19 @@ def _forward_kernel(logits_ptr, target_ptr, loss_ptr, lse_ptr, V, row_stride,
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride
     cols = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], -3.0e38, tl.float32)  # finite: no -inf - -inf in lanes not yet seen
-    s = tl.zeros([BLOCK], tl.float32)
+    m = tl.full((), -3.0e38, tl.float32)  # running max (finite: no inf - inf)
+    s = tl.zeros([BLOCK], tl.float32)  # per lane: sum of exp(z - m)
     for start in range(0, V, BLOCK):
-        inside = start + cols < V
-        z = tl.load(base + start + cols, mask=inside, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, z)
-        s = s * tl.exp(m - m_new) + tl.where(inside, tl.exp(z - m_new), 0.0)
+        z = tl.load(base + start + cols, mask=start + cols < V,
+                    other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, 0))
+        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)  # one exp per logit; masked lanes add 0
         m = m_new
-    row_max = tl.max(m, 0)
-    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), 0))
+    lse = m + tl.log(tl.sum(s, 0))
     t = tl.load(target_ptr + row)
     hit = (t >= 0) & (t < V)
     z_t = tl.load(base + tl.where(hit, t, 0)).to(tl.float32)
-    tl.store(loss_ptr + row, lse - tl.where(hit, z_t, row_max))
+    tl.store(loss_ptr + row, lse - tl.where(hit, z_t, m))
     tl.store(lse_ptr + row, lse)
 
 

@@ -12,8 +12,9 @@ For fc1's output row z = [a | b] (2F values) and the row's routing probability p
 This is Megatron's fused (weighted) SwiGLU (megatron/core/fusions/fused_bias_swiglu.py), math in
 fp32, rounded once to z's dtype, keeping only z and p for backward.  The forward is one program
 per tile of BLOCK_R rows x BLOCK_F columns; the backward one program per BLOCK_R rows, walking
-their columns in BLOCK_F steps, so dp's row sums need no atomics.  Each reads its inputs once
-and writes its outputs once.
+their columns in BLOCK_F steps, so that one program sums each row's dp (no atomics).  Each
+reads its inputs once and writes its outputs once.  Loads are 16-byte vectors where F is a
+multiple of 16 (Triton specialises on that; the paper configs' 704 is), scalar otherwise.
 
 Runs on CUDA; on CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` before this module
 is imported), which the tests use.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 TILE = 4096  # elements per program step: BLOCK_R x BLOCK_F
@@ -47,7 +49,7 @@ def _forward_kernel(z_ptr, p_ptr, out_ptr, R, F, HAS_P: tl.constexpr, BLOCK_R: t
 
 @triton.jit
 def _backward_kernel(z_ptr, p_ptr, g_ptr, dz_ptr, dp_ptr, R, F, HAS_P: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+                     WANT_DP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_in = rows < R
     if HAS_P:
@@ -70,9 +72,9 @@ def _backward_kernel(z_ptr, p_ptr, g_ptr, dz_ptr, dp_ptr, R, F, HAS_P: tl.conste
         da = gp * b * sig * (1.0 + a * (1.0 - sig))
         tl.store(dz_ptr + at, da.to(dz_type), mask=mask)
         tl.store(dz_ptr + at + F, (gp * silu).to(dz_type), mask=mask)
-        if HAS_P:
+        if WANT_DP:
             dp += tl.sum(g * silu * b, axis=1)
-    if HAS_P:
+    if WANT_DP:
         tl.store(dp_ptr + rows, dp.to(dp_ptr.dtype.element_ty), mask=row_in)
 
 
@@ -107,17 +109,19 @@ class SwiGLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         z, p = ctx.saved_tensors
         R, F = z.shape[0], z.shape[1] // 2
         dz = torch.empty_like(z)
-        dp = None if p is None else torch.empty_like(p)
+        dp = torch.empty_like(p) if p is not None and ctx.needs_input_grad[1] else None
         if R == 0:
             return dz, dp
         block_r, block_f, warps = _blocks(F)
         _backward_kernel[(triton.cdiv(R, block_r),)](
             z, z if p is None else p, grad.contiguous(), dz, z if dp is None else dp, R, F,
-            HAS_P=p is not None, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=warps)
+            HAS_P=p is not None, WANT_DP=dp is not None, BLOCK_R=block_r, BLOCK_F=block_f,
+            num_warps=warps)
         return dz, dp
 
 
@@ -128,4 +132,4 @@ def weighted_swiglu(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def swiglu(z: torch.Tensor) -> torch.Tensor:
     """silu(z[..., :F]) * z[..., F:] over z's last dim: the shared expert's activation."""
-    return SwiGLU.apply(z.reshape(-1, z.shape[-1]), None).view(*z.shape[:-1], -1)
+    return SwiGLU.apply(z.reshape(-1, z.shape[-1]), None).view(*z.shape[:-1], z.shape[-1] // 2)
