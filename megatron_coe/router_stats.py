@@ -2,35 +2,33 @@
 
 Megatron's routers record their aux losses with ``get_moe_metrics_tracker().record(name, ...)``
 into one slot per layer, so C routers of a CoE layer would sum into one number.  While a CoE
-layer runs iteration t it sets :func:`current_iteration`; :class:`CoEMetricsTracker` then files
+layer runs iteration t it sets :func:`set_iteration`; :class:`CoEMetricsTracker` then files
 the value under ``f"{name}/iter{t}"`` (1-based t), giving one series per iteration.  Outside a
 CoE layer (dense or plain MoE layers) names are left as they are.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 from megatron.core.transformer.moe import moe_logging
 from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
 
-_ITERATION: contextvars.ContextVar[int | None] = contextvars.ContextVar("coe_iter", default=None)
+# The CoE iteration (0-based) running now, None outside a CoE layer.  A plain module global, not
+# a contextvar: TorchDynamo traces reads and writes of globals, and breaks the graph on
+# contextvars (torch 2.11) and on context managers it cannot step through.
+_iteration: int | None = None
 
 
-@contextlib.contextmanager
-def current_iteration(t: int):
-    """Mark router calls inside the block as CoE iteration ``t`` (0-based)."""
-    token = _ITERATION.set(t)
-    try:
-        yield
-    finally:
-        _ITERATION.reset(token)
+def set_iteration(t: int | None) -> int | None:
+    """Mark router calls from now on as CoE iteration ``t`` (None: outside a CoE layer);
+    returns the previous mark, to restore."""
+    global _iteration
+    previous, _iteration = _iteration, t
+    return previous
 
 
 def active_iteration() -> int | None:
     """The CoE iteration (0-based) running now, or None outside a CoE layer."""
-    return _ITERATION.get()
+    return _iteration
 
 
 def iteration_metric_name(name: str, t: int) -> str:

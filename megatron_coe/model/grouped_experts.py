@@ -142,9 +142,12 @@ def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _ready(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous, and on CUDA 16-byte aligned (a fresh copy if a view starts mid-line)."""
+    """Contiguous, and on CUDA 16-byte aligned (a fresh copy if a view starts mid-line).  The
+    caching allocator aligns every storage to 512 bytes, so a view is aligned exactly when its
+    offset into the storage is: read as storage_offset(), which TorchDynamo traces (data_ptr()
+    breaks the graph)."""
     t = t.contiguous()
-    if t.device.type != "cpu" and t.data_ptr() % 16:
+    if t.device.type != "cpu" and t.storage_offset() * t.element_size() % 16:
         t = t.clone()
     return t
 

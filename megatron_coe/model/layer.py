@@ -41,7 +41,7 @@ from megatron_coe.model import repeated_calls
 from megatron_coe.model.dispatch import CoEAlltoAllTokenDispatcher
 from megatron_coe.model.grouped_experts import GroupedExperts
 from megatron_coe.finite import each_finite
-from megatron_coe.router_stats import current_iteration
+from megatron_coe import router_stats
 
 
 class CoELayer(MoELayer):
@@ -142,9 +142,13 @@ class CoELayer(MoELayer):
         self.token_dispatcher.iteration = t
         overlap = self.overlap and self.token_dispatcher.ep_size > 1
         x_shared, x_router, x_rows = _Fan.apply(x)
-        with current_iteration(t):
-            shared_out = None if overlap else self._shared_expert(x_shared)
-            probs, routing_map = self.routers[t](x_router, padding_mask)
+        # not a `with` nor try/finally: TorchDynamo cannot resume a frame inside either after a
+        # graph break (Megatron's router breaks), and would run the rest of the iteration
+        # eagerly.  An exception in between leaves the mark set until the next iteration's.
+        router_stats.set_iteration(t)
+        shared_out = None if overlap else self._shared_expert(x_shared)
+        probs, routing_map = self.routers[t](x_router, padding_mask)
+        router_stats.set_iteration(None)
         router_probs = probs
         if not self.training or torch.is_grad_enabled():
             # counts: exact.  Under recompute (moe, full) a training forward runs twice: first
