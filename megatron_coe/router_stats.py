@@ -46,7 +46,11 @@ class CoEMetricsTracker(MoEMetricsTracker):
 
 
 def install_tracker() -> CoEMetricsTracker:
-    """Make the global MoE metrics tracker a CoEMetricsTracker (idempotent)."""
+    """Make the global MoE metrics tracker a CoEMetricsTracker (idempotent), with no iteration
+    marked: a CoE layer that raised inside its router window (an out-of-memory error the GPU
+    check records and goes on from, say) leaves its mark, which a model built next in the same
+    process must not inherit."""
+    set_iteration(None)
     tracker = moe_logging.get_moe_metrics_tracker()
     if not isinstance(tracker, CoEMetricsTracker):
         tracker = CoEMetricsTracker()

@@ -142,14 +142,18 @@ def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _ready(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous, and on CUDA 16-byte aligned (a fresh copy if a view starts mid-line).  The
-    caching allocator aligns every storage to 512 bytes, so a view is aligned exactly when its
-    offset into the storage is: read as storage_offset(), which TorchDynamo traces (data_ptr()
-    breaks the graph)."""
+    """Contiguous, and on CUDA 16-byte aligned (a fresh copy if a view starts mid-line).  Under
+    torch.compile the check reads storage_offset(), which TorchDynamo traces (data_ptr() breaks
+    the graph): exact where the storage itself is aligned, as the caching allocator's are (512
+    bytes); eagerly it reads the address."""
     t = t.contiguous()
-    if t.device.type != "cpu" and t.storage_offset() * t.element_size() % 16:
-        t = t.clone()
-    return t
+    if t.device.type == "cpu":
+        return t
+    if torch.compiler.is_compiling():
+        misaligned = t.storage_offset() * t.element_size() % 16
+    else:
+        misaligned = t.data_ptr() % 16
+    return t.clone() if misaligned else t
 
 
 def _loop_rows(a: torch.Tensor, mats, counts: list[int]) -> torch.Tensor:

@@ -109,3 +109,35 @@ def test_expert_load_counted_once_under_recompute(recompute):
     for t, r in enumerate(layer.routers):
         assert layer.tokens_per_expert[t].sum() == S * B * 2
         assert torch.equal(r.local_tokens_per_expert, layer.tokens_per_expert[t])
+
+
+def test_a_layer_that_raised_leaves_no_iteration_mark_to_the_next_model():
+    """A CoE layer marks its routers' statistics with the iteration from before its shared
+    expert until after its router; an error in between (an out-of-memory error that the GPU
+    check records and goes on from) leaves the mark, and the next model built in the process
+    clears it, so a stock MoE layer's aux loss keeps its plain name."""
+    from megatron.core.transformer.moe import moe_logging
+
+    from megatron_coe import router_stats
+    from megatron_coe.config import config_from_dict
+    from megatron_coe.model import build_moe_layer
+
+    torch.manual_seed(0)
+    layer = _layer(2, "independent", aux_loss="aux_loss", aux_loss_coeff=0.01)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    layer.routers[1].forward = out_of_memory
+    with pytest.raises(RuntimeError, match="out of memory"):
+        layer(torch.randn(S, B, H))
+    assert router_stats.active_iteration() == 1  # left behind by the error
+    moe_logging.destroy_moe_metrics_tracker()
+    config = config_from_dict({"model": {
+        "num_layers": 1, "hidden_size": H, "num_attention_heads": 4,
+        "moe": {"num_experts": N, "topk": 2, "expert_hidden_size": 8, "aux_loss": "aux_loss",
+                "aux_loss_coeff": 0.01, "grouped_gemm": False}}})
+    stock = build_moe_layer(config, stock_megatron=True)
+    assert router_stats.active_iteration() is None
+    stock(torch.randn(S, B, H))
+    assert set(moe_logging.get_moe_metrics_tracker().metrics) == {"load_balancing_loss"}

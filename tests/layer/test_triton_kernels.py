@@ -11,10 +11,13 @@ within float rounding:
   column steps and row counts that are not multiples of a block; a CoE layer with them (grouped
   experts, model/shared_expert.py) equals one with Megatron's kernels, keeps the same tensors
   for backward, and gives the same bits under moe_act recompute;
-- the config accepts it where it runs and refuses it on CPU by name.
+- the config accepts it where it runs and refuses it by name where it cannot run or would replace
+  nothing;
+- Triton compiles every kernel for an H100 without register spills (offline, no GPU).
 
 The interpreter checks the kernels' math and indexing, not their speed or Triton's GPU code
-generation: that is the GPU check's part (a), on a GPU."""
+generation.  On a machine with a GPU the kernel-level comparisons run on CUDA too (``gpu``
+marks), and the GPU check's part (a) runs a model with them."""
 
 import pytest
 import torch
@@ -22,19 +25,28 @@ import torch
 from layer_harness import fwd_bwd, layer_config, seeded_layers
 from test_loss_fusion import _megatron_loss, _model_loss_and_grads, one_rank_groups  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("triton_interpreter")
+interpreted = pytest.mark.usefixtures("triton_interpreter")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """The kernels on CPU tensors through Triton's interpreter, and compiled on a GPU."""
+    if request.param == "cpu":
+        request.getfixturevalue("triton_interpreter")
+    return request.param
 
 
 @pytest.mark.parametrize("vocab", [50, 5000], ids=["one-block", "two-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_loss_equals_megatrons_cross_entropy(dtype, vocab, one_rank_groups):
+def test_triton_loss_equals_megatrons_cross_entropy(dtype, vocab, device, one_rank_groups):
     from megatron_coe.model.loss import fused_cross_entropy
 
     torch.manual_seed(0)
-    logits = (torch.randn(5, 3, vocab) * 4).to(dtype)
+    logits = (torch.randn(5, 3, vocab) * 4).to(device, dtype)
     target = torch.randint(0, vocab, (5, 3))
     target[0, 0], target[4, 2] = -1, vocab  # outside the vocabulary: predicted logit counts as 0
-    g = torch.rand(5, 3)
+    target = target.to(device)
+    g = torch.rand(5, 3, device=device)
     losses, grads = {}, {}
     for name, fn in (("triton", lambda x, t: fused_cross_entropy(x, t, "triton")),
                      ("compile", fused_cross_entropy), ("megatron", _megatron_loss)):
@@ -52,6 +64,7 @@ def test_triton_loss_equals_megatrons_cross_entropy(dtype, vocab, one_rank_group
                           rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
 
 
+@interpreted
 def test_a_model_with_the_triton_loss_gives_megatrons_loss_and_gradients(one_rank_groups):
     fused, fused_grads = _model_loss_and_grads(True, "triton")
     plain, plain_grads = _model_loss_and_grads(False)
@@ -64,15 +77,15 @@ def test_a_model_with_the_triton_loss_gives_megatrons_loss_and_gradients(one_ran
 @pytest.mark.parametrize("weighted", [True, False], ids=["routed", "shared"])
 @pytest.mark.parametrize("rows,width", [(37, 24), (5, 704), (3, 1408)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_triton_swiglu_equals_megatrons_fused_swiglu(rows, width, dtype, tol, weighted):
+def test_triton_swiglu_equals_megatrons_fused_swiglu(rows, width, dtype, tol, weighted, device):
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl, weighted_bias_swiglu_impl
 
     from megatron_coe.model.triton_swiglu import swiglu, weighted_swiglu
 
     torch.manual_seed(0)
-    z = torch.randn(rows, 2 * width).to(dtype)
-    p = torch.rand(rows)
-    g = torch.randn(rows, width).to(dtype)
+    z = torch.randn(rows, 2 * width).to(device, dtype)
+    p = torch.rand(rows, device=device)
+    g = torch.randn(rows, width).to(device, dtype)
     if weighted:
         fns = (weighted_swiglu, lambda z, p: weighted_bias_swiglu_impl(z, None, p.unsqueeze(-1)))
     else:
@@ -94,6 +107,7 @@ def _config(kernels, recompute="none"):
                         model={"swiglu_fusion": True, "fused_kernels": kernels})
 
 
+@interpreted
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_coe_layer_with_triton_swiglu_equals_the_compiled_one(dtype, tol):
     import sys
@@ -126,6 +140,7 @@ def test_coe_layer_with_triton_swiglu_equals_the_compiled_one(dtype, tol):
     assert saved_activation_bytes(triton, x) == saved_activation_bytes(compiled, x)
 
 
+@interpreted
 def test_moe_act_on_the_triton_swiglu_gives_the_same_bits():
     kept, recomputed = seeded_layers(_config("triton"), _config("triton", "moe_act"))
     assert recomputed.experts.recompute_activation
@@ -138,13 +153,19 @@ def test_fused_kernels_is_compile_unless_asked_and_triton_needs_a_gpu(monkeypatc
     from megatron_coe.checkpoint import model_definition
     from megatron_coe.config import load_config
 
+    pytest.importorskip("triton")
     assert load_config(None, ["device=cuda"]).model.fused_kernels == "compile"
-    with pytest.raises(ValueError, match="model.fused_kernels='fast': use compile or triton"):
+    with pytest.raises(ValueError, match="model.fused_kernels='fast' is not valid; use one of "
+                                         "compile, triton"):
         load_config(None, ["model.fused_kernels=fast"])
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="model.fused_kernels=triton runs Triton kernels on a "
                                          "GPU; device=cpu: use model.fused_kernels=compile"):
         load_config(None, ["device=cpu", "model.fused_kernels=triton"])
+    with pytest.raises(ValueError, match="both are off: turn one on or drop "
+                                         "model.fused_kernels"):
+        load_config(None, ["device=cuda", "model.fused_kernels=triton",
+                           "model.swiglu_fusion=false"])
     cuda = load_config(None, ["device=cuda", "model.fused_kernels=triton"])
     # a kernel choice, not the model: checkpoints load either way
     assert model_definition(cuda) == model_definition(load_config(None, ["device=cuda"]))
