@@ -23,7 +23,7 @@ source unless ``--data`` gives a jsonl file.  Parts (``--parts``, default all):
      steps, peak memory, and the CoE/MoE step-time ratios of the pairs that match expert
      passes or parameters, all measured in this one run.  ``--compare KEY=VALUE ...`` also
      runs every config at the first size with those overrides (an A/B of one setting, e.g.
-     ``model.swiglu_fusion=false``, in the same process).
+     ``model.swiglu_fusion=false``, in the same process); repeated, once per setting.
   c  one layer: benchmarks/coe_layer.py's CoE/MoE pairs (EP = 1, hidden 1024, experts of hidden
      704, 4096 tokens, bf16; fp32 on CPU), run from the checkout.
   d  host work and profile: benchmarks/host_work.py on MoE(8/64) and CoE-2(4/64) at the paper's
@@ -192,21 +192,21 @@ def measure_paper(args, work: Path, progress=None) -> dict:
             if progress:
                 progress(paper)
         measure_setting(args, work / f"paper-mb{m}", m, done_so_far)
-    if args.compare:
-        m = args.micro_batches[0]
-        other = argparse.Namespace(**{**vars(args), "set": args.set + args.compare})
+    m = args.micro_batches[0]
+    for i, overrides in enumerate(args.compare):
+        other = argparse.Namespace(**{**vars(args), "set": args.set + overrides})
+        label = " ".join(overrides)
 
-        def compared_so_far(setting):
-            paper["compare"] = {"set": args.compare, **setting,
-                                "step_time_vs_default": step_time_ratios(
-                                    setting, paper["by_micro_batch"][str(m)])}
+        def compared_so_far(setting, i=i, overrides=overrides):
+            paper.setdefault("compare", [])[i:] = [{
+                "set": overrides, **setting, "step_time_vs_default": step_time_ratios(
+                    setting, paper["by_micro_batch"][str(m)])}]
             if progress:
                 progress(paper)
-        print(f"(b) mb {m:<3d} again with {' '.join(args.compare)}:", flush=True)
-        measure_setting(other, work / f"paper-mb{m}-compare", m, compared_so_far)
-        for name, r in paper["compare"]["step_time_vs_default"].items():
-            print(f"(b) mb {m:<3d} {name:12s} with {' '.join(args.compare)}: step time x{r:.3f}",
-                  flush=True)
+        print(f"(b) mb {m:<3d} again with {label}:", flush=True)
+        measure_setting(other, work / f"paper-mb{m}-compare{i + 1}", m, compared_so_far)
+        for name, r in paper["compare"][i]["step_time_vs_default"].items():
+            print(f"(b) mb {m:<3d} {name:12s} with {label}: step time x{r:.3f}", flush=True)
     return paper
 
 
@@ -282,11 +282,12 @@ def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
         ratios[f"{coe} / {moe}"] = {
             "step_time": variants[coe]["median_step_s"] / variants[moe]["median_step_s"],
             "flops_per_token": variants[coe]["flops_per_token"] / variants[moe]["flops_per_token"],
-            "parameters": variants[coe]["parameters"] / variants[moe]["parameters"]}
+            "parameters": variants[coe]["parameters"] / variants[moe]["parameters"],
+            "peak_memory": variants[coe]["peak_mem_gib"] / variants[moe]["peak_mem_gib"]}
         r = ratios[f"{coe} / {moe}"]
         print(f"(b) mb {micro_batch:<3d} {coe} / {moe}: step time {r['step_time']:.3f}, "
-              f"FLOPs per token "
-              f"{r['flops_per_token']:.3f}, parameters {r['parameters']:.3f}", flush=True)
+              f"FLOPs per token {r['flops_per_token']:.3f}, parameters {r['parameters']:.3f}, "
+              f"peak memory {r['peak_memory']:.3f}", flush=True)
     progress(setting)
     return setting
 
@@ -463,10 +464,11 @@ def parse_args(argv):
                    "part d uses the first (default 32 8; 4 2 with --toy)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="more overrides for part b's configs")
-    p.add_argument("--compare", nargs="+", default=[], metavar="KEY=VALUE",
+    p.add_argument("--compare", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                    help="part b: also run every config at the first micro-batch size with these "
                    "overrides (e.g. model.swiglu_fusion=false) and report each config's step "
-                   "time against the default's (paper.compare)")
+                   "time against the default's (paper.compare, one entry per --compare; give "
+                   "--compare again for another setting)")
     p.add_argument("--trace", type=Path, metavar="DIR", help="part d: also write each "
                    "config's profiler trace to DIR/<config>.json.gz (Perfetto, chrome://tracing)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (run logs)")
@@ -479,13 +481,14 @@ def parse_args(argv):
         args.global_batch = 4 if args.toy else 32
     if args.global_batch < 1:
         p.error("--global-batch must be >= 1")
-    for option in ("set", "compare"):
-        fixed = [kv for kv in getattr(args, option) if kv.split("=", 1)[0] in (
+    for option, given in (("set", args.set), ("compare", sum(args.compare, []))):
+        fixed = [kv for kv in given if kv.split("=", 1)[0] in (
             "train.micro_batch_size", "train.global_batch_size")]
         if fixed:
             p.error(f"--{option} {' '.join(fixed)}: use --micro-batches and --global-batch")
-    for option in ("compare", "reference_set"):
-        bare = [kv for kv in getattr(args, option) if "=" not in kv]
+    for option, given in (("compare", sum(args.compare, [])),
+                          ("reference_set", args.reference_set)):
+        bare = [kv for kv in given if "=" not in kv]
         if bare:
             p.error(f"--{option.replace('_', '-')} {' '.join(bare)}: give KEY=VALUE")
     if args.micro_batches is None:

@@ -75,6 +75,9 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
         assert b["ratios"]["CoE-2(4/64) / MoE(8/64)"]["flops_per_token"] > 1
         assert b["ratios"]["CoE-2(4/48) / MoE(8/64)"]["parameters"] < 0.9
         assert abs(b["ratios"]["CoE-2(3/64) / MoE(7/64)"]["flops_per_token"] - 1) < 0.05
+        memory = b["ratios"]["CoE-2(4/48) / MoE(8/64)"]["peak_memory"]
+        assert memory == (b["variants"]["CoE-2(4/48)"]["peak_mem_gib"]
+                          / b["variants"]["MoE(8/64)"]["peak_mem_gib"])
         assert all(r["step_time"] > 0 for r in b["ratios"].values())
     # the same data and weights: a step's loss does not depend on how it is split (fp32)
     for name in NAMES:
@@ -234,31 +237,38 @@ def test_gpu_check_writes_as_it_goes_and_keeps_part_b_up_to_a_failure(tmp_path, 
     assert list(kept) == first_three and "error" not in kept["MoE(8/64)"]
 
 
-def test_gpu_check_compares_a_setting_in_the_same_run(tmp_path, monkeypatch, capsys):
-    """--compare runs every config again at the first micro-batch size with the overrides and
-    reports each one's step time against the default run's; bad values are refused first."""
+def test_gpu_check_compares_settings_in_the_same_run(tmp_path, monkeypatch, capsys):
+    """Each --compare runs every config again at the first micro-batch size with its overrides
+    and reports each one's step time against the default run's; bad values are refused
+    first."""
     from megatron_coe import gpu_check as check
 
     runs = []
     fake_training(
         monkeypatch, check,
         lambda config: runs.append((config.train.micro_batch_size,
-                                    not config.model.moe.grouped_gemm)),
-        # the compared setting (per-expert GEMMs) runs at half the speed
+                                    not config.model.moe.grouped_gemm, config.train.log_interval)),
+        # the first compared setting (per-expert GEMMs) runs at half the speed
         lambda config: 100.0 if config.model.moe.grouped_gemm else 50.0)
     out = tmp_path / "check.json"
     assert check.main(["--device", "cpu", "--toy", "--parts", "b", "--warmup", "1", "--steps",
-                       "1", "--compare", "model.moe.grouped_gemm=false", "--out", str(out)]) == 0
-    assert runs == [(4, False)] * 5 + [(2, False)] * 5 + [(4, True)] * 5
+                       "1", "--compare", "model.moe.grouped_gemm=false", "--compare",
+                       "train.log_interval=2", "--out", str(out)]) == 0
+    assert runs == ([(4, False, 1)] * 5 + [(2, False, 1)] * 5 + [(4, True, 1)] * 5
+                    + [(4, False, 2)] * 5)
     compare = json.loads(out.read_text())["paper"]["compare"]
-    assert compare["set"] == ["model.moe.grouped_gemm=false"]
-    assert compare["micro_batch_size"] == 4 and set(compare["variants"]) == NAMES
-    assert compare["step_time_vs_default"] == {name: 2.0 for name in NAMES}
-    for bad in (["--compare", "model.swiglu_fusion"], ["--compare", "train.micro_batch_size=2"]):
+    assert [c["set"] for c in compare] == [["model.moe.grouped_gemm=false"],
+                                           ["train.log_interval=2"]]
+    for c, ratio in zip(compare, (2.0, 1.0)):
+        assert c["micro_batch_size"] == 4 and set(c["variants"]) == NAMES
+        assert c["step_time_vs_default"] == {name: ratio for name in NAMES}
+    for bad in (["--compare", "model.swiglu_fusion"], ["--compare", "train.micro_batch_size=2"],
+                ["--compare", "a=1", "--compare", "b"]):
         with pytest.raises(SystemExit):
             check.parse_args(bad)
     err = capsys.readouterr().err
-    assert "give KEY=VALUE" in err and "use --micro-batches and --global-batch" in err
+    assert "--compare model.swiglu_fusion: give KEY=VALUE" in err
+    assert "use --micro-batches and --global-batch" in err and "--compare b: give" in err
 
 
 def test_gpu_check_runs_part_a_with_other_kernels(tmp_path, monkeypatch, capsys):
