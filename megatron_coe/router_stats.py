@@ -18,12 +18,10 @@ from megatron.core.transformer.moe.moe_logging import MoEMetricsTracker
 _iteration: int | None = None
 
 
-def set_iteration(t: int | None) -> int | None:
-    """Mark router calls from now on as CoE iteration ``t`` (None: outside a CoE layer);
-    returns the previous mark, to restore."""
+def set_iteration(t: int | None) -> None:
+    """Mark router calls from now on as CoE iteration ``t`` (None: outside a CoE layer)."""
     global _iteration
-    previous, _iteration = _iteration, t
-    return previous
+    _iteration = t
 
 
 def active_iteration() -> int | None:

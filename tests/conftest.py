@@ -36,8 +36,6 @@ def pytest_collection_modifyitems(config, items):
                 reason=f"needs {need} CUDA GPU{'s' if need > 1 else ''} (NCCL), found {found}"))
 
 
-
-
 @pytest.fixture
 def triton_interpreter():
     """Skips where model.fused_kernels=triton's kernels cannot run on CPU tensors: no triton,

@@ -144,7 +144,8 @@ class CoELayer(MoELayer):
         x_shared, x_router, x_rows = _Fan.apply(x)
         # not a `with` nor try/finally: TorchDynamo cannot resume a frame inside either after a
         # graph break (Megatron's router breaks), and would run the rest of the iteration
-        # eagerly.  An exception in between leaves the mark set until the next iteration's.
+        # eagerly.  An exception in between leaves the mark set until the next iteration's or
+        # the next model's (router_stats.install_tracker).
         router_stats.set_iteration(t)
         shared_out = None if overlap else self._shared_expert(x_shared)
         probs, routing_map = self.routers[t](x_router, padding_mask)

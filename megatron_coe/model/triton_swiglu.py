@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 TILE = 4096  # elements per program step: BLOCK_R x BLOCK_F
 

@@ -1,8 +1,9 @@
 """model.loss_fusion: the language-model loss as two compiled kernels (on CPU inductor's C++
 kernels) equals Megatron's vocabulary-parallel cross entropy, loss and logits gradient, within
 float rounding, for fp32 and bf16 logits and for targets outside the vocabulary; the gradient
-comes back in the logits' dtype; a model built with it gives Megatron's loss and gradients; it
-is off unless asked for and refused where it cannot run."""
+comes back in the logits' dtype; a model built with it gives Megatron's loss and gradients,
+with either model.fused_kernels (triton on CPU through Triton's interpreter); it is off unless
+asked for and refused where it cannot run."""
 
 import pytest
 import torch
@@ -67,8 +68,12 @@ def _model_loss_and_grads(loss_fusion, kernels="compile"):
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_a_model_with_the_fused_loss_gives_megatrons_loss_and_gradients(one_rank_groups):
-    fused, fused_grads = _model_loss_and_grads(True)
+@pytest.mark.parametrize("kernels", ["compile", "triton"])
+def test_a_model_with_the_fused_loss_gives_megatrons_loss_and_gradients(kernels, request,
+                                                                        one_rank_groups):
+    if kernels == "triton":  # model.fused_kernels=triton on CPU: through Triton's interpreter
+        request.getfixturevalue("triton_interpreter")
+    fused, fused_grads = _model_loss_and_grads(True, kernels)
     plain, plain_grads = _model_loss_and_grads(False)
     assert fused.shape == plain.shape
     assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-6)

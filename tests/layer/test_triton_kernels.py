@@ -4,8 +4,8 @@ within float rounding:
 
 - the loss (model/triton_cross_entropy.py): Megatron's vocabulary-parallel cross entropy and the
   compiled kernels, loss and logits gradient, fp32 and bf16, for vocabularies of one and of
-  several blocks (not powers of two) and targets outside the vocabulary; a model built with it
-  gives Megatron's loss and gradients;
+  several blocks (not powers of two) and targets outside the vocabulary (a model built with it
+  gives Megatron's loss and gradients: tests/layer/test_loss_fusion.py);
 - the experts' SwiGLU (model/triton_swiglu.py): Megatron's fused weighted SwiGLU (routed experts)
   and fused SwiGLU (shared expert), output and gradients, for widths of one and of several
   column steps and row counts that are not multiples of a block; a CoE layer with them (grouped
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from layer_harness import fwd_bwd, layer_config, seeded_layers
-from test_loss_fusion import _megatron_loss, _model_loss_and_grads, one_rank_groups  # noqa: F401
+from test_loss_fusion import _megatron_loss, one_rank_groups  # noqa: F401
 
 interpreted = pytest.mark.usefixtures("triton_interpreter")
 
@@ -62,16 +62,6 @@ def test_triton_loss_equals_megatrons_cross_entropy(dtype, vocab, device, one_ra
                           rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
     assert torch.allclose(grads["triton"].float(), grads["megatron"].to(dtype).float(),
                           rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
-
-
-@interpreted
-def test_a_model_with_the_triton_loss_gives_megatrons_loss_and_gradients(one_rank_groups):
-    fused, fused_grads = _model_loss_and_grads(True, "triton")
-    plain, plain_grads = _model_loss_and_grads(False)
-    assert torch.allclose(fused, plain, rtol=1e-5, atol=1e-6)
-    assert fused_grads.keys() == plain_grads.keys() and fused_grads
-    for name in plain_grads:
-        assert torch.allclose(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7), name
 
 
 @pytest.mark.parametrize("weighted", [True, False], ids=["routed", "shared"])
