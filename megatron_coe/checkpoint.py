@@ -128,8 +128,11 @@ def _barrier() -> None:
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    # the tracker's graph-safe form (train.cuda_graph) holds generators: their state tensors are
+    # saved, the same bytes as the plain form's, so either form resumes the other
+    tracker = {name: s.get_state() if isinstance(s, torch.Generator) else s
+               for name, s in tensor_parallel.get_cuda_rng_tracker().get_states().items()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "tracker": tracker}
     if torch.cuda.is_available() and not cpu.is_active():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -140,7 +143,14 @@ def _set_rng_state(state: dict) -> None:
 
     torch.set_rng_state(state["torch"])
     random.setstate(_to_tuple(state["python"]))
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    states = tracker.get_states()
+    for name, saved in state["tracker"].items():
+        if isinstance(states.get(name), torch.Generator):  # graph-safe: set in place (the
+            states[name].set_state(saved)                  # generator a graph registers)
+        else:
+            states[name] = saved
+    tracker.set_states(states)
     if "cuda" in state and torch.cuda.is_available() and not cpu.is_active():
         torch.cuda.set_rng_state(state["cuda"])
 

@@ -40,6 +40,7 @@ LR_DECAYS = ("cosine", "linear", "constant", "wsd")
 RECOMPUTE = ("none", "full", "moe", "experts", "moe_act")
 DEVICES = ("cpu", "cuda")
 FUSED_KERNELS = ("compile", "triton")
+CUDA_GRAPHS = ("none", "full_iteration")
 # model.impl: Megatron's two layer implementations (Megatron-LM's --transformer-impl), or auto:
 # Transformer Engine on CUDA when it is importable, else the local spec (always on CPU).
 IMPLS = ("auto", "transformer_engine", "local")
@@ -322,6 +323,12 @@ class TrainConfig:
     exit_interval: int = 0
     # Fault injection, for resilience tests: at these steps (1-based) the loss is made NaN.
     inject_nonfinite_steps: list[int] = field(default_factory=list)
+    # none; full_iteration: each training step's forward-backward over all micro-batches is
+    # captured once as one CUDA graph after cuda_graph_warmup_steps eager steps, then replayed
+    # (Megatron-LM's --cuda-graph-impl full_iteration; the optimizer and validation run
+    # eagerly).  See megatron_coe/cuda_graph.py.
+    cuda_graph: str = "none"
+    cuda_graph_warmup_steps: int = 2
 
 
 @dataclass
@@ -789,6 +796,7 @@ def _validate_training(config: Config) -> None:
         raise ValueError("train.max_nonfinite_steps must be >= 0")
     if t.peak_tflops is not None:
         _positive(t.peak_tflops, "train.peak_tflops")
+    _validate_cuda_graph(config)
     if ck.save_interval < 0:
         raise ValueError("checkpoint.save_interval must be >= 0 (0: only at the end)")
     _positive(ck.keep_last, "checkpoint.keep_last")
@@ -864,11 +872,16 @@ def _validate_transformer_overrides(m: ModelConfig) -> None:
                     f"model.coe.iterations={m.coe.iterations}: {why}; remove it"
                 )
         graph = m.transformer_overrides.get("cuda_graph_impl", "none")
-        if graph not in (None, "none"):
+        if graph not in (None, "none", "full_iteration"):
             raise ValueError(
                 f"model.transformer_overrides.cuda_graph_impl={graph!r} cannot capture a CoE "
-                f"layer (routing is data-dependent in every iteration); use 'none'"
+                f"layer (routing is data-dependent in every iteration); use 'none', or "
+                f"train.cuda_graph: full_iteration to capture the whole training step"
             )
+    if m.transformer_overrides.get("cuda_graph_impl") == "full_iteration":
+        raise ValueError("model.transformer_overrides.cuda_graph_impl=full_iteration: set "
+                         "train.cuda_graph: full_iteration instead (the training loop captures "
+                         "its schedule)")
 
 
 def _validate_loss_fusion(config: "Config") -> None:
@@ -882,6 +895,32 @@ def _validate_loss_fusion(config: "Config") -> None:
         raise ValueError("model.loss_fusion=true and model.transformer_overrides."
                          "cross_entropy_loss_fusion (Megatron's own fused loss) are two fused "
                          "losses: keep one")
+
+
+def _validate_cuda_graph(config: Config) -> None:
+    """train.cuda_graph=full_iteration needs a step the GPU can replay without the host: no
+    host read of a device value and no tensor the host rebinds between steps."""
+    t, p = config.train, config.parallel
+    _choice(t.cuda_graph, CUDA_GRAPHS, "train.cuda_graph")
+    _positive(t.cuda_graph_warmup_steps, "train.cuda_graph_warmup_steps")
+    if t.cuda_graph == "none":
+        return
+    why = None
+    if config.device != "cuda":
+        why = f"captures CUDA kernels; device={config.device} has none"
+    elif p.expert > 1:
+        why = (f"with parallel.expert={p.expert} the all-to-all dispatcher reads each rank's "
+               "token counts on the host for the split sizes, which a graph cannot replay")
+    elif config.precision == "fp16":
+        why = ("with precision=fp16 the dynamic loss scaler replaces its scale tensor when it "
+               "changes, and the graph would keep multiplying by the old one")
+    elif config.fp8.enabled:
+        why = "with fp8 is not supported: the FP8 scaling state is updated outside the graph"
+    elif p.pipeline > 1 or p.context > 1:
+        why = ("is supported on one pipeline stage without context parallelism (parallel."
+               f"pipeline={p.pipeline}, parallel.context={p.context})")
+    if why:
+        raise ValueError(f"train.cuda_graph=full_iteration {why}; use train.cuda_graph=none")
 
 
 def _validate_fused_kernels(config: "Config") -> None:

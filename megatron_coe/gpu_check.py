@@ -119,7 +119,7 @@ def train_run(config, log: Path) -> list[dict]:
     import torch
     from megatron.core.transformer.moe import moe_logging
 
-    from megatron_coe import parallel, train
+    from megatron_coe import cuda_graph, parallel, train
     from megatron_coe.metrics import read_metrics
 
     if config.device == "cuda":
@@ -134,6 +134,7 @@ def train_run(config, log: Path) -> list[dict]:
             train.train(config, lock)
     finally:
         lock.release()
+        cuda_graph.release()  # train.cuda_graph's graph and inputs, if any
         parallel.destroy()
         gc.collect()
         if config.device == "cuda":
@@ -198,15 +199,19 @@ def measure_paper(args, work: Path, progress=None) -> dict:
         label = " ".join(overrides)
 
         def compared_so_far(setting, i=i, overrides=overrides):
+            default = paper["by_micro_batch"][str(m)]
             paper.setdefault("compare", [])[i:] = [{
-                "set": overrides, **setting, "step_time_vs_default": step_time_ratios(
-                    setting, paper["by_micro_batch"][str(m)])}]
+                "set": overrides, **setting,
+                "step_time_vs_default": step_time_ratios(setting, default),
+                "max_abs_loss_diff_vs_default": loss_differences(setting, default)}]
             if progress:
                 progress(paper)
         print(f"(b) mb {m:<3d} again with {label}:", flush=True)
         measure_setting(other, work / f"paper-mb{m}-compare{i + 1}", m, compared_so_far)
+        diffs = paper["compare"][i]["max_abs_loss_diff_vs_default"]
         for name, r in paper["compare"][i]["step_time_vs_default"].items():
-            print(f"(b) mb {m:<3d} {name:12s} with {label}: step time x{r:.3f}", flush=True)
+            print(f"(b) mb {m:<3d} {name:12s} with {label}: step time x{r:.3f}, max |loss "
+                  f"difference| {diffs[name]:.2e}", flush=True)
     return paper
 
 
@@ -215,6 +220,14 @@ def step_time_ratios(setting: dict, default: dict) -> dict:
     a, b = setting["variants"], default["variants"]
     return {name: a[name]["median_step_s"] / b[name]["median_step_s"] for name in a
             if name in b and "error" not in a[name] and "error" not in b[name]}
+
+
+def loss_differences(setting: dict, default: dict) -> dict:
+    """Per config measured in both: the largest |loss difference| over the steps both ran
+    (the same seed and data: 0 where a setting changes no arithmetic, a CUDA graph say)."""
+    a, b = setting["variants"], default["variants"]
+    return {name: max(abs(x - y) for x, y in zip(a[name]["losses"], b[name]["losses"]))
+            for name in a if name in b and "error" not in a[name] and "error" not in b[name]}
 
 
 def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:

@@ -79,7 +79,11 @@ def initialize(config: Config) -> torch.device:
     # this; on CUDA it would otherwise be left unseeded, so the same seed gives the same weights
     # on both.
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # with train.cuda_graph the tracker's generators are the graph-safe kind a CUDA graph can
+    # register (cuda_graph.py); a tracker left by an earlier run in this process is replaced
+    graphs = config.device == "cuda" and config.train.cuda_graph != "none"
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=graphs,
+                                                    force_reset_rng=True)
     return device
 
 

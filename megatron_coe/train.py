@@ -100,16 +100,20 @@ def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def run_schedule(model, batches, config, forward_only, inject_nan=False):
+def run_schedule(model, batches, config, forward_only, inject_nan=False, captured=None):
     """Megatron's forward-backward schedule; returns the (sum, count) of the loss over this
-    rank's micro-batches, on the device."""
+    rank's micro-batches, on the device.  ``captured`` (a cuda_graph.CapturedSchedule) runs a
+    training step as a CUDA graph; forward-only and fault-injection calls run eagerly."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_coe import cpu
 
     t = config.train
+    schedule = get_forward_backward_func()
+    if captured is not None and not forward_only and not inject_nan:
+        schedule = captured
     with cpu.cuda_to_cpu():
-        reports = get_forward_backward_func()(
+        reports = schedule(
             forward_step_func=partial(forward_step, inject_nan=inject_nan),
             data_iterator=iter(batches),
             model=[model],
@@ -199,7 +203,7 @@ def train(config, lock) -> int:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_coe import checkpoint, parallel, router_stats, run_lock
+    from megatron_coe import checkpoint, cuda_graph, parallel, router_stats, run_lock
     from megatron_coe.config import dump_config
     from megatron_coe.data import dataset
     from megatron_coe.metrics import (GPUTelemetry, MetricsWriter, format_line, memory_gib,
@@ -212,6 +216,7 @@ def train(config, lock) -> int:
     # 2. process groups, layer implementation (before any work: config.yaml records it), run
     # directory
     device = parallel.initialize(config)
+    cuda_graph.use_stream(config)  # with train.cuda_graph: the capture stream, from the start
     config = with_resolved_impl(config)
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(config.run_dir)
@@ -301,7 +306,9 @@ def train(config, lock) -> int:
               f"params on rank 0: {params / 1e6:.2f}M | {flops_per_token / 1e6:.2f} MFLOP/token "
               f"| steps {state['step']}->{t.steps}", flush=True)
 
-    # 5. steps
+    # 5. steps (with train.cuda_graph, the forward-backward is a CUDA graph after the warm-up)
+    captured = (cuda_graph.CapturedSchedule(t.cuda_graph_warmup_steps)
+                if cuda_graph.enabled(config) else None)
     while state["step"] < t.steps:
         step_start = time.time()
         step = state["step"] + 1
@@ -310,7 +317,7 @@ def train(config, lock) -> int:
         optimizer.zero_grad()
         total = run_schedule(model, batches_at(train_ds, state["step"] * t.global_batch_size),
                              config, forward_only=False,
-                             inject_nan=step in t.inject_nonfinite_steps)
+                             inject_nan=step in t.inject_nonfinite_steps, captured=captured)
         loss = mean_loss_over_dp(total, device)
         # A non-finite loss or gradient never reaches the optimizer.  Under fp16 an overflowed
         # gradient is the loss scaler's to handle: the optimizer skips the step, lowers the

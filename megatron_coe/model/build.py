@@ -93,6 +93,9 @@ def transformer_config(config: Config) -> TransformerConfig:
     elif config.train.recompute in ("moe", "moe_act"):
         kwargs.update(recompute_granularity="selective",
                       recompute_modules=[config.train.recompute])
+    if config.train.cuda_graph != "none":  # what Megatron's modules check (megatron_coe/cuda_graph.py)
+        kwargs.update(cuda_graph_impl=config.train.cuda_graph,
+                      cuda_graph_warmup_steps=config.train.cuda_graph_warmup_steps)
     if config.fp8.enabled and config.fp8.backend == "transformer_engine":
         f8 = config.fp8
         kwargs.update(fp8=f8.format, fp8_recipe=f8.recipe,

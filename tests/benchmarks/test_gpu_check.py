@@ -23,13 +23,13 @@ def gpu_check(*args):
 
 
 def fake_training(monkeypatch, check, before=lambda config: None,
-                  tokens_per_s=lambda config: 100.0):
+                  tokens_per_s=lambda config: 100.0, loss=lambda config: 1.0):
     """Part (b) without training: every run calls ``before(config)`` (which may record or
-    raise) and reports two steps at ``tokens_per_s(config)``; the written choices are the CPU's
-    defaults."""
+    raise) and reports two steps at ``tokens_per_s(config)`` with ``loss(config)``; the
+    written choices are the CPU's defaults."""
     def train_run(config, log):
         before(config)
-        step = {"kind": "train", "loss": 1.0, "tokens_per_s": tokens_per_s(config),
+        step = {"kind": "train", "loss": loss(config), "tokens_per_s": tokens_per_s(config),
                 "tflops_per_device": 1.0, "mfu": None, "mem_gib": 1.0}
         return [{**step, "step": 1}, {**step, "step": 2}]
 
@@ -248,8 +248,9 @@ def test_gpu_check_compares_settings_in_the_same_run(tmp_path, monkeypatch, caps
         monkeypatch, check,
         lambda config: runs.append((config.train.micro_batch_size,
                                     not config.model.moe.grouped_gemm, config.train.log_interval)),
-        # the first compared setting (per-expert GEMMs) runs at half the speed
-        lambda config: 100.0 if config.model.moe.grouped_gemm else 50.0)
+        # the first compared setting (per-expert GEMMs) runs at half the speed, loss 0.25 off
+        lambda config: 100.0 if config.model.moe.grouped_gemm else 50.0,
+        lambda config: 1.0 if config.model.moe.grouped_gemm else 1.25)
     out = tmp_path / "check.json"
     assert check.main(["--device", "cpu", "--toy", "--parts", "b", "--warmup", "1", "--steps",
                        "1", "--compare", "model.moe.grouped_gemm=false", "--compare",
@@ -259,9 +260,10 @@ def test_gpu_check_compares_settings_in_the_same_run(tmp_path, monkeypatch, caps
     compare = json.loads(out.read_text())["paper"]["compare"]
     assert [c["set"] for c in compare] == [["model.moe.grouped_gemm=false"],
                                            ["train.log_interval=2"]]
-    for c, ratio in zip(compare, (2.0, 1.0)):
+    for c, ratio, diff in zip(compare, (2.0, 1.0), (0.25, 0.0)):
         assert c["micro_batch_size"] == 4 and set(c["variants"]) == NAMES
         assert c["step_time_vs_default"] == {name: ratio for name in NAMES}
+        assert c["max_abs_loss_diff_vs_default"] == {name: diff for name in NAMES}
     for bad in (["--compare", "model.swiglu_fusion"], ["--compare", "train.micro_batch_size=2"],
                 ["--compare", "a=1", "--compare", "b"]):
         with pytest.raises(SystemExit):

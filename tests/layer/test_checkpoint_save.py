@@ -73,3 +73,38 @@ def test_save_starts_no_process_and_load_restores_model_and_optimizer(tmp_path, 
     assert {key for key, _ in moments} >= {"exp_avg", "exp_avg_sq"}
     for (key, a), (other_key, b) in zip(moments, restored):
         assert key == other_key and torch.equal(a, b), key
+
+
+def test_rng_tracker_states_resume_across_the_plain_and_graph_safe_forms(tmp_path):
+    """train.cuda_graph makes Megatron's RNG tracker hold generators (the graph-safe form) where
+    it otherwise holds state tensors: a checkpoint keeps tensors either way (weights-only
+    loadable), and restoring sets a graph-safe tracker's generators in place, the objects a
+    CUDA graph registered."""
+    from megatron.core import tensor_parallel
+
+    from megatron_coe.checkpoint import _rng_state, _set_rng_state
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    before = tracker.get_states()
+    try:
+        plain = torch.Generator().manual_seed(5).get_state()
+        tracker.set_states({"a": plain})
+        torch.save(_rng_state(), tmp_path / "plain.pt")
+        draws = torch.rand(4, generator=torch.Generator().manual_seed(5))
+
+        graph_safe = torch.Generator().manual_seed(7)
+        tracker.set_states({"a": graph_safe})
+        _set_rng_state(torch.load(tmp_path / "plain.pt", weights_only=True))
+        assert tracker.get_states()["a"] is graph_safe
+        assert torch.equal(torch.rand(4, generator=graph_safe), draws)
+
+        graph_safe.manual_seed(9)
+        torch.save(_rng_state(), tmp_path / "graph_safe.pt")
+        expected = torch.rand(4, generator=torch.Generator().manual_seed(9))
+        tracker.set_states({"a": plain})
+        _set_rng_state(torch.load(tmp_path / "graph_safe.pt", weights_only=True))
+        restored = torch.Generator()
+        restored.set_state(tracker.get_states()["a"])
+        assert torch.equal(torch.rand(4, generator=restored), expected)
+    finally:
+        tracker.set_states(before)

@@ -1,0 +1,88 @@
+"""Full-iteration CUDA graph: a training step's forward-backward replayed by the GPU alone.
+
+    train:
+      cuda_graph: full_iteration     # Megatron-LM's --cuda-graph-impl full_iteration
+      cuda_graph_warmup_steps: 2
+
+On one GPU the paper-scale models are partly bound by the host: every ATen op is a kernel launch
+with host time of its own, and a CoE iteration repeats the router, permutation and expert
+launches (docs/performance.md, "Where the GPU time goes").  With this setting the step's
+forward-backward over all its micro-batches (model, loss, backward, the gradients accumulated
+into Megatron DDP's buffers, ``finalize_model_grads``) is captured once as one CUDA graph and
+then replayed: one launch per step instead of one per op.
+
+How: Megatron-Core's ``FullCudaGraphWrapper`` around the forward-backward function.  Steps
+1..warmup run eagerly; the next step is captured and replayed, every later one replayed.  Before
+each call the micro-batches are copied into static input buffers (the same addresses every
+step).  Eagerly, outside the graph: the loss read, the gradient check, the optimizer step,
+validation, and the fault-injection steps (train.inject_nonfinite_steps).
+
+Why a step can be replayed (what capture needs, and where it holds):
+- Static shapes.  The sequence length and micro-batch size are fixed; dropless top-k routing
+  sends exactly tokens x k rows to the experts, sorted on the device (model/permutation.py);
+  grouped experts take their group offsets on the device (model/grouped_experts.py).
+- No host read of a device value inside the step: tests/layer/test_host_work.py counts a step's
+  reads at PyTorch's dispatcher, and all three are outside the schedule.  Expert parallelism
+  reads split sizes on the host and is refused (config.py, ``_validate_cuda_graph``), as are
+  fp16's loss scaler (it rebinds its scale tensor) and FP8's scaling state.
+- State that outlives a step is updated in place, so the replayed kernels update the tensors
+  the host reads: the CoE layers' expert load and non-finite flags, the aux-loss tracker, the
+  aux-loss scale, DDP's gradient buffers; the optimizer writes the weights in place.
+- Random numbers: Megatron's RNG tracker in its graph-safe form (parallel.initialize), whose
+  generators the wrapper registers with the graph.
+- Streams: the run works on the capture stream from the start (:func:`use_stream`), so the
+  autograd nodes and cuBLAS workspaces created during the warm-up belong to the stream that is
+  captured (torch versions before ``set_override_stale_capture_stream`` fail the capture when
+  a parameter's gradient accumulator was created on another stream).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def enabled(config) -> bool:
+    return config.train.cuda_graph != "none"
+
+
+def use_stream(config) -> None:
+    """Make this process's current stream the one graphs are captured on (with
+    train.cuda_graph), or the default stream (without: a previous run in this process may have
+    left the capture stream current).  CUDA only; call after the device is set."""
+    if config.device != "cuda":
+        return
+    if enabled(config):
+        from megatron.core.full_cuda_graph import get_shared_capture_stream
+
+        stream = get_shared_capture_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+    else:
+        stream = torch.cuda.default_stream()
+    torch.cuda.set_stream(stream)
+
+
+class CapturedSchedule:
+    """Megatron's forward-backward function, captured after ``warmup_steps`` calls and then
+    replayed; called like the function itself (keyword arguments).  Training steps only
+    (train.run_schedule runs forward-only calls eagerly)."""
+
+    def __init__(self, warmup_steps: int):
+        from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        release()  # a training built earlier in this process (the GPU check runs several)
+        self._wrapper = FullCudaGraphWrapper(get_forward_backward_func(),
+                                             cuda_graph_warmup_steps=warmup_steps)
+
+    def __call__(self, **kwargs):
+        return self._wrapper(**kwargs)
+
+
+def release() -> None:
+    """Drop the captured graphs (their memory pool's tensors with them) and the static input
+    buffers, which Megatron's wrapper keeps in class attributes, process-wide."""
+    from megatron.core.full_cuda_graph import FullCudaGraphWrapper, StaticBufferLoader
+
+    # reset_cuda_graph touches only the class attributes: no instance needed
+    FullCudaGraphWrapper.reset_cuda_graph(FullCudaGraphWrapper)
+    StaticBufferLoader.static_buffers = {"training": [], "validation": []}
