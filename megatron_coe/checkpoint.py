@@ -148,6 +148,8 @@ def _set_rng_state(state: dict) -> None:
     for name, saved in state["tracker"].items():
         if isinstance(states.get(name), torch.Generator):  # graph-safe: set in place (the
             states[name].set_state(saved)                  # generator a graph registers)
+        elif getattr(tracker, "use_cudagraphable_rng", False):
+            states[name] = tensor_parallel.random.convert_cuda_rng_state(saved, to_graphable=True)
         else:
             states[name] = saved
     tracker.set_states(states)

@@ -919,8 +919,39 @@ def _validate_cuda_graph(config: Config) -> None:
     elif p.pipeline > 1 or p.context > 1:
         why = ("is supported on one pipeline stage without context parallelism (parallel."
                f"pipeline={p.pipeline}, parallel.context={p.context})")
+    elif _dropout(config.model) and t.recompute != "none":
+        why = (f"with dropout and train.recompute={t.recompute} would recompute other masks "
+               "(Megatron's checkpoint keeps the graph-safe RNG state by reference)")
+    elif config.model.moe is not None:
+        why = _graph_blocker_in_moe(config)
     if why:
         raise ValueError(f"train.cuda_graph=full_iteration {why}; use train.cuda_graph=none")
+
+
+def _dropout(m: ModelConfig) -> bool:
+    return any(m.transformer_overrides.get(k, 0.0) for k in ("attention_dropout",
+                                                             "hidden_dropout"))
+
+
+def _graph_blocker_in_moe(config: Config) -> str | None:
+    """Why MoE/CoE layers would read token counts on the host in a step, or None: a CUDA graph
+    replays only device work.  At EP = 1 the dispatcher keeps the counts on the device, and the
+    local spec's grouped experts take them there (torch's grouped GEMM kernel: bf16)."""
+    moe = config.model.moe
+    if config.precision != "bf16":
+        return (f"with MoE layers needs precision=bf16: in {config.precision} torch's grouped "
+                "GEMM runs a per-group fallback that reads the expert offsets on the host")
+    if config.model.impl == "transformer_engine":
+        return ("with MoE layers needs model.impl=local (or auto): Transformer Engine's "
+                "grouped MLP reads the expert splits on the host")
+    if config.parallel.expert_tensor > 1 or not grouped_experts(config):
+        return ("with MoE layers needs the local spec's grouped experts (model.moe.grouped_gemm "
+                "true or null, parallel.expert_tensor=1): per-expert GEMMs split the rows by "
+                "counts read on the host")
+    if moe.capacity_factor is not None:
+        return ("with model.moe.capacity_factor (token dropping): Megatron's dispatcher reads "
+                "the kept token counts on the host")
+    return None
 
 
 def _validate_fused_kernels(config: "Config") -> None:

@@ -22,14 +22,19 @@ Why a step can be replayed (what capture needs, and where it holds):
   sends exactly tokens x k rows to the experts, sorted on the device (model/permutation.py);
   grouped experts take their group offsets on the device (model/grouped_experts.py).
 - No host read of a device value inside the step: tests/layer/test_host_work.py counts a step's
-  reads at PyTorch's dispatcher, and all three are outside the schedule.  Expert parallelism
-  reads split sizes on the host and is refused (config.py, ``_validate_cuda_graph``), as are
-  fp16's loss scaler (it rebinds its scale tensor) and FP8's scaling state.
+  reads at PyTorch's dispatcher, and all three are outside the schedule.  What would read the
+  host is refused before any work (config.py, ``_validate_cuda_graph``): expert parallelism
+  (split sizes), MoE layers other than the local spec's grouped experts in bf16 (torch's
+  grouped GEMM kernel; its fallback for other dtypes reads the offsets), token dropping; and
+  what a replay would get wrong: fp16's loss scaler (it rebinds its scale tensor), FP8's
+  scaling state, dropout under recompute.
 - State that outlives a step is updated in place, so the replayed kernels update the tensors
   the host reads: the CoE layers' expert load and non-finite flags, the aux-loss tracker, the
   aux-loss scale, DDP's gradient buffers; the optimizer writes the weights in place.
 - Random numbers: Megatron's RNG tracker in its graph-safe form (parallel.initialize), whose
   generators the wrapper registers with the graph.
+- Memory: the graph's pool keeps one step's activations; an eager validation or injected
+  step after the capture allocates its own beside them.
 - Streams: the run works on the capture stream from the start (:func:`use_stream`), so the
   autograd nodes and cuBLAS workspaces created during the warm-up belong to the stream that is
   captured (torch versions before ``set_override_stale_capture_stream`` fail the capture when
@@ -71,11 +76,25 @@ class CapturedSchedule:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         release()  # a training built earlier in this process (the GPU check runs several)
+        self.warmup_steps = warmup_steps
         self._wrapper = FullCudaGraphWrapper(get_forward_backward_func(),
                                              cuda_graph_warmup_steps=warmup_steps)
 
     def __call__(self, **kwargs):
-        return self._wrapper(**kwargs)
+        from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+
+        capturing = FullCudaGraphWrapper.curr_iteration["training"] == self.warmup_steps
+        try:
+            return self._wrapper(**kwargs)
+        except RuntimeError as err:
+            if not capturing:
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise RuntimeError(
+                f"train.cuda_graph=full_iteration: capturing the training step as a CUDA graph "
+                f"failed ({type(err).__name__}: {first}); something in the step reads the "
+                f"device from the host or changes shape between steps. train.cuda_graph=none "
+                f"runs it eagerly") from err
 
 
 def release() -> None:

@@ -139,6 +139,9 @@ def resolve_impl(config: Config) -> tuple[str, str]:
         return "local", "model.impl=local"
     if impl == "auto" and expert_fp8_recipe(config):
         return "local", "auto: fp8.backend=torch runs on the local spec's grouped experts"
+    if impl == "auto" and config.train.cuda_graph != "none" and config.model.moe is not None:
+        return "local", ("auto: train.cuda_graph captures the local spec's grouped experts "
+                         "(Transformer Engine's read the expert splits on the host)")
     error = _te_import_error()
     if impl == "transformer_engine":
         if error is not None:

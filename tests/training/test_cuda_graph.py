@@ -1,6 +1,7 @@
 """train.cuda_graph=full_iteration on one GPU: after the warm-up every training step is a replay
-of one captured CUDA graph, and the run trains exactly as the eager one does (the same kernels in
-the same order: same losses), validation and a fault-injected step in between included.
+of one captured CUDA graph, and the run trains as the eager one does (the same kernels in the
+same order: the same losses, up to the GPU's non-deterministic reductions), validation and a
+fault-injected step in between included.  bf16, as the graph needs for MoE layers (config.py).
 ``pytest -m gpu``; skipped without a GPU.  CPU-side checks: the config refusals
 (tests/unit/test_config.py), the checkpoint's RNG states (tests/layer/test_checkpoint_save.py),
 and the step's host reads (tests/layer/test_host_work.py)."""
@@ -12,7 +13,7 @@ from runner import check, metrics, torchrun
 
 @pytest.mark.gpu
 def test_graph_replays_train_as_the_eager_run(tmp_path):
-    common = ["device=cuda", "parallel.expert=1", "model.impl=local", "train.steps=9",
+    common = ["device=cuda", "precision=bf16", "parallel.expert=1", "train.steps=9",
               "train.eval_interval=4", "train.tensorboard=false", "checkpoint.save_final=false",
               "train.inject_nonfinite_steps=[6]"]
     runs = {}
@@ -28,7 +29,8 @@ def test_graph_replays_train_as_the_eager_run(tmp_path):
         if step == 6:  # the injected NaN: skipped in both
             assert graphed[step]["skipped_steps"] == eager[step]["skipped_steps"] == 1
             continue
-        assert graphed[step]["loss"] == pytest.approx(eager[step]["loss"], abs=1e-6), step
-        assert graphed[step]["grad_norm"] == pytest.approx(eager[step]["grad_norm"], rel=1e-5)
+        # a replay that lost gradients or read stale inputs would be off by far more
+        assert graphed[step]["loss"] == pytest.approx(eager[step]["loss"], abs=1e-2), step
+        assert graphed[step]["grad_norm"] == pytest.approx(eager[step]["grad_norm"], rel=1e-2)
     assert [v["loss"] for v in graphed_valid.values()] == pytest.approx(
-        [v["loss"] for v in eager_valid.values()], abs=1e-6)
+        [v["loss"] for v in eager_valid.values()], abs=1e-2)

@@ -79,6 +79,18 @@ def test_auto_on_cuda_takes_te_when_importable(te_present):
     assert resolve_impl(local)[0] == "local" and not use_transformer_engine(local)
 
 
+def test_auto_with_a_cuda_graph_of_moe_layers_takes_local_even_with_te(te_present):
+    """train.cuda_graph captures the local spec's grouped experts, which keep the counts on the
+    device; TE's grouped MLP reads them on the host."""
+    from megatron_coe.model import resolve_impl
+
+    paper = ROOT / "configs" / "paper" / "coe-2-4of64.yaml"
+    config = load_config(paper, ["train.cuda_graph=full_iteration"])
+    impl, why = resolve_impl(config)
+    assert impl == "local" and "train.cuda_graph" in why
+    assert resolve_impl(load_config(paper, []))[0] == "transformer_engine"
+
+
 def test_auto_on_cuda_falls_back_to_local_without_te(te_absent, capsys):
     from megatron_coe.model import resolve_impl, use_transformer_engine, with_resolved_impl
 
