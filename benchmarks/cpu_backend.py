@@ -8,8 +8,9 @@ training loop runs Megatron's forward-backward schedule inside that mode.  This 
 backward of the tiny CoE GPT (configs/tiny/coe.yaml, one process) inside and outside the mode,
 alternately, and prints the median ratio.
 
-Two redirects replace Megatron's own MoE functions with faster ones that give the same results:
-the dispatcher's permutation, and the routers' aux losses reusing the routing's top-k.  Then
+Two replacements of Megatron's own MoE functions give the same results faster: the backend's
+permutation, and the routers' aux losses reusing the routing's top-k (model/aux_topk.py, on
+every device).  Then
 this times one router, and one CoE-2(4/64) layer at EP = 1 (2048 tokens, 64 experts of the CPU
 paper configs' sizes), forward + backward on one thread, with those redirects and with
 Megatron's functions put back, alternately; checks their outputs and gradients are equal; and
@@ -74,7 +75,7 @@ def main() -> int:
 
 
 def moe_redirects(rounds: int = 30) -> None:
-    """One router, and one CoE-2(4/64) layer, with the backend's MoE redirects and without."""
+    """One router, and one CoE-2(4/64) layer, with the MoE replacements and without."""
     from megatron.core.transformer.moe import moe_utils, router, token_dispatcher
 
     from megatron_coe import parallel
@@ -124,7 +125,7 @@ def moe_redirects(rounds: int = 30) -> None:
                     times[redirects].append(time.perf_counter() - start)
         on, off = (statistics.median(times[r]) for r in (True, False))
         print(f"{name} forward+backward, 2048 tokens x 64 experts, one thread: Megatron's "
-              f"functions {off * 1e3:.2f} ms, the backend's redirects {on * 1e3:.2f} ms, ratio "
+              f"functions {off * 1e3:.2f} ms, the replacements {on * 1e3:.2f} ms, ratio "
               f"{on / off:.3f} (median of {rounds})")
     use(True)
     y, dx, grads = results[True]

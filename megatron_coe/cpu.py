@@ -22,10 +22,6 @@ What each redirect does on CPU:
   token_dispatcher.permute           -> finds the (expert, token) pairs with nonzero instead of
                                         the stable argsort Megatron uses to keep shapes static for
                                         CUDA-graph capture: same indices, linear time
-  router.topk_routing_with_score_function, router.compute_routing_scores_for_aux_loss
-                                     -> the aux losses reuse the routing's top-k of the same
-                                        scores instead of sorting them again (softmax routing
-                                        without renormalisation): same map, one top-k per call
   cuda_to_cpu(): a scoped TorchFunctionMode for the optimizer / grad-clip / checkpoint calls
                  that hard-code device="cuda", .cuda() and pin_memory()
 """
@@ -34,8 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import weakref
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 
@@ -184,10 +179,6 @@ def _patches() -> list[tuple[str, str, Callable | Any]]:
          _maybe_move_tensor_to_cpu),
         ("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None),
         ("megatron.core.transformer.moe.token_dispatcher", "permute", _cpu_permute),
-        ("megatron.core.transformer.moe.router", "topk_routing_with_score_function",
-         _topk_routing_remembered),
-        ("megatron.core.transformer.moe.router", "compute_routing_scores_for_aux_loss",
-         _aux_scores_from_routing),
         ("megatron.core.transformer.utils", "get_default_causal_mask", _cpu_causal_mask),
         ("megatron.core.fusions.fused_softmax", "get_default_causal_mask", _cpu_causal_mask),
         ("megatron.core.models.common.embeddings.rotary_pos_embedding",
@@ -226,67 +217,6 @@ def _cpu_permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=Fal
             kwargs.get("tokens_per_expert"))
 
 
-class _Routing(NamedTuple):
-    """The last routing top-k that the aux losses may reuse."""
-
-    logits: weakref.ref  # the logits it was taken from
-    logits_version: int  # their version counter then (an in-place change bumps it)
-    topk: int
-    routing_map: torch.Tensor
-    map_version: int
-
-
-_LAST_ROUTING: _Routing | None = None
-
-
-def _topk_routing_remembered(logits, topk, use_pre_softmax=False, num_groups=None,
-                             group_topk=None, scaling_factor=None, score_function="softmax",
-                             expert_bias=None, fused=False, router_replay=None,
-                             dense_output=False, precomputed_indices=None):
-    """moe_utils.topk_routing_with_score_function, remembering its routing map when it is the
-    top-k of softmax(logits) over all experts, which is what the aux losses sort again.
-
-    That holds for softmax scores taken before the top-k (``renormalize_topk: false``), with no
-    expert groups, router replay, precomputed indices or fused kernel, and with gradients on:
-    routing then sorts its top-k (``sorted=torch.is_grad_enabled()``) exactly as the aux loss's
-    ``torch.topk`` does.  Capacity dropping comes after this call, so it does not matter."""
-    global _LAST_ROUTING
-    from megatron.core.transformer.moe import moe_utils
-
-    probs, routing_map = moe_utils.topk_routing_with_score_function(
-        logits, topk, use_pre_softmax=use_pre_softmax, num_groups=num_groups,
-        group_topk=group_topk, scaling_factor=scaling_factor, score_function=score_function,
-        expert_bias=expert_bias, fused=fused, router_replay=router_replay,
-        dense_output=dense_output, precomputed_indices=precomputed_indices)
-    same_topk = (score_function == "softmax" and use_pre_softmax and not group_topk
-                 and router_replay is None and precomputed_indices is None and not fused
-                 and not dense_output and torch.is_grad_enabled())
-    _LAST_ROUTING = (_Routing(weakref.ref(logits), logits._version, topk, routing_map,
-                              routing_map._version) if same_topk else None)
-    return probs, routing_map
-
-
-def _aux_scores_from_routing(logits, topk, score_function, fused=False, padding_mask=None):
-    """moe_utils.compute_routing_scores_for_aux_loss: softmax scores and the map of their top-k.
-
-    When the routing just took that top-k of these very logits (same tensor, unmodified, same
-    k: see :func:`_topk_routing_remembered`), its map is reused instead of a second
-    ``torch.topk`` + scatter (one router's forward + backward, 2048 tokens x 64 experts, one
-    thread: see ``benchmarks/cpu_backend.py``).  The scores are computed as Megatron computes
-    them.  Any other call (padding mask, other score function, fused) runs Megatron's own."""
-    global _LAST_ROUTING
-    from megatron.core.transformer.moe import moe_utils
-
-    last, _LAST_ROUTING = _LAST_ROUTING, None
-    if (last is None or last.logits() is not logits or last.logits_version != logits._version
-            or last.topk != topk or last.map_version != last.routing_map._version
-            or score_function != "softmax" or fused or padding_mask is not None):
-        return moe_utils.compute_routing_scores_for_aux_loss(logits, topk, score_function,
-                                                             fused=fused,
-                                                             padding_mask=padding_mask)
-    return last.routing_map, torch.softmax(logits, dim=-1, dtype=torch.float32)
-
-
 def _cpu_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
     """Megatron's version pins memory and calls .cuda(): the rotary embedding rows of this
     context-parallel rank's tokens, on CPU."""
@@ -321,8 +251,7 @@ def enable(device: str) -> None:
 
 def disable() -> None:
     """Restore every redirected name."""
-    global _ACTIVE, _LAST_ROUTING
-    _LAST_ROUTING = None
+    global _ACTIVE
     while _ORIGINALS:
         module, attr, original = _ORIGINALS.pop()
         setattr(module, attr, original)

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 from megatron_coe import parallel
 from megatron_coe.config import (CoEConfig, Config, grouped_experts, swiglu_fusion,
                                  swiglu_fusion_blocker, te_only_overrides)
+from megatron_coe.model import aux_topk
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.model.loss import CoEGPTModel
 from megatron_coe.router_stats import install_tracker
@@ -266,6 +267,7 @@ def build_model(config: Config) -> GPTModel:
     te = use_transformer_engine(config)
     tf_config = transformer_config(config)
     install_tracker()
+    aux_topk.install()
     model = CoEGPTModel(
         loss_fusion=config.model.loss_fusion,
         fused_kernels=config.model.fused_kernels,
@@ -295,6 +297,7 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     te = use_transformer_engine(config)
     tf_config = transformer_config(config)
     install_tracker()
+    aux_topk.install()
     coe = None if stock_megatron else (config.model.coe or CoEConfig(iterations=1))
     block = coe_block_spec(tf_config, coe, te, config.parallel.overlap_expert_comm,
                            config.train.recompute == "experts" and not stock_megatron,

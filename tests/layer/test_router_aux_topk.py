@@ -1,6 +1,7 @@
-"""On CPU the routers' aux losses reuse the routing's top-k of the same scores (cpu.py) instead
-of taking it again: a CoE layer's outputs, its aux losses and every gradient stay bit-identical
-to Megatron's own two top-k calls, and every case the reuse does not cover runs Megatron's."""
+"""The routers' aux losses reuse the routing's top-k of the same scores (model/aux_topk.py,
+installed by the model builders on every device) instead of taking it again: a CoE layer's
+outputs, its aux losses and every gradient stay bit-identical to Megatron's own two top-k
+calls, and every case the reuse does not cover runs Megatron's."""
 
 import pytest
 import torch
@@ -64,10 +65,10 @@ def _megatron_aux_calls(monkeypatch):
 def test_aux_loss_topk_reuse_is_bit_identical(moe, padded, reused, monkeypatch):
     from megatron.core.transformer.moe import moe_utils, router
 
-    from megatron_coe import cpu
+    from megatron_coe.model import aux_topk
 
     layer = _layer(**moe)
-    assert cpu.is_active()
+    assert router.compute_routing_scores_for_aux_loss is aux_topk._aux_scores_from_routing
     x = torch.randn(S, B, H)
     # Ties in the scores: two tokens with identical rows, and one token whose logits are all
     # equal (zero input, no router bias), where any k of N experts are a valid top-k.
@@ -99,10 +100,9 @@ def test_reuse_only_for_the_same_topk():
     same k, and only when the routing's top-k was the aux loss's; otherwise Megatron's own runs."""
     from megatron.core.transformer.moe import moe_utils, router
 
-    from megatron_coe import cpu
+    from megatron_coe.model import aux_topk
 
-    if not cpu.is_active():
-        cpu.enable("cpu")
+    aux_topk.install()
 
     def aux_map(logits, k=3):
         got, scores = router.compute_routing_scores_for_aux_loss(logits, k, "softmax")
