@@ -44,6 +44,9 @@ its ``error`` and the others still run; the JSON is written either way, and afte
 and each config of part (b) (``complete`` false until the end), so a run stopped at a time
 limit keeps what it measured.  Targets are
 measurements: the exit status is 1 only when part (a) fails its tolerance or a part fails.
+Every config the asked-for parts would train is built first: one that this device or its
+config refuses (``--compare train.cuda_graph=full_iteration`` on CPU, say) stops the check with
+the reason and exit status 2 before any run.
 """
 
 from __future__ import annotations
@@ -143,28 +146,23 @@ def train_run(config, log: Path) -> list[dict]:
 
 
 def written_choices(run_dir: Path) -> dict:
-    """The layer implementation, the SwiGLU and loss fusions and their kernels a run used, from
-    the config.yaml it wrote (resolved there from auto): {"model_impl", "swiglu_fusion",
-    "loss_fusion", "fused_kernels"}, None where absent."""
+    """The layer implementation, the SwiGLU and loss fusions and their kernels, and the CUDA
+    graph a run used, from the config.yaml it wrote (resolved there from auto): {"model_impl",
+    "swiglu_fusion", "loss_fusion", "fused_kernels", "cuda_graph"}, None where absent."""
     import yaml
 
     path = Path(run_dir) / "config.yaml"
-    model = yaml.safe_load(path.read_text())["model"] if path.exists() else {}
+    written = yaml.safe_load(path.read_text()) if path.exists() else {}
+    model = written.get("model", {})
     return {"model_impl": model.get("impl"), "swiglu_fusion": model.get("swiglu_fusion"),
-            "loss_fusion": model.get("loss_fusion"), "fused_kernels": model.get("fused_kernels")}
+            "loss_fusion": model.get("loss_fusion"), "fused_kernels": model.get("fused_kernels"),
+            "cuda_graph": written.get("train", {}).get("cuda_graph")}
 
 
 def check_reference(args, work: Path) -> dict:
     """Part (a): the tiny config's losses against the checked-in one-process CPU reference."""
-    from megatron_coe.config import load_config
-
-    reference = json.loads(Path(args.reference).read_text())["one_process"]
-    expected = {int(step): loss for step, loss in reference["train_loss"].items()}
-    steps = max(expected)
-    stop_at = min(steps, args.reference_steps or steps)
     run_dir = work / "reference"
-    config = load_config(TINY, [*reference_overrides(args.device, steps, stop_at),
-                                *args.reference_set, f"run_dir={run_dir}"])
+    config, reference, expected, stop_at = reference_run(args, run_dir)
     records = train_run(config, work / "reference.log")
     got = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
     compared = {step: {"loss": got.get(step), "reference": loss,
@@ -179,6 +177,53 @@ def check_reference(args, work: Path) -> dict:
             "worst_step": worst, "steps": compared, **written_choices(run_dir),
             "reference_command": reference["command"],
             "valid_loss": {r["step"]: r["loss"] for r in records if r["kind"] == "valid"}}
+
+
+def reference_run(args, run_dir: Path):
+    """Part (a)'s config (the tiny CoE config as the reference was made, with
+    --reference-set), the reference record, its losses by step, and the last step compared."""
+    from megatron_coe.config import load_config
+
+    reference = json.loads(Path(args.reference).read_text())["one_process"]
+    expected = {int(step): loss for step, loss in reference["train_loss"].items()}
+    steps = max(expected)
+    stop_at = min(steps, args.reference_steps or steps)
+    config = load_config(TINY, [*reference_overrides(args.device, steps, stop_at),
+                                *args.reference_set, f"run_dir={run_dir}"])
+    return config, reference, expected, stop_at
+
+
+def paper_config(args, file: str, run_dir: Path, micro_batch: int):
+    """Part (b)'s config of one paper config file, at ``micro_batch``, with --set (which
+    holds a --compare setting's overrides too when measure_paper runs it)."""
+    from megatron_coe.config import load_config
+
+    path = ROOT / "configs" / "paper" / file
+    overrides = speed_overrides(args, run_dir, micro_batch)
+    if args.toy:
+        overrides += toy_overrides(load_config(path, overrides).model.moe.num_experts)
+    return load_config(path, overrides + args.set)
+
+
+def settings_error(args) -> str | None:
+    """What makes a config that a part would run invalid, or None: every config of the parts
+    asked for is built (not run) before any part runs, so a setting this device or config
+    refuses stops the check at once instead of after the measurements before it."""
+    run_dir = Path(tempfile.gettempdir()) / "coe-gpu-check-settings"  # named, never written
+    try:
+        if "a" in args.parts:
+            reference_run(args, run_dir)
+        if "b" in args.parts:
+            m = args.micro_batches[0]
+            compared = [argparse.Namespace(**{**vars(args), "set": args.set + overrides})
+                        for overrides in args.compare]
+            for setting, sizes in [(args, args.micro_batches), *((c, [m]) for c in compared)]:
+                for size in sizes:
+                    for _, file in PAPER:
+                        paper_config(setting, file, run_dir, size)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def measure_paper(args, work: Path, progress=None) -> dict:
@@ -237,7 +282,6 @@ def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
     ``progress`` is called with the setting's results after each config and at the end."""
     import torch
 
-    from megatron_coe.config import load_config
     from megatron_coe.metrics import parameter_count, train_flops_per_token
 
     variants, ratios = {}, {}
@@ -245,12 +289,7 @@ def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
     work.mkdir()
     for name, file in PAPER:
         run_dir = work / file.removesuffix(".yaml")
-        overrides = speed_overrides(args, run_dir, micro_batch)
-        if args.toy:
-            base = load_config(ROOT / "configs" / "paper" / file, overrides)
-            overrides += toy_overrides(base.model.moe.num_experts)
-        overrides += args.set
-        config = load_config(ROOT / "configs" / "paper" / file, overrides)
+        config = paper_config(args, file, run_dir, micro_batch)
         began = time.perf_counter()
         try:
             records = [r for r in train_run(config, run_dir.with_suffix(".log"))
@@ -287,7 +326,8 @@ def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
               + (f"{v['mfu'] * 100:5.2f} %" if v["mfu"] is not None else "  n/a  ")
               + f"  peak {v['peak_mem_gib']:.2f} GiB  step {v['median_step_s'] * 1e3:.0f} ms "
               f"({v['model_impl']}, SwiGLU fusion {v['swiglu_fusion']}, loss fusion "
-              f"{v['loss_fusion']}, kernels {v['fused_kernels']})", flush=True)
+              f"{v['loss_fusion']}, kernels {v['fused_kernels']}, CUDA graph "
+              f"{v['cuda_graph']})", flush=True)
         progress(setting)
     for coe, moe in PAIRS:
         if "error" in variants[coe] or "error" in variants[moe]:
@@ -538,6 +578,11 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("coe-gpu-check: --device cuda but no CUDA GPU is visible; use --device cpu "
               "--toy for the CPU dry run", file=sys.stderr)
+        return 2
+    error = settings_error(args)
+    if error is not None:
+        print(f"coe-gpu-check: a config of the parts asked for is invalid here, before any "
+              f"run: {error}", file=sys.stderr)
         return 2
     out = args.out or default_out(args)
     began = time.perf_counter()

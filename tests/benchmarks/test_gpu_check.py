@@ -36,7 +36,8 @@ def fake_training(monkeypatch, check, before=lambda config: None,
     monkeypatch.setattr(check, "train_run", train_run)
     monkeypatch.setattr(check, "written_choices",
                         lambda run_dir: {"model_impl": "local", "swiglu_fusion": False,
-                                         "loss_fusion": False, "fused_kernels": "compile"})
+                                         "loss_fusion": False, "fused_kernels": "compile",
+                                         "cuda_graph": "none"})
 
 
 def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
@@ -64,7 +65,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
             assert v["model_impl"] == "local" and v["mfu"] is None  # no peak known for a CPU
             # swiglu auto: off on CPU; the loss fusion is off unless asked for
             assert v["swiglu_fusion"] is False and v["loss_fusion"] is False
-            assert v["fused_kernels"] == "compile"
+            assert v["fused_kernels"] == "compile" and v["cuda_graph"] == "none"
             assert v["tokens_per_s"] > 0 and v["tflops"] > 0 and v["peak_mem_gib"] > 0, name
             assert len(v["step_s"]) == 1 and len(v["losses"]) == 1
             assert v["tokens_per_step"] == 4 * 64
@@ -294,3 +295,23 @@ def test_gpu_check_runs_part_a_with_other_kernels(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit):
         check.parse_args(["--reference-set", "model.loss_fusion"])
     assert "--reference-set model.loss_fusion: give KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting", [
+    ["--parts", "a", "b", "--compare", "train.cuda_graph=full_iteration"],
+    ["--parts", "a", "--reference-set", "model.moe.topk=99"],
+    ["--parts", "b", "--set", "model.coe.iterations=0"]])
+def test_gpu_check_refuses_a_setting_a_config_refuses_before_any_run(setting, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Every config the asked-for parts would train is built first: one that this device or
+    config refuses (a CUDA graph on CPU, say) stops the check with the reason, exit status 2,
+    before any part runs and before any JSON is written."""
+    from megatron_coe import gpu_check as check
+
+    runs = []
+    fake_training(monkeypatch, check, runs.append)
+    out = tmp_path / "check.json"
+    assert check.main(["--device", "cpu", "--toy", "--warmup", "0", "--steps", "1", *setting,
+                       "--out", str(out)]) == 2
+    assert runs == [] and not out.exists()
+    assert "invalid here, before any run" in capsys.readouterr().err
