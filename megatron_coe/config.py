@@ -864,6 +864,10 @@ def _validate_transformer_overrides(m: ModelConfig) -> None:
             raise ValueError(
                 f"model.transformer_overrides.{key} is not a Megatron TransformerConfig field"
             )
+    if m.transformer_overrides.get("cuda_graph_impl") == "full_iteration":
+        raise ValueError("model.transformer_overrides.cuda_graph_impl=full_iteration: set "
+                         "train.cuda_graph: full_iteration instead (the training loop captures "
+                         "its schedule)")
     if m.coe is not None and m.coe.iterations > 1:
         for key, why in SINGLE_ROUTE_FEATURES.items():
             if m.transformer_overrides.get(key):
@@ -872,16 +876,12 @@ def _validate_transformer_overrides(m: ModelConfig) -> None:
                     f"model.coe.iterations={m.coe.iterations}: {why}; remove it"
                 )
         graph = m.transformer_overrides.get("cuda_graph_impl", "none")
-        if graph not in (None, "none", "full_iteration"):
+        if graph not in (None, "none"):
             raise ValueError(
                 f"model.transformer_overrides.cuda_graph_impl={graph!r} cannot capture a CoE "
                 f"layer (routing is data-dependent in every iteration); use 'none', or "
                 f"train.cuda_graph: full_iteration to capture the whole training step"
             )
-    if m.transformer_overrides.get("cuda_graph_impl") == "full_iteration":
-        raise ValueError("model.transformer_overrides.cuda_graph_impl=full_iteration: set "
-                         "train.cuda_graph: full_iteration instead (the training loop captures "
-                         "its schedule)")
 
 
 def _validate_loss_fusion(config: "Config") -> None:
@@ -915,7 +915,9 @@ def _validate_cuda_graph(config: Config) -> None:
         why = ("with precision=fp16 the dynamic loss scaler replaces its scale tensor when it "
                "changes, and the graph would keep multiplying by the old one")
     elif config.fp8.enabled:
-        why = "with fp8 is not supported: the FP8 scaling state is updated outside the graph"
+        why = ("with fp8 is not supported: Transformer Engine updates its FP8 scaling state "
+               "outside the graph, and the torch backend's grouped experts read their counts "
+               "on the host")
     elif p.pipeline > 1 or p.context > 1:
         why = ("is supported on one pipeline stage without context parallelism (parallel."
                f"pipeline={p.pipeline}, parallel.context={p.context})")
@@ -944,10 +946,19 @@ def _graph_blocker_in_moe(config: Config) -> str | None:
     if config.model.impl == "transformer_engine":
         return ("with MoE layers needs model.impl=local (or auto): Transformer Engine's "
                 "grouped MLP reads the expert splits on the host")
-    if config.parallel.expert_tensor > 1 or not grouped_experts(config):
+    blocker = _lean_experts_blocker(config)
+    if blocker is not None or not grouped_experts(config):
         return ("with MoE layers needs the local spec's grouped experts (model.moe.grouped_gemm "
-                "true or null, parallel.expert_tensor=1): per-expert GEMMs split the rows by "
-                "counts read on the host")
+                "true or null" + (f"; they do not implement {blocker}" if blocker else "")
+                + "): per-expert GEMMs split the rows by counts read on the host")
+    m = config.model
+    unaligned = {name: n for name, n in (("model.hidden_size", m.hidden_size),
+                                         ("model.moe.expert_hidden_size", moe.expert_hidden_size))
+                 if n % 8}
+    if unaligned:  # grouped_mm's bf16 operands need rows of a multiple of 16 bytes
+        return (f"with MoE layers needs sizes that are multiples of 8 for torch's grouped GEMM "
+                f"({', '.join(f'{k}={v}' for k, v in unaligned.items())}); otherwise the "
+                "experts loop over counts read on the host")
     if moe.capacity_factor is not None:
         return ("with model.moe.capacity_factor (token dropping): Megatron's dispatcher reads "
                 "the kept token counts on the host")

@@ -9,7 +9,7 @@ with host time of its own, and a CoE iteration repeats the router, permutation a
 launches (docs/performance.md, "Where the GPU time goes").  With this setting the step's
 forward-backward over all its micro-batches (model, loss, backward, the gradients accumulated
 into Megatron DDP's buffers, ``finalize_model_grads``) is captured once as one CUDA graph and
-then replayed: one launch per step instead of one per op.
+then replayed: one graph launch per step instead of one launch per op.
 
 How: Megatron-Core's ``FullCudaGraphWrapper`` around the forward-backward function.  Steps
 1..warmup run eagerly; the next step is captured and replayed, every later one replayed.  Before
@@ -37,8 +37,9 @@ Why a step can be replayed (what capture needs, and where it holds):
   step after the capture allocates its own beside them.
 - Streams: the run works on the capture stream from the start (:func:`use_stream`), so the
   autograd nodes and cuBLAS workspaces created during the warm-up belong to the stream that is
-  captured (torch versions before ``set_override_stale_capture_stream`` fail the capture when
-  a parameter's gradient accumulator was created on another stream).
+  captured.  torch's autograd refuses a capture in which a node belongs to the default stream
+  unless ``torch.autograd.graph.set_override_stale_capture_stream`` is on (torch 2.14's
+  documentation); Megatron's wrapper turns it on where torch has it.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class CapturedSchedule:
 
         capturing = FullCudaGraphWrapper.curr_iteration["training"] == self.warmup_steps
         try:
-            return self._wrapper(**kwargs)
+            result = self._wrapper(**kwargs)
         except RuntimeError as err:
             if not capturing:
                 raise
@@ -95,6 +96,12 @@ class CapturedSchedule:
                 f"failed ({type(err).__name__}: {first}); something in the step reads the "
                 f"device from the host or changes shape between steps. train.cuda_graph=none "
                 f"runs it eagerly") from err
+        if capturing and (not torch.distributed.is_initialized()
+                          or torch.distributed.get_rank() == 0):
+            print(f"train.cuda_graph: the training step ({kwargs['num_microbatches']} "
+                  f"micro-batches) is captured as a CUDA graph after {self.warmup_steps} eager "
+                  f"steps and replayed from now on", flush=True)
+        return result
 
 
 def release() -> None:

@@ -56,6 +56,7 @@ import contextlib
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import shlex
@@ -212,7 +213,10 @@ def settings_error(args) -> str | None:
     run_dir = Path(tempfile.gettempdir()) / "coe-gpu-check-settings"  # named, never written
     try:
         if "a" in args.parts:
-            reference_run(args, run_dir)
+            try:
+                reference_run(args, run_dir)
+            except (OSError, KeyError, json.JSONDecodeError):
+                pass  # a missing or unreadable reference file: part (a) records it
         if "b" in args.parts:
             m = args.micro_batches[0]
             compared = [argparse.Namespace(**{**vars(args), "set": args.set + overrides})
@@ -268,11 +272,19 @@ def step_time_ratios(setting: dict, default: dict) -> dict:
 
 
 def loss_differences(setting: dict, default: dict) -> dict:
-    """Per config measured in both: the largest |loss difference| over the steps both ran
-    (the same seed and data: 0 where a setting changes no arithmetic, a CUDA graph say)."""
+    """Per config measured in both: the largest |loss difference| over the steps both logged
+    (the same seed and data: near 0 where a setting changes no arithmetic, a CUDA graph say);
+    NaN when a loss on either side is not finite."""
     a, b = setting["variants"], default["variants"]
-    return {name: max(abs(x - y) for x, y in zip(a[name]["losses"], b[name]["losses"]))
-            for name in a if name in b and "error" not in a[name] and "error" not in b[name]}
+    out = {}
+    for name in a:
+        if name not in b or "error" in a[name] or "error" in b[name]:
+            continue
+        x, y = (dict(zip(v["loss_steps"], v["losses"])) for v in (a[name], b[name]))
+        diffs = [abs(x[step] - y[step]) for step in sorted(x.keys() & y.keys())]
+        out[name] = (max(diffs) if diffs and all(math.isfinite(d) for d in diffs)
+                     else float("nan"))
+    return out
 
 
 def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
@@ -317,7 +329,8 @@ def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
             "tokens_per_s": median["tokens_per_s"], "tflops": median["tflops_per_device"],
             "mfu": median["mfu"], "peak_mem_gib": max(r["mem_gib"] for r in records),
             "step_s": [tokens_per_step / r["tokens_per_s"] for r in timed],
-            "losses": [r["loss"] for r in records], "wall_s": time.perf_counter() - began,
+            "losses": [r["loss"] for r in records], "loss_steps": [r["step"] for r in records],
+            "wall_s": time.perf_counter() - began,
             **{k: statistics.median(r[k] for r in timed) for k in timed[0]
                if k.startswith("gpu_") and isinstance(timed[0][k], (int, float))}}
         v = variants[name]

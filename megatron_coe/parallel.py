@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_coe import cpu
+from megatron_coe import cpu, cuda_graph
 from megatron_coe.config import Config, validate
 
 
@@ -81,7 +81,7 @@ def initialize(config: Config) -> torch.device:
     torch.manual_seed(seed)
     # with train.cuda_graph the tracker's generators are the graph-safe kind a CUDA graph can
     # register (cuda_graph.py); a tracker left by an earlier run in this process is replaced
-    graphs = config.device == "cuda" and config.train.cuda_graph != "none"
+    graphs = config.device == "cuda" and cuda_graph.enabled(config)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=graphs,
                                                     force_reset_rng=True)
     return device

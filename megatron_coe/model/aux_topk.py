@@ -8,7 +8,8 @@ Megatron's TopKRouter (softmax scores, no renormalisation of the top-k) computes
 s' and s are the same op on the same tensor, so idx' = idx and map' = map bit for bit (the
 same top-k call: sorted, as routing sorts when gradients are on).  Here the aux loss takes the
 routing's map; s' is still computed as Megatron computes it, so the aux losses and every
-gradient are unchanged (tests/layer/test_router_aux_topk.py, ties included).  Every other case
+gradient are unchanged (tests/layer/test_router_aux_topk.py, on CPU, ties included; the
+same ops on any device).  Every other case
 (renormalised top-k, expert groups, router replay, precomputed indices, TE's fused router,
 a padding mask, other logits or k, no gradients) runs Megatron's function.
 
@@ -73,7 +74,7 @@ def _aux_scores_from_routing(logits, topk, score_function, fused=False, padding_
     ``torch.topk`` + scatter.  On CPU that took one router's forward + backward (2048 tokens x
     64 experts, one thread) from 6.57 to 5.03 ms (``benchmarks/cpu_backend.py``); in the H100
     trace of CoE-2(4/64) at micro-batch 32 Megatron's aux-loss scores took 0.67 ms per step,
-    0.51 of it the top-k (docs/performance.md).  The scores are computed as Megatron computes
+    0.51 of it the top-k (benchmarks/results/trace_sites_cuda_coe_scatter.json).  The scores are computed as Megatron computes
     them.  Any other call (padding mask, other score function, fused) runs Megatron's own."""
     global _LAST_ROUTING
     from megatron.core.transformer.moe import moe_utils
@@ -89,8 +90,12 @@ def _aux_scores_from_routing(logits, topk, score_function, fused=False, padding_
 
 
 def install() -> None:
-    """Route Megatron's TopKRouter through the two functions above (idempotent)."""
+    """Route Megatron's TopKRouter through the two functions above (idempotent), with no
+    routing remembered from an earlier model."""
+    global _LAST_ROUTING
     from megatron.core.transformer.moe import router
+
+    _LAST_ROUTING = None
 
     router.topk_routing_with_score_function = _topk_routing_remembered
     router.compute_routing_scores_for_aux_loss = _aux_scores_from_routing

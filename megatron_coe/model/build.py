@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-from megatron_coe import parallel
+from megatron_coe import cuda_graph, parallel
 from megatron_coe.config import (CoEConfig, Config, grouped_experts, swiglu_fusion,
                                  swiglu_fusion_blocker, te_only_overrides)
 from megatron_coe.model import aux_topk
@@ -94,7 +94,7 @@ def transformer_config(config: Config) -> TransformerConfig:
     elif config.train.recompute in ("moe", "moe_act"):
         kwargs.update(recompute_granularity="selective",
                       recompute_modules=[config.train.recompute])
-    if config.train.cuda_graph != "none":  # what Megatron's modules check (megatron_coe/cuda_graph.py)
+    if cuda_graph.enabled(config):  # what Megatron's modules check (megatron_coe/cuda_graph.py)
         kwargs.update(cuda_graph_impl=config.train.cuda_graph,
                       cuda_graph_warmup_steps=config.train.cuda_graph_warmup_steps)
     if config.fp8.enabled and config.fp8.backend == "transformer_engine":
@@ -140,7 +140,7 @@ def resolve_impl(config: Config) -> tuple[str, str]:
         return "local", "model.impl=local"
     if impl == "auto" and expert_fp8_recipe(config):
         return "local", "auto: fp8.backend=torch runs on the local spec's grouped experts"
-    if impl == "auto" and config.train.cuda_graph != "none" and config.model.moe is not None:
+    if impl == "auto" and cuda_graph.enabled(config) and config.model.moe is not None:
         return "local", ("auto: train.cuda_graph captures the local spec's grouped experts "
                          "(Transformer Engine's read the expert splits on the host)")
     error = _te_import_error()

@@ -1,7 +1,7 @@
 """train.cuda_graph=full_iteration on one GPU: after the warm-up every training step is a replay
 of one captured CUDA graph, and the run trains as the eager one does (the same kernels in the
-same order: the same losses, up to the GPU's non-deterministic reductions), validation and a
-fault-injected step in between included.  bf16, as the graph needs for MoE layers (config.py).
+same order: the same losses, up to the GPU's non-deterministic reductions, hence 1e-2 and not
+0), validation and a fault-injected step in between included.  bf16, as the graph needs for MoE layers (config.py).
 ``pytest -m gpu``; skipped without a GPU.  CPU-side checks: the config refusals
 (tests/unit/test_config.py), the checkpoint's RNG states (tests/layer/test_checkpoint_save.py),
 and the step's host reads (tests/layer/test_host_work.py)."""
@@ -22,6 +22,8 @@ def test_graph_replays_train_as_the_eager_run(tmp_path):
         result = torchrun([*common, f"run_dir={run_dir}", f"train.cuda_graph={graph}"],
                           nproc=1)
         check(result)
+        assert ("is captured as a CUDA graph after 2 eager steps" in result.stdout) == (
+            graph == "full_iteration")
         runs[graph] = (metrics(run_dir), metrics(run_dir, "valid"))
     (eager, eager_valid), (graphed, graphed_valid) = runs["none"], runs["full_iteration"]
     assert sorted(graphed) == list(range(1, 10))
