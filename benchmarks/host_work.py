@@ -173,6 +173,9 @@ def run(args):
     for name, path, overrides in variants(args):
         moe_logging.destroy_moe_metrics_tracker()
         config = load_config(path, overrides)
+        if config.train.cuda_graph != "none":  # its steps call the schedule itself, eagerly
+            raise ValueError("host_work counts and times the eager step; the CUDA graph's step "
+                             "time: gpu_check --compare train.cuda_graph=full_iteration")
         device = parallel.initialize(config)
         run_dir = tmp / path.stem
         run_dir.mkdir()
