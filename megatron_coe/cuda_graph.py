@@ -61,9 +61,9 @@ def use_stream(config) -> None:
         from megatron.core.full_cuda_graph import get_shared_capture_stream
 
         stream = get_shared_capture_stream()
-        stream.wait_stream(torch.cuda.current_stream())
     else:
         stream = torch.cuda.default_stream()
+    stream.wait_stream(torch.cuda.current_stream())  # after whatever the last one queued
     torch.cuda.set_stream(stream)
 
 
