@@ -157,7 +157,7 @@ def run(args):
     from megatron.core.utils import unwrap_model
     from megatron.core.transformer.moe import moe_logging
 
-    from megatron_coe import parallel
+    from megatron_coe import cuda_graph, parallel
     from megatron_coe.config import load_config
     from megatron_coe.data import dataset
     from megatron_coe.host_ops import HostOps
@@ -173,7 +173,7 @@ def run(args):
     for name, path, overrides in variants(args):
         moe_logging.destroy_moe_metrics_tracker()
         config = load_config(path, overrides)
-        if config.train.cuda_graph != "none":  # its steps call the schedule itself, eagerly
+        if cuda_graph.enabled(config):  # its steps call the schedule itself, eagerly
             raise ValueError("host_work counts and times the eager step; the CUDA graph's step "
                              "time: gpu_check --compare train.cuda_graph=full_iteration")
         device = parallel.initialize(config)

@@ -130,7 +130,7 @@ def _rng_state() -> dict:
 
     # the tracker's graph-safe form (train.cuda_graph) holds generators: their state tensors are
     # saved, the same bytes as the plain form's, so either form resumes the other
-    tracker = {name: s.get_state() if isinstance(s, torch.Generator) else s
+    tracker = {name: tensor_parallel.random.convert_cuda_rng_state(s)
                for name, s in tensor_parallel.get_cuda_rng_tracker().get_states().items()}
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "tracker": tracker}
     if torch.cuda.is_available() and not cpu.is_active():

@@ -206,6 +206,11 @@ def paper_config(args, file: str, run_dir: Path, micro_batch: int):
     return load_config(path, overrides + args.set)
 
 
+def with_overrides(args, overrides: list[str]):
+    """``args`` for one --compare setting: its overrides after --set."""
+    return argparse.Namespace(**{**vars(args), "set": args.set + overrides})
+
+
 def settings_error(args) -> str | None:
     """What makes a config that a part would run invalid, or None: every config of the parts
     asked for is built (not run) before any part runs, so a setting this device or config
@@ -219,8 +224,7 @@ def settings_error(args) -> str | None:
                 pass  # a missing or unreadable reference file: part (a) records it
         if "b" in args.parts:
             m = args.micro_batches[0]
-            compared = [argparse.Namespace(**{**vars(args), "set": args.set + overrides})
-                        for overrides in args.compare]
+            compared = [with_overrides(args, overrides) for overrides in args.compare]
             for setting, sizes in [(args, args.micro_batches), *((c, [m]) for c in compared)]:
                 for size in sizes:
                     for _, file in PAPER:
@@ -244,7 +248,7 @@ def measure_paper(args, work: Path, progress=None) -> dict:
         measure_setting(args, work / f"paper-mb{m}", m, done_so_far)
     m = args.micro_batches[0]
     for i, overrides in enumerate(args.compare):
-        other = argparse.Namespace(**{**vars(args), "set": args.set + overrides})
+        other = with_overrides(args, overrides)
         label = " ".join(overrides)
 
         def compared_so_far(setting, i=i, overrides=overrides):

@@ -74,8 +74,9 @@ def _aux_scores_from_routing(logits, topk, score_function, fused=False, padding_
     ``torch.topk`` + scatter.  On CPU that took one router's forward + backward (2048 tokens x
     64 experts, one thread) from 6.57 to 5.03 ms (``benchmarks/cpu_backend.py``); in the H100
     trace of CoE-2(4/64) at micro-batch 32 Megatron's aux-loss scores took 0.67 ms per step,
-    0.51 of it the top-k (benchmarks/results/trace_sites_cuda_coe_scatter.json).  The scores are computed as Megatron computes
-    them.  Any other call (padding mask, other score function, fused) runs Megatron's own."""
+    0.51 of it the top-k (benchmarks/results/trace_sites_cuda_coe_scatter.json).  The scores
+    are computed as Megatron computes them.  Any other call (padding mask, other score
+    function, fused) runs Megatron's own."""
     global _LAST_ROUTING
     from megatron.core.transformer.moe import moe_utils
 
@@ -96,6 +97,5 @@ def install() -> None:
     from megatron.core.transformer.moe import router
 
     _LAST_ROUTING = None
-
     router.topk_routing_with_score_function = _topk_routing_remembered
     router.compute_routing_scores_for_aux_loss = _aux_scores_from_routing
