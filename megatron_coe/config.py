@@ -635,6 +635,13 @@ def _validate_fp8(config: Config) -> None:
                          f"(got {config.precision})")
     if f8.backend == "torch":
         moe = config.model.moe
+        if config.device == "cpu":
+            from megatron_coe.model.fp8 import cpu_problem
+
+            problem = cpu_problem()
+            if problem:
+                raise ValueError(f"fp8.backend=torch cannot run on device=cpu with this torch: "
+                                 f"{problem}; use device=cuda or fp8.enabled=false")
         if config.model.impl == "transformer_engine":
             raise ValueError("fp8.backend=torch quantizes the grouped experts of the local spec; "
                              "model.impl=transformer_engine builds Transformer Engine's: use "

@@ -22,13 +22,15 @@ master weights and bf16 gradients:
 
 Devices: on CUDA with ``torch._scaled_grouped_mm`` (torch >= 2.8; Hopper) one grouped kernel, with
 every group's rows padded to a multiple of 16 (:func:`pad_groups`; the kernel's alignment) and the
-padding removed after; elsewhere one ``torch._scaled_mm`` per non-empty group (torch has CPU kernels
-for it; its CPU result equals dequantize-then-matmul in fp32).  The grouped kernel takes e4m3
+padding removed after; elsewhere one ``torch._scaled_mm`` per non-empty group (torch 2.14 has CPU
+kernels for it, with a scale per row; torch 2.11's CPU kernel takes one scale per operand only,
+so there the CPU is refused up front: :func:`cpu_problem`).  The grouped kernel takes e4m3
 operands only, so gradients are e4m3 too.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -42,6 +44,20 @@ ALIGN_ROWS = 16  # rows per group for the grouped CUDA kernel
 RECIPES = ("rowwise", "tensorwise")
 # amax below this is treated as this (a zero row quantizes to zeros with a finite scale)
 _TINY = 1e-12
+
+
+@functools.cache
+def cpu_problem() -> str | None:
+    """None where this torch's CPU ``_scaled_mm`` takes the scales :func:`grouped_scaled_mm`
+    passes (a scale per row of A and per column of B), else why not, in one line."""
+    a = torch.ones(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                         out_dtype=torch.float32)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        return (f"torch {torch.__version__}'s CPU _scaled_mm takes no scale per row "
+                f"({type(e).__name__}: {str(e).strip().splitlines()[0][:120]})")
+    return None
 
 
 @dataclass(frozen=True)

@@ -283,6 +283,9 @@ def test_torch_fp8_backend_runs_every_iteration_in_fp8(monkeypatch):
     expert weight gradient stay within FP8 error of the same layer in bf16 (same weights)."""
     from megatron_coe.model import build_moe_layer, fp8
 
+    if fp8.cpu_problem():
+        pytest.skip(fp8.cpu_problem())
+
     def config(fp8_on):
         return config_from_dict({
             "precision": "bf16",

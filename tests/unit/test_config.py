@@ -193,3 +193,19 @@ def test_smoke_entry_point_fails_before_any_process_group(monkeypatch, capsys):
     monkeypatch.setattr(dist, "init_process_group", forbidden)
     assert smoke.main([TINY, "model.moe.topk=99"]) == 2
     assert "model.moe.topk=99 exceeds" in capsys.readouterr().err
+
+
+def test_torch_fp8_on_a_cpu_without_rowwise_scaled_mm_is_refused(monkeypatch):
+    """fp8.backend=torch on device=cpu where torch's CPU _scaled_mm takes one scale per operand
+    (torch 2.11): refused at the config, naming the reason, not an internal assert mid-step."""
+    from megatron_coe.model import fp8
+
+    fp8_torch = {"precision": "bf16", "fp8": {"enabled": True, "backend": "torch",
+                                              "format": "e4m3", "recipe": "rowwise"},
+                 "model": {"hidden_size": 64, "moe": {"expert_hidden_size": 32}}}
+    monkeypatch.setattr(fp8, "cpu_problem", lambda: "torch X's CPU _scaled_mm takes no scale")
+    with pytest.raises(ValueError, match="fp8.backend=torch cannot run on device=cpu with this "
+                                         "torch: torch X's CPU _scaled_mm takes no scale"):
+        config_from_dict(fp8_torch)
+    monkeypatch.setattr(fp8, "cpu_problem", lambda: None)
+    assert config_from_dict(fp8_torch).fp8.backend == "torch"
