@@ -23,9 +23,10 @@ import torch
 
 from megatron_coe.config import Config
 
-# bf16 dense peak TFLOP/s per device, by substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0,
-               "GB200": 2500.0, "L40S": 362.1}
+# bf16 dense peak TFLOP/s per device, by substring of torch.cuda.get_device_name(); the longest
+# matching key wins ("H100 PCIe" over "H100", "GB200" over "B200").
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+               "H800": 989.4, "A100": 312.0, "B200": 2250.0, "GB200": 2500.0, "L40S": 362.1}
 
 
 def active_expert_passes(config: Config) -> float:
@@ -105,9 +106,9 @@ def peak_tflops(config: Config) -> float | None:
         return config.train.peak_tflops
     if config.device == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, value in PEAK_TFLOPS.items():
+        for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
             if key in name:
-                return value
+                return PEAK_TFLOPS[key]
     return None
 
 
