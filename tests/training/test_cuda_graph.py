@@ -1,10 +1,10 @@
 """train.cuda_graph=full_iteration on one GPU: after the warm-up every training step is a replay
 of one captured CUDA graph, and the run trains as the eager one does (the same kernels in the
 same order: the same losses, up to the GPU's non-deterministic reductions, hence 1e-2 and not
-0), validation and a fault-injected step in between included.  bf16, as the graph needs for MoE layers (config.py).
-``pytest -m gpu``; skipped without a GPU.  CPU-side checks: the config refusals
-(tests/unit/test_config.py), the checkpoint's RNG states (tests/layer/test_checkpoint_save.py),
-and the step's host reads (tests/layer/test_host_work.py)."""
+0), validation and a fault-injected step in between included.  bf16, as the graph needs for
+MoE layers (config.py).  ``pytest -m gpu``; skipped without a GPU.  CPU-side checks: the
+config refusals (tests/unit/test_config.py), the checkpoint's RNG states
+(tests/layer/test_checkpoint_save.py), and the step's host reads (tests/layer/test_host_work.py)."""
 
 import pytest
 
