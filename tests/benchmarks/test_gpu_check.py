@@ -205,6 +205,29 @@ def test_gpu_check_keeps_the_other_parts_when_one_fails(tmp_path, monkeypatch):
     assert res["host"]["detail"].endswith("CUDA out of memory")  # the cause, kept
 
 
+def test_part_d_profiles_with_the_set_overrides_but_no_cuda_graph(tmp_path, monkeypatch):
+    """Part (d) profiles the configs part (b) times (--set reaches host_work), except a
+    train.cuda_graph setting, which host_work refuses (it times eager steps) and the result
+    names as left out."""
+    from megatron_coe import gpu_check as check
+
+    seen = []
+
+    def run_benchmark(name, options, work):
+        seen.append(options)
+        return {"configs": {}}, f"python benchmarks/{name}.py"
+
+    monkeypatch.setattr(check, "run_benchmark", run_benchmark)
+    args = check.parse_args(["--parts", "d", "--micro-batches", "16", "--set",
+                             "model.loss_fusion=true", "train.cuda_graph=full_iteration"])
+    result = check.host_profile(args, tmp_path)
+    options = seen[0][seen[0].index("--set") + 1:]
+    assert options == ["model.loss_fusion=true", "train.global_batch_size=32",
+                       "train.micro_batch_size=16"]
+    assert result["left_out"] == ["train.cuda_graph=full_iteration"]
+    assert "left_out" not in check.host_profile(check.parse_args(["--parts", "d"]), tmp_path)
+
+
 def test_gpu_check_writes_as_it_goes_and_keeps_part_b_up_to_a_failure(tmp_path, monkeypatch):
     """The JSON is on disk (complete: false) while configs still run; a failure that ends part
     (b) early keeps the configs already measured next to the error."""

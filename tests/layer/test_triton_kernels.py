@@ -30,10 +30,23 @@ interpreted = pytest.mark.usefixtures("triton_interpreter")
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request):
-    """The kernels on CPU tensors through Triton's interpreter, and compiled on a GPU."""
+    """The kernels on CPU tensors through Triton's interpreter, and compiled on a GPU.  A CUDA
+    test runs with the CPU backend off: ``one_rank_groups`` (or an earlier CPU test in this
+    process) turns it on, and its ``torch.cuda.current_device`` -> cpu redirect would send
+    Inductor's and Triton's device queries to the CPU."""
+    from megatron_coe import cpu
+
     if request.param == "cpu":
         request.getfixturevalue("triton_interpreter")
-    return request.param
+        yield request.param
+        return
+    was_active = cpu.is_active()
+    cpu.disable()
+    try:
+        yield request.param
+    finally:
+        if was_active:
+            cpu.enable("cpu")
 
 
 @pytest.mark.parametrize("vocab", [50, 5000], ids=["one-block", "two-blocks"])
