@@ -61,6 +61,8 @@ CLASSES = [
     ("communication", r"nccl|all_to_all|allreduce|all_reduce|c10d|gloo"),
     # torch.compile's generated kernels (the fused SwiGLU), named after the ops they fuse
     ("compiled (Triton)", r"^triton_"),
+    # this package's hand-written Triton kernels (model.fused_kernels: triton)
+    ("Triton (loss, SwiGLU)", r"^coe_(swiglu|cross_entropy)_"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*(fprop|bprop|dgrad)|_efficient_attention"),
     ("GEMM", r"gemm|cutlass|xmma|cublas|nvjet|matmul|grouped_mm|\bmm\b|aten::mm|aten::bmm"

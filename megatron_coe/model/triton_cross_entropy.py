@@ -28,8 +28,8 @@ MAX_BLOCK = 4096  # vocabulary entries per program step
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, target_ptr, loss_ptr, lse_ptr, V, row_stride,
-                    BLOCK: tl.constexpr):
+def coe_cross_entropy_forward(logits_ptr, target_ptr, loss_ptr, lse_ptr, V, row_stride,
+                              BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * row_stride
     cols = tl.arange(0, BLOCK)
@@ -50,8 +50,8 @@ def _forward_kernel(logits_ptr, target_ptr, loss_ptr, lse_ptr, V, row_stride,
 
 
 @triton.jit
-def _backward_kernel(logits_ptr, target_ptr, lse_ptr, grad_ptr, out_ptr, V, row_stride,
-                     BLOCK: tl.constexpr):
+def coe_cross_entropy_backward(logits_ptr, target_ptr, lse_ptr, grad_ptr, out_ptr, V,
+                               row_stride, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < V
@@ -83,7 +83,7 @@ def token_loss(logits: torch.Tensor, target: torch.Tensor):
     lse = torch.empty_like(loss)
     block, warps = _block(V)
     if z.shape[0] > 0:
-        _forward_kernel[(z.shape[0],)](z, t, loss, lse, V, z.stride(0), BLOCK=block,
+        coe_cross_entropy_forward[(z.shape[0],)](z, t, loss, lse, V, z.stride(0), BLOCK=block,
                                        num_warps=warps)
     return loss.view(target.shape), lse.view(target.shape)
 
@@ -96,7 +96,7 @@ def logits_grad(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
     out = torch.empty(z.shape, dtype=logits.dtype, device=z.device)
     block, warps = _block(V)
     if z.shape[0] > 0:
-        _backward_kernel[(z.shape[0], triton.cdiv(V, block))](
+        coe_cross_entropy_backward[(z.shape[0], triton.cdiv(V, block))](
             z, target.reshape(-1).contiguous(), lse.reshape(-1).contiguous(),
             grad.reshape(-1).float().contiguous(), out, V, z.stride(0), BLOCK=block,
             num_warps=warps)

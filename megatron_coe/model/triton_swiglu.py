@@ -31,8 +31,8 @@ TILE = 4096  # elements per program step: BLOCK_R x BLOCK_F
 
 
 @triton.jit
-def _forward_kernel(z_ptr, p_ptr, out_ptr, R, F, HAS_P: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_F: tl.constexpr):
+def coe_swiglu_forward(z_ptr, p_ptr, out_ptr, R, F, HAS_P: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     row_in = rows < R
@@ -48,8 +48,8 @@ def _forward_kernel(z_ptr, p_ptr, out_ptr, R, F, HAS_P: tl.constexpr, BLOCK_R: t
 
 
 @triton.jit
-def _backward_kernel(z_ptr, p_ptr, g_ptr, dz_ptr, dp_ptr, R, F, HAS_P: tl.constexpr,
-                     WANT_DP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+def coe_swiglu_backward(z_ptr, p_ptr, g_ptr, dz_ptr, dp_ptr, R, F, HAS_P: tl.constexpr,
+                        WANT_DP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_in = rows < R
     if HAS_P:
@@ -103,7 +103,7 @@ class SwiGLU(torch.autograd.Function):
         if R == 0:
             return out
         block_r, block_f, warps = _blocks(F)
-        _forward_kernel[(triton.cdiv(R, block_r), triton.cdiv(F, block_f))](
+        coe_swiglu_forward[(triton.cdiv(R, block_r), triton.cdiv(F, block_f))](
             z, z if p is None else p, out, R, F, HAS_P=p is not None, BLOCK_R=block_r,
             BLOCK_F=block_f, num_warps=warps)
         return out
@@ -118,7 +118,7 @@ class SwiGLU(torch.autograd.Function):
         if R == 0:
             return dz, dp
         block_r, block_f, warps = _blocks(F)
-        _backward_kernel[(triton.cdiv(R, block_r),)](
+        coe_swiglu_backward[(triton.cdiv(R, block_r),)](
             z, z if p is None else p, grad.contiguous(), dz, z if dp is None else dp, R, F,
             HAS_P=p is not None, WANT_DP=dp is not None, BLOCK_R=block_r, BLOCK_F=block_f,
             num_warps=warps)

@@ -107,3 +107,23 @@ def test_a_training_step_reads_the_device_three_times(iterations, micro_batches)
     assert set(ops.sync_sites) == {"train.py:mean_loss_over_dp", "train.py:grads_are_finite",
                                    "clip_grads.py:get_grad_norm_fp32"}, ops.summary()
     assert n_params > 20  # per-parameter reads would have shown
+
+
+def test_kernel_classes_name_the_triton_kernels_apart():
+    """The profile's classes tell this package's Triton kernels (model.fused_kernels=triton)
+    from torch.compile's generated ones and from the GEMMs they sit beside."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from host_work import kernel_class
+
+    from megatron_coe.model import triton_cross_entropy, triton_swiglu
+
+    for kernel in (triton_swiglu.coe_swiglu_forward, triton_swiglu.coe_swiglu_backward,
+                   triton_cross_entropy.coe_cross_entropy_forward,
+                   triton_cross_entropy.coe_cross_entropy_backward):
+        assert kernel_class(kernel.fn.__name__) == "Triton (loss, SwiGLU)"
+    assert kernel_class("triton_poi_fused_mul_silu_split_0") == "compiled (Triton)"
+    assert kernel_class("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN") == "GEMM"

@@ -200,20 +200,20 @@ def build(name, fn, signature, constexprs, warps):
                  "vector_loads": len(re.findall(r"ld\.global(?:\.[a-z0-9]+)*\.v[248]", ptx))}
 
 block, warps = ce._block(32768)
-build("ce_forward", ce._forward_kernel,
+build("ce_forward", ce.coe_cross_entropy_forward,
       {"logits_ptr": "*bf16", "target_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32",
        "V": "i32", "row_stride": "i32", "BLOCK": "constexpr"}, {"BLOCK": block}, warps)
-build("ce_backward", ce._backward_kernel,
+build("ce_backward", ce.coe_cross_entropy_backward,
       {"logits_ptr": "*bf16", "target_ptr": "*i64", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
        "out_ptr": "*bf16", "V": "i32", "row_stride": "i32", "BLOCK": "constexpr"},
       {"BLOCK": block}, warps)
 block_r, block_f, warps = sw._blocks(704)
 for p in (True, False):
     blocks = {"HAS_P": p, "BLOCK_R": block_r, "BLOCK_F": block_f}
-    build(f"swiglu_forward_p{int(p)}", sw._forward_kernel,
+    build(f"swiglu_forward_p{int(p)}", sw.coe_swiglu_forward,
           {"z_ptr": "*bf16", "p_ptr": "*fp32", "out_ptr": "*bf16", "R": "i32", "F": "i32",
            "HAS_P": "constexpr", "BLOCK_R": "constexpr", "BLOCK_F": "constexpr"}, blocks, warps)
-    build(f"swiglu_backward_p{int(p)}", sw._backward_kernel,
+    build(f"swiglu_backward_p{int(p)}", sw.coe_swiglu_backward,
           {"z_ptr": "*bf16", "p_ptr": "*fp32", "g_ptr": "*bf16", "dz_ptr": "*bf16",
            "dp_ptr": "*fp32", "R": "i32", "F": "i32", "HAS_P": "constexpr",
            "WANT_DP": "constexpr", "BLOCK_R": "constexpr", "BLOCK_F": "constexpr"},
