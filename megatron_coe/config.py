@@ -39,7 +39,7 @@ DATA_SOURCES = ("arithmetic", "jsonl", "indexed")
 LR_DECAYS = ("cosine", "linear", "constant", "wsd")
 RECOMPUTE = ("none", "full", "moe", "experts", "moe_act")
 DEVICES = ("cpu", "cuda")
-FUSED_KERNELS = ("compile", "triton")
+FUSED_KERNELS = ("auto", "compile", "triton")
 CUDA_GRAPHS = ("none", "full_iteration")
 # model.impl: Megatron's two layer implementations (Megatron-LM's --transformer-impl), or auto:
 # Transformer Engine on CUDA when it is importable, else the local spec (always on CPU).
@@ -143,6 +143,38 @@ def swiglu_fusion(config: "Config") -> bool:
     return config.device == "cuda" and swiglu_fusion_blocker(m) is None
 
 
+def triton_kernels_available(config: "Config") -> bool:
+    """Whether model.fused_kernels=auto may pick this package's Triton kernels: a CUDA run with
+    the triton package (torch's CUDA wheels bring it).  A run also tries them on its GPU before
+    it keeps them (model.build.resolve_fused_kernels)."""
+    return config.device == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def loss_fusion(config: "Config") -> bool:
+    """Whether the loss runs as the fused kernels of model/loss.py, as far as the config says:
+    model.loss_fusion when set; auto: on where the Triton kernels may run (only they are faster
+    than Megatron's loss on the H100: docs/performance.md), model.fused_kernels is not compile,
+    the vocabulary is whole on each rank and Megatron's own fused loss is not asked for."""
+    m = config.model
+    if m.loss_fusion is not None:
+        return m.loss_fusion
+    return (m.fused_kernels != "compile" and triton_kernels_available(config)
+            and config.parallel.tensor == 1
+            and not m.transformer_overrides.get("cross_entropy_loss_fusion"))
+
+
+def fused_kernels(config: "Config") -> str:
+    """model.fused_kernels as far as the config says: explicit compile or triton; auto: triton
+    where the Triton kernels may run and a fusion is on (the SwiGLU's or the loss's), else
+    compile."""
+    m = config.model
+    if m.fused_kernels != "auto":
+        return m.fused_kernels
+    if triton_kernels_available(config) and (swiglu_fusion(config) or loss_fusion(config)):
+        return "triton"
+    return "compile"
+
+
 def grouped_experts(config: "Config") -> bool:
     """Whether MoE/CoE layers use grouped-GEMM experts (model.moe.grouped_gemm, resolved).
 
@@ -224,21 +256,24 @@ class ModelConfig:
     # and with transformer_overrides it cannot run with (SWIGLU_FUSION_BLOCKERS); a run writes
     # the resolved choice into its config.yaml.
     swiglu_fusion: Optional[bool] = None
-    # The language-model loss as two compiled kernels (megatron_coe/model/loss.py): the logits
+    # The language-model loss as two fused kernels (megatron_coe/model/loss.py): the logits
     # read once in their dtype, logsumexp kept per token, the gradient written once, instead of
-    # Megatron's fp32 steps over [tokens, vocabulary].  Keeps 1 GiB less at the paper configs'
-    # 16k tokens x 32k vocabulary; on one H100 with torch 2.11 (2026-11-27) the kernels
-    # torch.compile generates made the MoE(8/64) step 16 ms slower (docs/performance.md), so it
-    # is off unless asked for.  Unsplit vocabulary only (parallel.tensor 1).
-    loss_fusion: bool = False
+    # Megatron's fp32 steps over [tokens, vocabulary]; keeps 1 GiB less at the paper configs'
+    # 16k tokens x 32k vocabulary.  null (auto): on where model.fused_kernels resolves to
+    # triton (CUDA with the triton package) and the vocabulary is whole on each rank
+    # (parallel.tensor 1); off elsewhere: as torch.compile generates them the kernels made the
+    # H100 step slower than Megatron's loss (docs/performance.md).  A run writes the resolved
+    # choice into its config.yaml.
+    loss_fusion: Optional[bool] = None
     # How the fused kernels above are made: "compile" (torch.compile of the torch math, as
     # Megatron's fused SwiGLU is) or "triton" (this package's hand-written Triton kernels,
     # model/triton_cross_entropy.py and model/triton_swiglu.py: the loss, and the SwiGLU of
     # the local spec's grouped experts and shared expert; per-expert GEMM experts and
     # Transformer Engine's layers keep their own).  triton needs device=cuda (the tests run
-    # it on CPU under Triton's interpreter, TRITON_INTERPRET=1) and one of the two fusions on;
-    # it is not yet measured on a GPU, so compile stays the default.
-    fused_kernels: str = "compile"
+    # it on CPU under Triton's interpreter, TRITON_INTERPRET=1) and one of the two fusions on.
+    # auto: triton on CUDA where the triton package imports, the kernels run on the GPU (tried
+    # once per process) and a fusion is on; compile elsewhere.
+    fused_kernels: str = "auto"
 
 
 @dataclass
@@ -975,14 +1010,14 @@ def _graph_blocker_in_moe(config: Config) -> str | None:
 def _validate_fused_kernels(config: "Config") -> None:
     m = config.model
     _choice(m.fused_kernels, FUSED_KERNELS, "model.fused_kernels")
-    if m.fused_kernels == "compile":
+    if m.fused_kernels != "triton":
         return
     # Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported) runs the kernels
     # on CPU tensors: the tests use it; far too slow for training
     if config.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"model.fused_kernels=triton runs Triton kernels on a GPU; "
                          f"device={config.device}: use model.fused_kernels=compile")
-    if m.swiglu_fusion is False and not m.loss_fusion:
+    if m.swiglu_fusion is False and not loss_fusion(config):
         raise ValueError("model.fused_kernels=triton picks the kernels of model.swiglu_fusion "
                          "and model.loss_fusion, and both are off: turn one on or drop "
                          "model.fused_kernels")

@@ -13,7 +13,7 @@ source unless ``--data`` gives a jsonl file.  Parts (``--parts``, default all):
      its loss at every logged step against the checked-in CPU reference
      (tests/training/reference_losses.json, "one_process"): pass when every |difference| <=
      ``--tolerance`` (5e-3).  The exit status is 1 when it fails.  ``--reference-set
-     KEY=VALUE ...`` runs it with other kernels (model.fused_kernels=triton, ...).
+     KEY=VALUE ...`` runs it with other kernels (model.fused_kernels=compile, ...).
   b  speed: the paper-scale configs MoE(8/64), CoE-2(4/64), MoE(7/64), CoE-2(3/64) and
      CoE-2(4/48) (configs/paper/) in bf16, each trained for ``--warmup`` + ``--steps`` steps by
      coe-train's loop on 32 x 512 tokens per step, without evaluation or final checkpoint,
@@ -27,7 +27,8 @@ source unless ``--data`` gives a jsonl file.  Parts (``--parts``, default all):
   c  one layer: benchmarks/coe_layer.py's CoE/MoE pairs (EP = 1, hidden 1024, experts of hidden
      704, 4096 tokens, bf16; fp32 on CPU), run from the checkout.
   d  host work and profile: benchmarks/host_work.py on MoE(8/64) and CoE-2(4/64) at the paper's
-     sizes, part b's step in micro-batches of the first ``--micro-batches`` size: ops launched
+     sizes with ``--set`` (but a CUDA graph: it profiles the eager step, whose kernels a graph
+     replays), part b's step in micro-batches of the first ``--micro-batches`` size: ops launched
      and device reads per training step, and over two profiled steps the
      GPU time per kernel class (GEMM, attention, element-wise, ...) and the fraction of the
      time some kernel ran (the rest: the GPU waiting for the host), run from the checkout.
@@ -527,7 +528,7 @@ def parse_args(argv):
     p.add_argument("--reference-steps", type=int,
                    help="stop part a after this many of the reference's steps (default: all)")
     p.add_argument("--reference-set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="part a: overrides for the tiny run, e.g. model.fused_kernels=triton "
+                   help="part a: overrides for the tiny run, e.g. model.fused_kernels=compile "
                    "model.loss_fusion=true model.swiglu_fusion=true to check those kernels "
                    "against the CPU reference")
     p.add_argument("--tolerance", type=float, default=5e-3)

@@ -8,7 +8,8 @@ Engine when it is importable (``auto``) or asked for by name.  ``model.swiglu_fu
 Megatron's fused SwiGLU kernels in either spec (:func:`resolve_swiglu_fusion`);
 ``model.loss_fusion`` the fused loss of loss.py, through GPTModel's one subclass there;
 ``model.fused_kernels`` whether those fused kernels are torch.compile'd or this package's
-Triton kernels.
+Triton kernels (:func:`resolve_fused_kernels`; auto: Triton, with the fused loss, on a GPU
+where they run).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_coe import cuda_graph, parallel
-from megatron_coe.config import (CoEConfig, Config, grouped_experts, swiglu_fusion,
-                                 swiglu_fusion_blocker, te_only_overrides)
+from megatron_coe.config import (CoEConfig, Config, fused_kernels, grouped_experts, loss_fusion,
+                                 swiglu_fusion, swiglu_fusion_blocker, te_only_overrides)
 from megatron_coe.model import aux_topk
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.model.loss import CoEGPTModel
@@ -212,24 +213,91 @@ def fused_swiglu_error(device_type: str, dtype: torch.dtype) -> str | None:
     return _FUSED_SWIGLU_ERRORS[key]
 
 
+def resolve_fused_kernels(config: Config) -> tuple[str, bool, str]:
+    """(model.fused_kernels, model.loss_fusion) as this process runs them, and why.  What the
+    config says (config.fused_kernels and config.loss_fusion: explicit, or auto: the Triton
+    kernels and the fused loss on CUDA with the triton package); auto's Triton is then kept
+    only if the kernels run a forward and backward on the device in the run's dtype, tried
+    once per process, so a GPU Triton cannot compile for runs Megatron's loss and the compiled
+    SwiGLU instead of failing in the first step."""
+    m = config.model
+    kernels, fused_loss = fused_kernels(config), loss_fusion(config)
+    if m.fused_kernels != "auto":
+        return kernels, fused_loss, f"model.fused_kernels={kernels}"
+    if kernels == "compile":
+        return kernels, fused_loss, ("auto: compile on CPU" if config.device != "cuda" else
+                                     "auto: compile (no triton package, or no fusion on)")
+    error = triton_kernels_error(_DTYPES[config.precision])
+    if error is None:
+        return kernels, fused_loss, "auto: device=cuda and the Triton kernels run here"
+    return ("compile", bool(m.loss_fusion),
+            f"auto: the Triton kernels failed on this GPU ({error}); compile")
+
+
+_TRITON_ERRORS: dict[torch.dtype, str | None] = {}
+
+
+def triton_kernels_error(dtype: torch.dtype) -> str | None:
+    """None when this package's Triton SwiGLU and loss kernels run forward and backward on the
+    current GPU in ``dtype``, else the error in one line; tried once per process, without
+    touching the random number generators' state."""
+    if dtype not in _TRITON_ERRORS:
+        error = None
+        try:
+            from megatron_coe.model.loss import fused_cross_entropy
+            from megatron_coe.model.triton_swiglu import weighted_swiglu
+
+            device = torch.device("cuda", torch.cuda.current_device())
+            with torch.random.fork_rng(devices=[device]):
+                z = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
+                p = torch.rand(8, device=device, requires_grad=True)
+                logits = torch.randn(2, 4, 40, device=device, dtype=dtype, requires_grad=True)
+                target = torch.randint(0, 40, (2, 4), device=device)
+                (weighted_swiglu(z, p).float().sum()
+                 + fused_cross_entropy(logits, target, "triton").float().sum()).backward()
+        except Exception as e:  # no usable GPU, or Triton's compiler error
+            lines = str(e).strip().splitlines()
+            error = f"{type(e).__name__}: {lines[0] if lines else ''}"
+        _TRITON_ERRORS[dtype] = error
+    return _TRITON_ERRORS[dtype]
+
+
+def _on_every_rank(config: Config, ok: bool) -> bool:
+    """``ok`` and-ed over the ranks (one all-reduce), so that every rank runs the same kernels."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return ok
+    on = torch.tensor([int(ok)], device="cuda" if config.device == "cuda" else "cpu")
+    dist.all_reduce(on, op=dist.ReduceOp.MIN)
+    return bool(on.item())
+
+
 def with_resolved_impl(config: Config) -> Config:
-    """``config`` with model.impl and model.swiglu_fusion resolved (see :func:`resolve_impl`,
-    :func:`resolve_swiglu_fusion`); prints each choice and the reason once, on rank 0."""
+    """``config`` with model.impl, model.swiglu_fusion, model.fused_kernels and
+    model.loss_fusion resolved (see :func:`resolve_impl`, :func:`resolve_swiglu_fusion`,
+    :func:`resolve_fused_kernels`); prints each choice and the reason once, on rank 0."""
     import torch.distributed as dist
 
     impl, why = resolve_impl(config)
     fusion, fusion_why = resolve_swiglu_fusion(config)
-    if dist.is_initialized() and config.model.swiglu_fusion is None:
-        # auto: every rank runs the same kernels, fused only where all of them can
-        on = torch.tensor([int(fusion)], device="cuda" if config.device == "cuda" else "cpu")
-        dist.all_reduce(on, op=dist.ReduceOp.MIN)
-        if fusion and not on.item():
-            fusion, fusion_why = False, "auto: torch.compile failed on another rank"
+    # auto: every rank runs the same kernels, fused only where all of them can (the conditions
+    # for the collectives are the same on every rank)
+    if config.model.swiglu_fusion is None and not _on_every_rank(config, fusion) and fusion:
+        fusion, fusion_why = False, "auto: torch.compile failed on another rank"
+    kernels, fused_loss, kernels_why = resolve_fused_kernels(config)
+    if (config.model.fused_kernels == "auto" and fused_kernels(config) == "triton"
+            and not _on_every_rank(config, kernels == "triton") and kernels == "triton"):
+        kernels, fused_loss = "compile", bool(config.model.loss_fusion)
+        kernels_why = "auto: the Triton kernels failed on another rank; compile"
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"model.impl: {impl} ({why})", flush=True)
         print(f"model.swiglu_fusion: {str(fusion).lower()} ({fusion_why})", flush=True)
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, impl=impl,
-                                                                 swiglu_fusion=fusion))
+        print(f"model.fused_kernels: {kernels}, model.loss_fusion: {str(fused_loss).lower()} "
+              f"({kernels_why})", flush=True)
+    return dataclasses.replace(config, model=dataclasses.replace(
+        config.model, impl=impl, swiglu_fusion=fusion, fused_kernels=kernels,
+        loss_fusion=fused_loss))
 
 
 def use_transformer_engine(config: Config) -> bool:
@@ -269,14 +337,14 @@ def build_model(config: Config) -> GPTModel:
     install_tracker()
     aux_topk.install()
     model = CoEGPTModel(
-        loss_fusion=config.model.loss_fusion,
-        fused_kernels=config.model.fused_kernels,
+        loss_fusion=loss_fusion(config),
+        fused_kernels=fused_kernels(config),
         config=tf_config,
         transformer_layer_spec=coe_block_spec(tf_config, _coe(config, te), te,
                                               config.parallel.overlap_expert_comm,
                                               config.train.recompute == "experts",
                                               expert_fp8_recipe=expert_fp8_recipe(config),
-                                              fused_kernels=config.model.fused_kernels),
+                                              fused_kernels=fused_kernels(config)),
         vocab_size=config.model.vocab_size,
         max_sequence_length=config.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -302,7 +370,7 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     block = coe_block_spec(tf_config, coe, te, config.parallel.overlap_expert_comm,
                            config.train.recompute == "experts" and not stock_megatron,
                            expert_fp8_recipe=None if stock_megatron else expert_fp8_recipe(config),
-                           fused_kernels=config.model.fused_kernels)
+                           fused_kernels=fused_kernels(config))
     moe_index = next(i for i in range(config.model.num_layers) if i not in config.model.dense_layers)
     layer = block.layer_specs[moe_index].submodules.mlp(
         config=tf_config, pg_collection=None, is_mtp_layer=False

@@ -82,11 +82,14 @@ def test_a_model_with_the_fused_loss_gives_megatrons_loss_and_gradients(kernels,
         assert torch.allclose(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-7), name
 
 
-def test_loss_fusion_is_opt_in_and_refused_where_it_cannot_run():
+def test_loss_fusion_is_auto_and_refused_where_it_cannot_run():
+    """Auto (null) resolves with model.fused_kernels (test_triton_kernels.py): on with the
+    Triton kernels on CUDA, off on CPU; an explicit true is refused where it cannot run."""
     from megatron_coe.checkpoint import model_definition
-    from megatron_coe.config import load_config
+    from megatron_coe.config import load_config, loss_fusion
 
-    assert load_config(None, ["device=cuda"]).model.loss_fusion is False
+    assert load_config(None, ["device=cuda"]).model.loss_fusion is None
+    assert loss_fusion(load_config(None, ["device=cpu"])) is False
     with pytest.raises(ValueError, match="model.loss_fusion=true needs the whole vocabulary on "
                                          "each rank; parallel.tensor=2 splits it"):
         load_config(None, ["parallel.tensor=2", "model.loss_fusion=true"])

@@ -152,14 +152,33 @@ def test_moe_act_on_the_triton_swiglu_gives_the_same_bits():
         assert torch.equal(a, b)
 
 
-def test_fused_kernels_is_compile_unless_asked_and_triton_needs_a_gpu(monkeypatch):
+def test_fused_kernels_auto_is_triton_on_cuda_and_triton_needs_a_gpu(monkeypatch):
+    from megatron_coe import config as cfg
     from megatron_coe.checkpoint import model_definition
     from megatron_coe.config import load_config
 
     pytest.importorskip("triton")
-    assert load_config(None, ["device=cuda"]).model.fused_kernels == "compile"
+    for device, kernels, fused_loss in (("cuda", "triton", True), ("cpu", "compile", False)):
+        config = load_config(None, [f"device={device}"])
+        assert config.model.fused_kernels == "auto" and config.model.loss_fusion is None
+        assert (cfg.fused_kernels(config), cfg.loss_fusion(config)) == (kernels, fused_loss)
+    # auto keeps Megatron's loss where the fused one cannot run or compile is asked for, and
+    # takes triton for the SwiGLU alone then
+    for override, kernels in (("parallel.tensor=2", "triton"),
+                              ("model.fused_kernels=compile", "compile"),
+                              ("model.transformer_overrides={cross_entropy_loss_fusion: true}",
+                               "triton")):
+        config = load_config(None, ["device=cuda", override])
+        assert (cfg.fused_kernels(config), cfg.loss_fusion(config)) == (kernels, False)
+    off = load_config(None, ["device=cuda", "model.swiglu_fusion=false",
+                             "model.loss_fusion=false"])
+    assert cfg.fused_kernels(off) == "compile"  # nothing for Triton to replace
+    monkeypatch.setattr(cfg.importlib.util, "find_spec", lambda name: None)
+    config = load_config(None, ["device=cuda"])
+    assert (cfg.fused_kernels(config), cfg.loss_fusion(config)) == ("compile", False)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="model.fused_kernels='fast' is not valid; use one of "
-                                         "compile, triton"):
+                                         "auto, compile, triton"):
         load_config(None, ["model.fused_kernels=fast"])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="model.fused_kernels=triton runs Triton kernels on a "
@@ -168,10 +187,33 @@ def test_fused_kernels_is_compile_unless_asked_and_triton_needs_a_gpu(monkeypatc
     with pytest.raises(ValueError, match="both are off: turn one on or drop "
                                          "model.fused_kernels"):
         load_config(None, ["device=cuda", "model.fused_kernels=triton",
-                           "model.swiglu_fusion=false"])
+                           "model.swiglu_fusion=false", "model.loss_fusion=false"])
     cuda = load_config(None, ["device=cuda", "model.fused_kernels=triton"])
     # a kernel choice, not the model: checkpoints load either way
     assert model_definition(cuda) == model_definition(load_config(None, ["device=cuda"]))
+
+
+def test_auto_keeps_the_triton_kernels_only_where_they_ran(monkeypatch):
+    """model.fused_kernels=auto on CUDA tries the kernels once per process and falls back to
+    compile, with Megatron's loss unless the fused one was asked for, where they failed."""
+    from megatron_coe.config import load_config
+    from megatron_coe.model import build
+
+    pytest.importorskip("triton")
+    cuda = load_config(None, ["device=cuda"])
+    monkeypatch.setitem(build._TRITON_ERRORS, torch.float32, None)
+    assert build.resolve_fused_kernels(cuda) == (
+        "triton", True, "auto: device=cuda and the Triton kernels run here")
+    monkeypatch.setitem(build._TRITON_ERRORS, torch.float32, "CompilationError: no ptxas")
+    assert build.resolve_fused_kernels(cuda) == (
+        "compile", False, "auto: the Triton kernels failed on this GPU (CompilationError: no "
+        "ptxas); compile")
+    asked = load_config(None, ["device=cuda", "model.loss_fusion=true"])
+    assert build.resolve_fused_kernels(asked)[:2] == ("compile", True)
+    named = load_config(None, ["device=cuda", "model.fused_kernels=triton"])
+    assert build.resolve_fused_kernels(named) == ("triton", True, "model.fused_kernels=triton")
+    assert build.resolve_fused_kernels(load_config(None, ["device=cpu"])) == (
+        "compile", False, "auto: compile on CPU")
 
 
 _COMPILE = r'''
