@@ -1017,7 +1017,7 @@ def _validate_fused_kernels(config: "Config") -> None:
     if config.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"model.fused_kernels=triton runs Triton kernels on a GPU; "
                          f"device={config.device}: use model.fused_kernels=compile")
-    if m.swiglu_fusion is False and not loss_fusion(config):
+    if not swiglu_fusion(config) and not loss_fusion(config):
         raise ValueError("model.fused_kernels=triton picks the kernels of model.swiglu_fusion "
                          "and model.loss_fusion, and both are off: turn one on or drop "
                          "model.fused_kernels")

@@ -214,12 +214,13 @@ def fused_swiglu_error(device_type: str, dtype: torch.dtype) -> str | None:
 
 
 def resolve_fused_kernels(config: Config) -> tuple[str, bool, str]:
-    """(model.fused_kernels, model.loss_fusion) as this process runs them, and why.  What the
-    config says (config.fused_kernels and config.loss_fusion: explicit, or auto: the Triton
-    kernels and the fused loss on CUDA with the triton package); auto's Triton is then kept
-    only if the kernels run a forward and backward on the device in the run's dtype, tried
-    once per process, so a GPU Triton cannot compile for runs Megatron's loss and the compiled
-    SwiGLU instead of failing in the first step."""
+    """(model.fused_kernels, model.loss_fusion) as this process runs them, and why, for a
+    ``config`` whose model.swiglu_fusion is resolved (or explicit).  What the config says
+    (config.fused_kernels and config.loss_fusion: explicit, or auto: the Triton kernels and the
+    fused loss on CUDA with the triton package); auto's Triton is then kept only if the kernels
+    run a forward and backward on the device in the run's dtype and block sizes, tried once per
+    process, so a GPU Triton cannot compile for runs Megatron's loss and the compiled SwiGLU
+    instead of failing in the first step."""
     m = config.model
     kernels, fused_loss = fused_kernels(config), loss_fusion(config)
     if m.fused_kernels != "auto":
@@ -227,21 +228,24 @@ def resolve_fused_kernels(config: Config) -> tuple[str, bool, str]:
     if kernels == "compile":
         return kernels, fused_loss, ("auto: compile on CPU" if config.device != "cuda" else
                                      "auto: compile (no triton package, or no fusion on)")
-    error = triton_kernels_error(_DTYPES[config.precision])
+    width = m.moe.expert_hidden_size if m.moe is not None else m.ffn_hidden_size
+    error = triton_kernels_error(_DTYPES[config.precision], m.vocab_size, width)
     if error is None:
         return kernels, fused_loss, "auto: device=cuda and the Triton kernels run here"
     return ("compile", bool(m.loss_fusion),
             f"auto: the Triton kernels failed on this GPU ({error}); compile")
 
 
-_TRITON_ERRORS: dict[torch.dtype, str | None] = {}
+_TRITON_ERRORS: dict[tuple[torch.dtype, int, int], str | None] = {}
 
 
-def triton_kernels_error(dtype: torch.dtype) -> str | None:
-    """None when this package's Triton SwiGLU and loss kernels run forward and backward on the
-    current GPU in ``dtype``, else the error in one line; tried once per process, without
-    touching the random number generators' state."""
-    if dtype not in _TRITON_ERRORS:
+def triton_kernels_error(dtype: torch.dtype, vocab: int = 40, width: int = 8) -> str | None:
+    """None when this package's Triton SwiGLU (``width`` columns) and loss (``vocab`` logits
+    per token) kernels run forward and backward on the current GPU in ``dtype``, with the block
+    sizes those widths choose, else the error in one line; tried once per process and shape,
+    on two rows, without touching the random number generators' state."""
+    key = (dtype, vocab, width)
+    if key not in _TRITON_ERRORS:
         error = None
         try:
             from megatron_coe.model.loss import fused_cross_entropy
@@ -249,21 +253,25 @@ def triton_kernels_error(dtype: torch.dtype) -> str | None:
 
             device = torch.device("cuda", torch.cuda.current_device())
             with torch.random.fork_rng(devices=[device]):
-                z = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
-                p = torch.rand(8, device=device, requires_grad=True)
-                logits = torch.randn(2, 4, 40, device=device, dtype=dtype, requires_grad=True)
-                target = torch.randint(0, 40, (2, 4), device=device)
+                z = torch.randn(2, 2 * width, device=device, dtype=dtype, requires_grad=True)
+                p = torch.rand(2, device=device, requires_grad=True)
+                logits = torch.randn(1, 2, vocab, device=device, dtype=dtype,
+                                     requires_grad=True)
+                target = torch.randint(0, vocab, (1, 2), device=device)
                 (weighted_swiglu(z, p).float().sum()
                  + fused_cross_entropy(logits, target, "triton").float().sum()).backward()
+                torch.cuda.synchronize(device)
         except Exception as e:  # no usable GPU, or Triton's compiler error
             lines = str(e).strip().splitlines()
             error = f"{type(e).__name__}: {lines[0] if lines else ''}"
-        _TRITON_ERRORS[dtype] = error
-    return _TRITON_ERRORS[dtype]
+        _TRITON_ERRORS[key] = error
+    return _TRITON_ERRORS[key]
 
 
 def _on_every_rank(config: Config, ok: bool) -> bool:
-    """``ok`` and-ed over the ranks (one all-reduce), so that every rank runs the same kernels."""
+    """``ok`` and-ed over the ranks (one all-reduce), so that every rank runs the same kernels.
+    Callers ask under conditions that depend on the config and the installed packages alone
+    (the same on every rank of a job), so every rank makes the same collectives."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -273,31 +281,41 @@ def _on_every_rank(config: Config, ok: bool) -> bool:
     return bool(on.item())
 
 
-def with_resolved_impl(config: Config) -> Config:
-    """``config`` with model.impl, model.swiglu_fusion, model.fused_kernels and
-    model.loss_fusion resolved (see :func:`resolve_impl`, :func:`resolve_swiglu_fusion`,
-    :func:`resolve_fused_kernels`); prints each choice and the reason once, on rank 0."""
+def resolved_kernels(config: Config, announce: bool = False) -> Config:
+    """``config`` with model.swiglu_fusion, model.fused_kernels and model.loss_fusion resolved
+    (see :func:`resolve_swiglu_fusion`, :func:`resolve_fused_kernels`), the same on every rank;
+    with ``announce`` prints each choice and the reason once, on rank 0."""
     import torch.distributed as dist
 
-    impl, why = resolve_impl(config)
+    m = config.model
     fusion, fusion_why = resolve_swiglu_fusion(config)
-    # auto: every rank runs the same kernels, fused only where all of them can (the conditions
-    # for the collectives are the same on every rank)
-    if config.model.swiglu_fusion is None and not _on_every_rank(config, fusion) and fusion:
+    # auto: every rank runs the same kernels, fused only where all of them can
+    if m.swiglu_fusion is None and not _on_every_rank(config, fusion) and fusion:
         fusion, fusion_why = False, "auto: torch.compile failed on another rank"
+    config = dataclasses.replace(config, model=dataclasses.replace(m, swiglu_fusion=fusion))
     kernels, fused_loss, kernels_why = resolve_fused_kernels(config)
-    if (config.model.fused_kernels == "auto" and fused_kernels(config) == "triton"
+    if (m.fused_kernels == "auto" and fused_kernels(config) == "triton"
             and not _on_every_rank(config, kernels == "triton") and kernels == "triton"):
-        kernels, fused_loss = "compile", bool(config.model.loss_fusion)
+        kernels, fused_loss = "compile", bool(m.loss_fusion)
         kernels_why = "auto: the Triton kernels failed on another rank; compile"
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"model.impl: {impl} ({why})", flush=True)
+    if announce and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"model.swiglu_fusion: {str(fusion).lower()} ({fusion_why})", flush=True)
         print(f"model.fused_kernels: {kernels}, model.loss_fusion: {str(fused_loss).lower()} "
               f"({kernels_why})", flush=True)
     return dataclasses.replace(config, model=dataclasses.replace(
-        config.model, impl=impl, swiglu_fusion=fusion, fused_kernels=kernels,
-        loss_fusion=fused_loss))
+        config.model, fused_kernels=kernels, loss_fusion=fused_loss))
+
+
+def with_resolved_impl(config: Config) -> Config:
+    """``config`` with model.impl (:func:`resolve_impl`) and its kernels
+    (:func:`resolved_kernels`) resolved; prints each choice and the reason once, on rank 0."""
+    import torch.distributed as dist
+
+    impl, why = resolve_impl(config)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"model.impl: {impl} ({why})", flush=True)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, impl=impl))
+    return resolved_kernels(config, announce=True)
 
 
 def use_transformer_engine(config: Config) -> bool:
@@ -332,19 +350,20 @@ def build_model(config: Config) -> GPTModel:
     """Initialise process groups if needed and return this rank's GPTModel (fp32 params unless
     the config's precision says otherwise).  Every CoE layer in it is a :class:`CoELayer`."""
     device = parallel.initialize(config)
+    config = resolved_kernels(config)  # as coe-train resolved them, or here for other callers
     te = use_transformer_engine(config)
     tf_config = transformer_config(config)
     install_tracker()
     aux_topk.install()
     model = CoEGPTModel(
-        loss_fusion=loss_fusion(config),
-        fused_kernels=fused_kernels(config),
+        loss_fusion=config.model.loss_fusion,
+        fused_kernels=config.model.fused_kernels,
         config=tf_config,
         transformer_layer_spec=coe_block_spec(tf_config, _coe(config, te), te,
                                               config.parallel.overlap_expert_comm,
                                               config.train.recompute == "experts",
                                               expert_fp8_recipe=expert_fp8_recipe(config),
-                                              fused_kernels=fused_kernels(config)),
+                                              fused_kernels=config.model.fused_kernels),
         vocab_size=config.model.vocab_size,
         max_sequence_length=config.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -362,6 +381,7 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     if config.model.moe is None:
         raise ValueError("build_moe_layer needs a config with a model.moe section")
     device = parallel.initialize(config)
+    config = resolved_kernels(config)
     te = use_transformer_engine(config)
     tf_config = transformer_config(config)
     install_tracker()
@@ -370,7 +390,7 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     block = coe_block_spec(tf_config, coe, te, config.parallel.overlap_expert_comm,
                            config.train.recompute == "experts" and not stock_megatron,
                            expert_fp8_recipe=None if stock_megatron else expert_fp8_recipe(config),
-                           fused_kernels=fused_kernels(config))
+                           fused_kernels=config.model.fused_kernels)
     moe_index = next(i for i in range(config.model.num_layers) if i not in config.model.dense_layers)
     layer = block.layer_specs[moe_index].submodules.mlp(
         config=tf_config, pg_collection=None, is_mtp_layer=False

@@ -121,7 +121,8 @@ def analyse(run_dir: Path, checkpoint_path: Path | None, batches: int) -> dict:
         "device=cpu", "parallel.tensor=1", "parallel.pipeline=1", "parallel.expert=1",
         "parallel.expert_tensor=1", "parallel.context=1", "parallel.sequence_parallel=false",
         "fp8.enabled=false", "model.impl=local",
-        "model.swiglu_fusion=null"])  # auto: the unfused ops on CPU, the same math
+        # auto: the unfused ops and Megatron's loss on CPU, the same math as a GPU's kernels
+        "model.swiglu_fusion=null", "model.fused_kernels=auto", "model.loss_fusion=null"])
     if config.model.moe is None:
         raise ValueError(f"{config_file}: a dense model has no routing to analyse")
     if checkpoint_path is None:

@@ -2,8 +2,9 @@
 kernels) equals Megatron's vocabulary-parallel cross entropy, loss and logits gradient, within
 float rounding, for fp32 and bf16 logits and for targets outside the vocabulary; the gradient
 comes back in the logits' dtype; a model built with it gives Megatron's loss and gradients,
-with either model.fused_kernels (triton on CPU through Triton's interpreter); it is off unless
-asked for and refused where it cannot run."""
+with either model.fused_kernels (triton on CPU through Triton's interpreter); auto (the
+default) turns it on with the Triton kernels on CUDA only, and an explicit true is refused where
+it cannot run."""
 
 import pytest
 import torch

@@ -19,6 +19,8 @@ The interpreter checks the kernels' math and indexing, not their speed or Triton
 generation.  On a machine with a GPU the kernel-level comparisons run on CUDA too (``gpu``
 marks), and the GPU check's part (a) runs a model with them."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -201,10 +203,16 @@ def test_auto_keeps_the_triton_kernels_only_where_they_ran(monkeypatch):
 
     pytest.importorskip("triton")
     cuda = load_config(None, ["device=cuda"])
-    monkeypatch.setitem(build._TRITON_ERRORS, torch.float32, None)
+    shapes = []
+    monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: shapes.append(shape))
     assert build.resolve_fused_kernels(cuda) == (
         "triton", True, "auto: device=cuda and the Triton kernels run here")
-    monkeypatch.setitem(build._TRITON_ERRORS, torch.float32, "CompilationError: no ptxas")
+    # tried in the run's dtype and at its vocabulary and expert widths (the kernels' blocks)
+    assert shapes == [(torch.float32, cuda.model.vocab_size, cuda.model.ffn_hidden_size)]
+    moe = load_config(Path(__file__).resolve().parents[2] / "configs/paper/moe-8of64.yaml", [])
+    build.resolve_fused_kernels(moe)
+    assert shapes[-1] == (torch.bfloat16, 32768, 704)  # the routed experts' SwiGLU width
+    monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: "CompilationError: no ptxas")
     assert build.resolve_fused_kernels(cuda) == (
         "compile", False, "auto: the Triton kernels failed on this GPU (CompilationError: no "
         "ptxas); compile")
@@ -214,6 +222,35 @@ def test_auto_keeps_the_triton_kernels_only_where_they_ran(monkeypatch):
     assert build.resolve_fused_kernels(named) == ("triton", True, "model.fused_kernels=triton")
     assert build.resolve_fused_kernels(load_config(None, ["device=cpu"])) == (
         "compile", False, "auto: compile on CPU")
+
+
+def test_auto_runs_the_kernels_every_rank_can_run(monkeypatch):
+    """One collective, whatever this rank's probe found: Triton where every rank ran it, else
+    compile and Megatron's loss on all of them (a rank that failed alone must not hang or
+    diverge from the others)."""
+    from megatron_coe.config import load_config
+    from megatron_coe.model import build
+
+    pytest.importorskip("triton")
+    cuda = load_config(None, ["device=cuda", "model.swiglu_fusion=true"])  # no SwiGLU probe
+    asked = []
+
+    def others_failed(config, ok):
+        asked.append(ok)
+        return False
+
+    monkeypatch.setattr(build, "_on_every_rank", others_failed)
+    for here, why in ((None, "auto: the Triton kernels failed on another rank; compile"),
+                      ("CompilationError: x", "auto: the Triton kernels failed on this GPU")):
+        asked.clear()
+        monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: here)
+        resolved = build.resolved_kernels(cuda, announce=False)
+        assert (resolved.model.fused_kernels, resolved.model.loss_fusion) == ("compile", False)
+        assert asked == [here is None]
+    monkeypatch.setattr(build, "_on_every_rank", lambda config, ok: ok)
+    monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: None)
+    resolved = build.resolved_kernels(cuda)
+    assert (resolved.model.fused_kernels, resolved.model.loss_fusion) == ("triton", True)
 
 
 _COMPILE = r'''

@@ -71,10 +71,16 @@ def test_routing_of_an_ep2_checkpoint(tmp_path):
         assert 1 <= layer["distinct_combinations"] <= min(tokens, 28 ** 2)
     assert "| 1 | 2 |" in (out / "routing.md").read_text()
     assert (out / "routing.png").stat().st_size > 5_000
-    # a run directory without checkpoints is refused, naming it
+    # a run directory without checkpoints is refused, naming it; its config.yaml as a GPU run
+    # writes it (the Triton kernels, the fused loss) is read for one CPU process all the same
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / "config.yaml").write_text((run / "config.yaml").read_text())
+    written = (run / "config.yaml").read_text()
+    assert "  loss_fusion: false\n  fused_kernels: compile\n" in written
+    (bare / "config.yaml").write_text(written.replace(
+        "  loss_fusion: false\n  fused_kernels: compile\n",
+        "  loss_fusion: true\n  fused_kernels: triton\n"))
+    cpu_only = {k: v for k, v in env.items() if k != "TRITON_INTERPRET"}  # as outside pytest
     refused = subprocess.run([sys.executable, "-m", "megatron_coe.tools.routing", str(bare)],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, env=cpu_only, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "holds no checkpoint" in refused.stderr

@@ -105,9 +105,12 @@ def test_auto_on_cuda_falls_back_to_local_without_te(te_absent, capsys):
     # no GPU here: auto SwiGLU fusion finds torch.compile cannot run and says so
     assert out[1].startswith("model.swiglu_fusion: false (auto: torch.compile failed on this GPU")
     assert resolved.model.swiglu_fusion is False
-    # likewise auto's Triton kernels (and with them the fused loss)
-    assert out[2].startswith("model.fused_kernels: compile, model.loss_fusion: false (auto: the "
-                             "Triton kernels failed on this GPU")
+    # likewise auto's Triton kernels (and with them the fused loss), where triton is installed
+    import importlib.util
+
+    assert out[2].startswith("model.fused_kernels: compile, model.loss_fusion: false (auto: " + (
+        "the Triton kernels failed on this GPU" if importlib.util.find_spec("triton")
+        else "compile (no triton package"))
     assert (resolved.model.fused_kernels, resolved.model.loss_fusion) == ("compile", False)
     assert len(out) == 3
 
