@@ -84,7 +84,7 @@ def token_loss(logits: torch.Tensor, target: torch.Tensor):
     block, warps = _block(V)
     if z.shape[0] > 0:
         coe_cross_entropy_forward[(z.shape[0],)](z, t, loss, lse, V, z.stride(0), BLOCK=block,
-                                       num_warps=warps)
+                                                 num_warps=warps)
     return loss.view(target.shape), lse.view(target.shape)
 
 

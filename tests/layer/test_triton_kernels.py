@@ -224,7 +224,7 @@ def test_auto_keeps_the_triton_kernels_only_where_they_ran(monkeypatch):
         "compile", False, "auto: compile on CPU")
 
 
-def test_auto_runs_the_kernels_every_rank_can_run(monkeypatch):
+def test_auto_runs_the_kernels_every_rank_can_run(monkeypatch, capsys):
     """One collective, whatever this rank's probe found: Triton where every rank ran it, else
     compile and Megatron's loss on all of them (a rank that failed alone must not hang or
     diverge from the others)."""
@@ -244,9 +244,10 @@ def test_auto_runs_the_kernels_every_rank_can_run(monkeypatch):
                       ("CompilationError: x", "auto: the Triton kernels failed on this GPU")):
         asked.clear()
         monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: here)
-        resolved = build.resolved_kernels(cuda, announce=False)
+        resolved = build.resolved_kernels(cuda, announce=True)
         assert (resolved.model.fused_kernels, resolved.model.loss_fusion) == ("compile", False)
         assert asked == [here is None]
+        assert why in capsys.readouterr().out
     monkeypatch.setattr(build, "_on_every_rank", lambda config, ok: ok)
     monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: None)
     resolved = build.resolved_kernels(cuda)
