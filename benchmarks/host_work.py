@@ -12,9 +12,9 @@ on the widths, so a CPU run gives a GPU run's counts (the CPU backend's own repl
 out).  Per config (configs/paper: MoE(8/64), CoE-2(4/64), MoE(7/64), CoE-2(3/64)), in one rank:
 
 - launches and syncs of one training step (after the warm-up, at least one step: the first
-  makes one-off reads), split into the forward-backward schedule with the
-  step's loss, the gradient check and the optimizer step (AdamW as on CUDA: torch's fused
-  kernel), with the Python function behind each sync;
+  makes one-off reads), split into the forward-backward schedule and the step after it (the
+  loss, the gradient check and the update, as coe-train runs them: megatron_coe/optim_step.py
+  with AdamW as on CUDA, torch's fused kernel), with the Python function behind each sync;
 - launches per layer call (the step's forward-backward launches over layers x micro-batches)
   and the CoE/MoE ratios of launches and of step time;
 - the median step time over ``--steps`` steps after ``--warmup``: on CPU at small widths this
@@ -165,8 +165,8 @@ def run(args):
     from megatron_coe.host_ops import HostOps
     from megatron_coe.metrics import train_flops_per_token
     from megatron_coe.optim import adam_implementation, use_adam_implementation
-    from megatron_coe.train import (grads_are_finite, mean_loss_over_dp, optimizer_step,
-                                    run_schedule)
+    from megatron_coe.optim_step import take_step
+    from megatron_coe.train import run_schedule
 
     from variant import build_variant
 
@@ -193,13 +193,10 @@ def run(args):
             optimizer.zero_grad()
             counter = HostOps if counts else contextlib.nullcontext
             regions = {}
-            with counter() as regions["forward-backward + loss"]:
-                loss = mean_loss_over_dp(run_schedule(model, batches, config, False), device)
-            with counter() as regions["gradient check"]:
-                finite = grads_are_finite(model, device)
-            with counter() as regions["optimizer"]:
-                if finite:
-                    optimizer_step(optimizer, scheduler)
+            with counter() as regions["forward-backward"]:
+                total = run_schedule(model, batches, config, False)
+            with counter() as regions["step (loss, check, update)"]:
+                loss = take_step(model, optimizer, scheduler, total, config, device).loss
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return loss, regions
@@ -240,7 +237,7 @@ def run(args):
         _, regions = step(warm + args.steps + (PROFILED_STEPS if args.profile else 0),
                           counts=True)
         micros = t.global_batch_size // t.micro_batch_size // dp
-        fb = regions["forward-backward + loss"]
+        fb = regions["forward-backward"]
         results[name] = {
             "config": str(path.relative_to(ROOT)), "overrides": overrides,
             "parameters_tensors": sum(1 for _ in model.parameters()),

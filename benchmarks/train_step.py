@@ -76,8 +76,8 @@ def _timed_rounds(args, ep, tmp):
     from megatron_coe.data import dataset
     from megatron_coe.metrics import train_flops_per_token
     from megatron_coe.model import coe_layers
-    from megatron_coe.train import (grads_are_finite, mean_loss_over_dp, optimizer_step,
-                                    run_schedule)
+    from megatron_coe.optim_step import take_step
+    from megatron_coe.train import run_schedule
 
     from variant import build_variant
 
@@ -115,9 +115,7 @@ def _timed_rounds(args, ep, tmp):
         model.zero_grad_buffer()
         optimizer.zero_grad()
         total = run_schedule(model, batches, config, forward_only=False)
-        if grads_are_finite(model, device):
-            optimizer_step(optimizer, scheduler)
-        return total
+        return take_step(model, optimizer, scheduler, total, config, device).loss
 
     # Each variant draws from its own random streams (torch's and Megatron's tracker), as it
     # would alone, so that plain and overlapped runs stay comparable with dropout on.
@@ -141,7 +139,7 @@ def _timed_rounds(args, ep, tmp):
             for counter in counters.get(label, ()):
                 counter.reset()
             start = time.perf_counter()
-            total = step(config, model, optimizer, scheduler, train_ds, i)
+            loss = step(config, model, optimizer, scheduler, train_ds, i)
             if i >= args.warmup:
                 times[label].append(time.perf_counter() - start)
                 if timers:
@@ -154,7 +152,7 @@ def _timed_rounds(args, ep, tmp):
                     sent = [counter.total() for counter in counters[label]]
                     a2a_bytes[label].append(sum(t["sent_bytes"] - t["self_bytes"] for t in sent))
             rng[label] = (torch.get_rng_state(), tracker.get_states())
-            losses[label].append(mean_loss_over_dp(total, device))  # outside the timing
+            losses[label].append(loss)
     dist.barrier()
     comm_ranks = None
     if comm:  # every rank's collective times, and the idle transport's, gathered on rank 0

@@ -758,7 +758,8 @@ def load(path: Path, model, optimizer, scheduler, config: Config) -> dict:
     _restore_adam_steps(optimizer, meta["adam_steps"])
     from megatron_coe.optim import use_adam_implementation  # optim imports this module
 
-    use_adam_implementation(optimizer)  # this run's AdamW kernel, not the saving run's
+    # this run's AdamW kernel, not the saving run's
+    use_adam_implementation(optimizer, fused=config.optimizer.fused)
     changes = schedule_changes(meta["scheduler"], scheduler)
     scheduler.load_state_dict(meta["scheduler"])  # the config's schedule at the saved step
     if changes and _rank() == 0:

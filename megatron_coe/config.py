@@ -320,6 +320,12 @@ class OptimizerConfig:
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     distributed: bool = False  # Megatron's distributed (ZeRO-1) optimizer
+    # torch's fused AdamW kernel (one launch for many tensors), with which the step's update,
+    # clipping and non-finite skip run on the device and the step reads the host once
+    # (optim_step.py).  null (auto): on CUDA; not on CPU (one update per tensor, the CPU
+    # reference's arithmetic).  false on CUDA: torch's foreach AdamW.  TE's and apex's
+    # FusedAdam, which Megatron takes where installed, are left alone.
+    fused: Optional[bool] = None
     # precision=fp16 only: a fixed loss scale, or None for Megatron's dynamic scaler, which
     # starts at initial_loss_scale, halves after `hysteresis` overflows (the step is skipped)
     # and doubles after loss_scale_window steps without one.

@@ -14,15 +14,16 @@ then replayed: one graph launch per step instead of one launch per op.
 How: Megatron-Core's ``FullCudaGraphWrapper`` around the forward-backward function.  Steps
 1..warmup run eagerly; the next step is captured and replayed, every later one replayed.  Before
 each call the micro-batches are copied into static input buffers (the same addresses every
-step).  Eagerly, outside the graph: the loss read, the gradient check, the optimizer step,
-validation, and the fault-injection steps (train.inject_nonfinite_steps).
+step).  Eagerly, outside the graph: the optimizer step with the step's host reads (one, with
+torch's fused AdamW: megatron_coe/optim_step.py), validation, and the fault-injection steps
+(train.inject_nonfinite_steps).
 
 Why a step can be replayed (what capture needs, and where it holds):
 - Static shapes.  The sequence length and micro-batch size are fixed; dropless top-k routing
   sends exactly tokens x k rows to the experts, sorted on the device (model/permutation.py);
   grouped experts take their group offsets on the device (model/grouped_experts.py).
 - No host read of a device value inside the step: tests/layer/test_host_work.py counts a step's
-  reads at PyTorch's dispatcher, and all three are outside the schedule.  What would read the
+  reads at PyTorch's dispatcher, and all are outside the schedule.  What would read the
   host is refused before any work (config.py, ``_validate_cuda_graph``): expert parallelism
   (split sizes), MoE layers other than the local spec's grouped experts in bf16 (torch's
   grouped GEMM kernel; its fallback for other dtypes reads the offsets), token dropping; and

@@ -15,8 +15,10 @@ AdamW's implementation: without Transformer Engine or apex, Megatron builds torc
 neither ``fused`` nor ``foreach`` given, so torch picks its multi-tensor (foreach) loop on CUDA
 and one update per tensor on CPU.  :func:`use_adam_implementation` makes it torch's fused AdamW
 kernel on CUDA (one launch for many tensors: the many small expert and router tensors of a CoE
-model), foreach where fused cannot run, and leaves CPU as it was.  TE's and apex's FusedAdam,
-which Megatron prefers when installed, are left alone.
+model; and the step without a host read, optim_step.py), foreach where fused cannot run or
+``optimizer.fused`` is false, and leaves CPU as it was unless ``optimizer.fused`` is true (torch's
+CPU fused kernel).  TE's and apex's FusedAdam, which Megatron prefers when installed, are left
+alone.
 
 Gradient clipping and the main -> model parameter copy: without apex or Transformer Engine,
 Megatron's fallbacks read every gradient's norm back to the host; ``multi_tensor.install``
@@ -81,7 +83,7 @@ def build_optimizer(config: Config, model):
     multi_tensor.install()
     with cpu.cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, [model])
-    use_adam_implementation(optimizer)
+    use_adam_implementation(optimizer, fused=o.fused)
     if config.precision == "fp16":  # the schedules multiply the loss by it before backward
         model.config.grad_scale_func = optimizer.scale_loss
     s, t = config.schedule, config.train
@@ -109,30 +111,36 @@ def build_optimizer(config: Config, model):
     return optimizer, scheduler
 
 
-def adam_implementation(device_type: str, all_floating: bool = True) -> dict:
-    """torch AdamW's ``fused`` / ``foreach`` flags for parameters on ``device_type``: the fused
-    kernel on CUDA (it needs floating-point parameters, which Megatron's fp32 main parameters
-    are), foreach on CUDA otherwise; elsewhere torch's defaults (None: on CPU one update per
-    tensor, the CPU reference's arithmetic)."""
-    if device_type != "cuda":
-        return {"fused": None, "foreach": None}
-    if all_floating:
+def adam_implementation(device_type: str, all_floating: bool = True,
+                        fused: bool | None = None) -> dict:
+    """torch AdamW's ``fused`` / ``foreach`` flags for parameters on ``device_type``, given
+    ``optimizer.fused`` (None: auto).  The fused kernel needs floating-point parameters (which
+    Megatron's fp32 main parameters are): on CUDA unless fused is false, then foreach; on other
+    devices only if fused is true, else torch's defaults (None: on CPU one update per tensor,
+    the CPU reference's arithmetic)."""
+    if fused is None:
+        fused = device_type == "cuda"
+    if fused and all_floating:
         return {"fused": True, "foreach": False}
-    return {"fused": False, "foreach": True}
+    if device_type == "cuda":
+        return {"fused": False, "foreach": True}
+    return {"fused": None, "foreach": None}
 
 
-def use_adam_implementation(optimizer, flags: dict | None = None) -> None:
+def use_adam_implementation(optimizer, flags: dict | None = None,
+                            fused: bool | None = None) -> None:
     """Give each torch AdamW inside Megatron's ``optimizer`` the flags of
-    :func:`adam_implementation` for its parameters' device (or ``flags``), also after a
-    checkpoint load has brought back the saving run's flags.  As torch does, the fused kernel
-    keeps each ``step`` as float32 on the parameter's device, the other implementations on the
-    host."""
+    :func:`adam_implementation` for its parameters' device and ``fused`` (or ``flags``), also
+    after a checkpoint load has brought back the saving run's flags.  As torch does, the fused
+    kernel keeps each ``step`` as float32 on the parameter's device, the other implementations
+    on the host."""
     for opt in torch_optimizers(optimizer):
         params = [p for g in opt.param_groups for p in g["params"]]
         chosen = flags
         if chosen is None:
             device = params[0].device.type if params else "cpu"
-            chosen = adam_implementation(device, all(p.is_floating_point() for p in params))
+            chosen = adam_implementation(device, all(p.is_floating_point() for p in params),
+                                         fused)
         opt.defaults.update(chosen)
         for group in opt.param_groups:
             group.update(chosen)

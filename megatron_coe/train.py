@@ -131,65 +131,6 @@ def run_schedule(model, batches, config, forward_only, inject_nan=False, capture
     return torch.zeros(2) if total is None else total
 
 
-def mean_loss_over_dp(total: torch.Tensor, device) -> float:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    total = total.to(device=device, dtype=torch.float64)  # NCCL reduces device tensors only
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # loss lives on last stage
-        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    return (total[0] / total[1]).item()  # no tokens: 0 / 0 = NaN
-
-
-def optimizer_step(optimizer, scheduler) -> tuple[bool, float | None]:
-    """Megatron's optimizer step (under the CPU backend's remapping on a CPU run); the LR
-    scheduler moves only if the step was applied (an fp16 overflow skips it).  Returns
-    (applied, grad_norm)."""
-    from megatron_coe import cpu
-
-    with torch.no_grad(), cpu.cuda_to_cpu():
-        applied, grad_norm, _ = optimizer.step()
-    if applied:
-        scheduler.step(increment=1)
-    return applied, grad_norm
-
-
-def gradient_tensors(model) -> list[torch.Tensor]:
-    """Every gradient of ``model`` in as few tensors as possible: Megatron DDP's contiguous
-    gradient buffers (each holds the main_grad of many parameters, and zero padding), and any
-    gradient outside them.  A buffer whose storage is shared with the parameters is not used."""
-    buffers = []
-    ddp_buffers = [getattr(model, name, None) for name in ("buffers", "expert_parallel_buffers")]
-    for b in (b for group in ddp_buffers if isinstance(group, (list, tuple)) for b in group):
-        g, w = getattr(b, "grad_data", None), getattr(b, "param_data", None)
-        if g is not None and (w is None or w.untyped_storage().data_ptr()
-                              != g.untyped_storage().data_ptr()):
-            buffers.append(g)
-    covered = {b.untyped_storage().data_ptr() for b in buffers}
-    rest = []
-    for p in model.parameters():
-        g = getattr(p, "main_grad", None)
-        g = p.grad if g is None else g
-        if g is not None and g.untyped_storage().data_ptr() not in covered:
-            rest.append(g)
-    return buffers + rest
-
-
-def grads_are_finite(model, device) -> bool:
-    """True iff every gradient on every rank is finite (one all-reduce, one host read)."""
-    import torch.distributed as dist
-
-    from megatron_coe.finite import each_finite
-
-    grads = gradient_tensors(model)
-    # one reduction per gradient buffer, one device tensor, one sync: not one per parameter
-    ok = (each_finite(grads).all().float().reshape(1) if grads
-          else torch.ones(1, device=device))
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
 def first_nonfinite_layer(layers) -> str | None:
     """The first CoE layer and iteration (forward order) with non-finite values this step."""
     for layer in layers:
@@ -210,6 +151,7 @@ def train(config, lock) -> int:
                                       peak_tflops, train_flops_per_token)
     from megatron_coe.model import build_model, coe_layers, with_resolved_impl
     from megatron_coe.optim import build_optimizer, wrap_model
+    from megatron_coe.optim_step import mean_loss_over_dp, take_step
 
     stop = StopRequest()  # now: a stop signal during start-up stops at the first step
 
@@ -318,23 +260,18 @@ def train(config, lock) -> int:
         total = run_schedule(model, batches_at(train_ds, state["step"] * t.global_batch_size),
                              config, forward_only=False,
                              inject_nan=step in t.inject_nonfinite_steps, captured=captured)
-        loss = mean_loss_over_dp(total, device)
-        # A non-finite loss or gradient never reaches the optimizer.  Under fp16 an overflowed
-        # gradient is the loss scaler's to handle: the optimizer skips the step, lowers the
-        # scale, and the run goes on (counted apart, unless the scale is at its minimum).
-        scale = optimizer.get_loss_scale().item() if fp16 else None
-        finite = math.isfinite(loss) and (fp16 or grads_are_finite(model, device))
+        # A non-finite loss or gradient never reaches the weights (optim_step.py).  Under fp16
+        # an overflowed gradient is the loss scaler's to handle: the optimizer skips the step,
+        # lowers the scale, and the run goes on (counted apart, unless the scale is at its
+        # minimum).
         lr = optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves after)
-        grad_norm = float("nan")
-        if finite:
-            applied, grad_norm = optimizer_step(optimizer, scheduler)
-            overflow = fp16 and not applied and scale > config.optimizer.min_loss_scale
-            if overflow:  # skipped, but not a non-finite step
-                state["overflow_steps"] = state.get("overflow_steps", 0) + 1
-                if rank == 0:
-                    print(f"step {step}: fp16 gradient overflow at loss scale {scale:g}; "
-                          f"optimizer step skipped, scale lowered", flush=True)
-            finite = overflow or (applied and grad_norm is not None and math.isfinite(grad_norm))
+        result = take_step(model, optimizer, scheduler, total, config, device)
+        loss, grad_norm, finite = result.loss, result.grad_norm, result.finite
+        if result.overflow:  # skipped, but not a non-finite step
+            state["overflow_steps"] = state.get("overflow_steps", 0) + 1
+            if rank == 0:
+                print(f"step {step}: fp16 gradient overflow at loss scale "
+                      f"{result.loss_scale:g}; optimizer step skipped, scale lowered", flush=True)
         state["step"] = step
         state["consumed_samples"] += t.global_batch_size
         if not finite:
@@ -358,7 +295,7 @@ def train(config, lock) -> int:
             record = {
                 "kind": "train", "step": step, "loss": loss,
                 "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_step / elapsed,
                 "tflops_per_device": flops_per_token * tokens_per_step / elapsed / world / 1e12,
                 "skipped_steps": state["skipped_steps"],

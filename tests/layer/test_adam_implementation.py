@@ -19,6 +19,10 @@ def test_choice_per_device():
     assert adam_implementation("cuda") == FUSED
     assert adam_implementation("cuda", all_floating=False) == {"fused": False, "foreach": True}
     assert adam_implementation("cpu") == {"fused": None, "foreach": None}
+    # optimizer.fused: true on CPU takes torch's CPU fused kernel; false on CUDA, foreach
+    assert adam_implementation("cpu", fused=True) == FUSED
+    assert adam_implementation("cuda", fused=False) == {"fused": False, "foreach": True}
+    assert adam_implementation("cpu", fused=False) == {"fused": None, "foreach": None}
 
 
 def _adamw(params, **kwargs):

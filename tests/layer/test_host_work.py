@@ -6,10 +6,11 @@ own replacements are left out), so these CPU tests bound a GPU run's host syncs.
 - EP = 1 dispatch (model/dispatch.py ``local_only``): no sync and no copy for Megatron's
   identity sort of the rows by local expert, bit-identical to Megatron's path.
 - A whole training step (forward-backward over the micro-batches, the step's loss, the gradient
-  check, the optimizer with gradient clipping): three syncs, whatever the number of
-  parameters, layers, micro-batches or CoE iterations: the loss, the gradient check's verdict,
-  the gradient norm Megatron returns as a float.  (coe-train's loop adds one: all ranks agree
-  on a stop request.)
+  check, the optimizer with gradient clipping), whatever the number of parameters, layers,
+  micro-batches or CoE iterations: one sync with the update on the device (torch's fused AdamW,
+  optim_step.py), after the whole update is queued; three on Megatron's step: the loss, the
+  gradient check's verdict, the gradient norm Megatron returns as a float.  (coe-train's loop
+  adds one: all ranks agree on a stop request.)
 """
 
 import pytest
@@ -78,12 +79,13 @@ def _batches(n, config):
     return out
 
 
+@pytest.mark.parametrize("on_device", [True, False], ids=["on-device", "megatron"])
 @pytest.mark.parametrize("iterations,micro_batches", [(1, 1), (2, 1), (2, 3)])
-def test_a_training_step_reads_the_device_three_times(iterations, micro_batches):
+def test_the_host_reads_of_a_training_step(iterations, micro_batches, on_device):
+    from megatron_coe import optim_step
     from megatron_coe.model import build_model
     from megatron_coe.optim import build_optimizer, use_adam_implementation, wrap_model
-    from megatron_coe.train import (grads_are_finite, mean_loss_over_dp, optimizer_step,
-                                    run_schedule)
+    from megatron_coe.train import run_schedule
 
     config = _step_config(iterations, micro_batches)
     torch.manual_seed(0)
@@ -91,22 +93,36 @@ def test_a_training_step_reads_the_device_three_times(iterations, micro_batches)
     optimizer, scheduler = build_optimizer(config, model)
     # AdamW as on CUDA (optim.adam_implementation): torch's CPU default reads each step count
     use_adam_implementation(optimizer, {"fused": True, "foreach": False})
+    assert optim_step.runs_on_device(optimizer, config)
+    step = optim_step.take_step if on_device else _megatron_step
     n_params = sum(1 for _ in model.parameters())
-    for step in range(2):  # the first step also creates the optimizer state
+    for _ in range(2):  # the first step also creates the optimizer state
         model.zero_grad_buffer()
         optimizer.zero_grad()
         with HostOps() as ops:
             total = run_schedule(model, _batches(micro_batches, config), config,
                                  forward_only=False)
-            loss = mean_loss_over_dp(total, torch.device("cpu"))
-            assert grads_are_finite(model, torch.device("cpu"))
-            applied, grad_norm = optimizer_step(optimizer, scheduler)
-        assert applied and grad_norm > 0 and 0 < loss < 10
+            result = step(model, optimizer, scheduler, total, config, torch.device("cpu"))
+        assert result.applied and result.grad_norm > 0 and 0 < result.loss < 10
         assert total[1] == 2 * 12 * micro_batches
-    assert ops.syncs == 3, ops.summary()
-    assert set(ops.sync_sites) == {"train.py:mean_loss_over_dp", "train.py:grads_are_finite",
-                                   "clip_grads.py:get_grad_norm_fp32"}, ops.summary()
+    if on_device:
+        assert ops.syncs == 1 and set(ops.sync_sites) == {"optim_step.py:_step_on_device"}, \
+            ops.summary()
+    else:
+        assert ops.syncs == 3, ops.summary()
+        assert set(ops.sync_sites) == {"optim_step.py:mean_loss_over_dp",
+                                       "optim_step.py:grads_are_finite",
+                                       "clip_grads.py:get_grad_norm_fp32"}, ops.summary()
     assert n_params > 20  # per-parameter reads would have shown
+
+
+def _megatron_step(model, optimizer, scheduler, total, config, device):
+    from megatron_coe.optim_step import _megatron_step as step
+
+    result = step(model, optimizer, total, config, device)
+    if result.applied:
+        scheduler.step(increment=1)
+    return result
 
 
 def test_kernel_classes_name_the_triton_kernels_apart():

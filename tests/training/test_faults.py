@@ -84,9 +84,13 @@ def test_rollback_to_an_earlier_checkpoint_sets_later_ones_aside(trained, tmp_pa
     assert (ckpts / "step_0000008" / "coe_meta.json").is_file()  # the new run's step 8
 
 
-def test_injected_nan_is_skipped_counted_and_training_continues(tmp_path):
+@pytest.mark.parametrize("adam", ["optimizer.fused=false", "optimizer.fused=true"],
+                         ids=["megatron-step", "step-on-device"])
+def test_injected_nan_is_skipped_counted_and_training_continues(tmp_path, adam):
+    """Megatron's step behind the host's checks, and torch's fused AdamW skipping on the device
+    (optim_step.py)."""
     run_dir = tmp_path / "nan"
-    result = torchrun([f"run_dir={run_dir}", *BASE, "train.inject_nonfinite_steps=[3,5]"])
+    result = torchrun([f"run_dir={run_dir}", *BASE, "train.inject_nonfinite_steps=[3,5]", adam])
     check(result)
     m = metrics(run_dir)
     assert "step 3: non-finite loss or gradient" in result.stdout

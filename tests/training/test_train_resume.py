@@ -93,10 +93,12 @@ def test_fp16_loss_scaling_recovers_and_resumes_exactly(tmp_path, straight):
     assert abs(a[STEPS]["loss"] - ref[STEPS - overflows]["loss"]) < 0.15
 
 
-@pytest.mark.parametrize("distributed", [False, True], ids=["adam", "distributed-adam"])
-def test_resume_is_exact(tmp_path, distributed, straight):
-    opt = [f"optimizer.distributed={str(distributed).lower()}"]
-    if distributed:  # the straight baseline for the distributed optimizer
+@pytest.mark.parametrize("opt", [[], ["optimizer.distributed=true"],
+                                 ["optimizer.distributed=true", "optimizer.fused=true"]],
+                         ids=["adam", "distributed-adam", "distributed-fused-adam-on-device"])
+def test_resume_is_exact(tmp_path, opt, straight):
+    """Also with torch's fused AdamW, whose update runs on the device (optim_step.py)."""
+    if opt:  # the straight baseline for this optimizer
         base = tmp_path / "base"
         check(torchrun([f"run_dir={base}", *COMMON, *opt]))
     else:
