@@ -73,7 +73,9 @@ def runs_on_device(optimizer, config) -> bool:
     with the fused kernel (optim.adam_implementation), and no fp16 loss scaler."""
     from megatron_coe.checkpoint import torch_optimizers
 
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    # a stub (no parameters on this rank) has no torch optimizer, and every rank decides alike
+    subs = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+            if not getattr(sub, "is_stub_optimizer", False)]
     inner = torch_optimizers(optimizer)
     return (config.precision != "fp16" and len(inner) == len(subs) and all(
         group.get("fused") for opt in inner for group in opt.param_groups))

@@ -116,6 +116,20 @@ def test_resume_is_exact(tmp_path, opt, straight):
     assert metrics(base, "valid")[STEPS]["loss"] == metrics(split, "valid")[STEPS]["loss"]
 
 
+def test_the_step_on_the_device_trains_as_megatrons_step(tmp_path, straight):
+    """torch's fused AdamW with the step on the device (optim_step.py) against the straight
+    run's per-tensor AdamW under Megatron's step, at EP = 2 (a dense and an expert optimizer,
+    each norm reduced over its own group): the same gradient norm at the first step, the same
+    losses within the rounding of two AdamW kernels."""
+    run_dir = tmp_path / "fused"
+    check(torchrun([f"run_dir={run_dir}", *COMMON, "optimizer.fused=true"]))
+    a, b = metrics(straight), metrics(run_dir)
+    assert b[1]["grad_norm"] == pytest.approx(a[1]["grad_norm"], rel=1e-6)
+    for step in range(1, STEPS + 1):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-3), step
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-2), step
+
+
 MORE = [f"train.steps={STEPS + 3}", "train.eval_interval=0", "checkpoint.save_interval=0"]
 
 
