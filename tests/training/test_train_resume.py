@@ -116,13 +116,16 @@ def test_resume_is_exact(tmp_path, opt, straight):
     assert metrics(base, "valid")[STEPS]["loss"] == metrics(split, "valid")[STEPS]["loss"]
 
 
-def test_the_step_on_the_device_trains_as_megatrons_step(tmp_path, straight):
+@pytest.mark.parametrize("opt", [[], ["optimizer.distributed=true"]],
+                         ids=["adam", "distributed-adam"])
+def test_the_step_on_the_device_trains_as_megatrons_step(tmp_path, opt, straight):
     """torch's fused AdamW with the step on the device (optim_step.py) against the straight
     run's per-tensor AdamW under Megatron's step, at EP = 2 (a dense and an expert optimizer,
-    each norm reduced over its own group): the same gradient norm at the first step, the same
-    losses within the rounding of two AdamW kernels."""
+    each norm reduced over its own group; the distributed optimizer's shards over all ranks):
+    the same gradient norm at the first step, the same losses within the rounding of two AdamW
+    kernels."""
     run_dir = tmp_path / "fused"
-    check(torchrun([f"run_dir={run_dir}", *COMMON, "optimizer.fused=true"]))
+    check(torchrun([f"run_dir={run_dir}", *COMMON, "optimizer.fused=true", *opt]))
     a, b = metrics(straight), metrics(run_dir)
     assert b[1]["grad_norm"] == pytest.approx(a[1]["grad_norm"], rel=1e-6)
     for step in range(1, STEPS + 1):
