@@ -93,12 +93,24 @@ def test_fp16_loss_scaling_recovers_and_resumes_exactly(tmp_path, straight):
     assert abs(a[STEPS]["loss"] - ref[STEPS - overflows]["loss"]) < 0.15
 
 
-@pytest.mark.parametrize("opt", [[], ["optimizer.distributed=true"],
-                                 ["optimizer.distributed=true", "optimizer.fused=true"]],
+# torch's fused AdamW (CPU kernel), whose update runs on the device (optim_step.py), with the
+# distributed optimizer
+FUSED_DISTRIBUTED = ["optimizer.distributed=true", "optimizer.fused=true"]
+
+
+@pytest.fixture(scope="module")
+def fused_distributed(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fused-distributed")
+    check(torchrun([f"run_dir={run_dir}", *COMMON, *FUSED_DISTRIBUTED]))
+    return run_dir
+
+
+@pytest.mark.parametrize("opt", [[], ["optimizer.distributed=true"], FUSED_DISTRIBUTED],
                          ids=["adam", "distributed-adam", "distributed-fused-adam-on-device"])
-def test_resume_is_exact(tmp_path, opt, straight):
-    """Also with torch's fused AdamW, whose update runs on the device (optim_step.py)."""
-    if opt:  # the straight baseline for this optimizer
+def test_resume_is_exact(tmp_path, opt, straight, request):
+    if opt == FUSED_DISTRIBUTED:
+        base = request.getfixturevalue("fused_distributed")
+    elif opt:  # the straight baseline for this optimizer
         base = tmp_path / "base"
         check(torchrun([f"run_dir={base}", *COMMON, *opt]))
     else:
@@ -116,16 +128,19 @@ def test_resume_is_exact(tmp_path, opt, straight):
     assert metrics(base, "valid")[STEPS]["loss"] == metrics(split, "valid")[STEPS]["loss"]
 
 
-@pytest.mark.parametrize("opt", [[], ["optimizer.distributed=true"]],
-                         ids=["adam", "distributed-adam"])
-def test_the_step_on_the_device_trains_as_megatrons_step(tmp_path, opt, straight):
+@pytest.mark.parametrize("distributed", [False, True], ids=["adam", "distributed-adam"])
+def test_the_step_on_the_device_trains_as_megatrons_step(tmp_path, distributed, straight,
+                                                         request):
     """torch's fused AdamW with the step on the device (optim_step.py) against the straight
     run's per-tensor AdamW under Megatron's step, at EP = 2 (a dense and an expert optimizer,
     each norm reduced over its own group; the distributed optimizer's shards over all ranks):
     the same gradient norm at the first step, the same losses within the rounding of two AdamW
     kernels."""
-    run_dir = tmp_path / "fused"
-    check(torchrun([f"run_dir={run_dir}", *COMMON, "optimizer.fused=true", *opt]))
+    if distributed:
+        run_dir = request.getfixturevalue("fused_distributed")
+    else:
+        run_dir = tmp_path / "fused"
+        check(torchrun([f"run_dir={run_dir}", *COMMON, "optimizer.fused=true"]))
     a, b = metrics(straight), metrics(run_dir)
     assert b[1]["grad_norm"] == pytest.approx(a[1]["grad_norm"], rel=1e-6)
     for step in range(1, STEPS + 1):
