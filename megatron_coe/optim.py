@@ -28,22 +28,21 @@ replaces them with torch's foreach ops (no sync, a few launches for all tensors)
 from __future__ import annotations
 
 import torch
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_coe import cpu, multi_tensor
+from megatron_coe import ddp as ddp_module
+from megatron_coe.ddp import WriteFirstDDP
 from megatron_coe.checkpoint import torch_optimizers
 from megatron_coe.config import Config
 
 
 def wrap_model(config: Config, model):
-    """GPTModel -> (Float16Module) -> Megatron DDP.  Returns the DDP module."""
+    """GPTModel -> (Float16Module) -> Megatron DDP (its gradient buffers written by each step's
+    first gradient where only its hook writes them: ddp.py).  Returns the DDP module."""
     tf_config = model.config
     if config.precision in ("bf16", "fp16"):
         model = Float16Module(tf_config, model)
@@ -54,8 +53,9 @@ def wrap_model(config: Config, model):
         check_for_nan_in_grad=False,  # we check (and skip) ourselves, see train.py
     )
     with cpu.cuda_to_cpu():
-        ddp = DistributedDataParallel(tf_config, ddp_config, model)
-    tf_config.finalize_model_grads_func = finalize_model_grads
+        ddp = WriteFirstDDP(tf_config, ddp_config, model,
+                            write_first=ddp_module.applies(model, tf_config, ddp_config))
+    tf_config.finalize_model_grads_func = ddp_module.finalize_model_grads
     return ddp
 
 
