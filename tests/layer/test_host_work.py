@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from layer_harness import fwd_bwd
+from step_harness import built, step_batches, step_config
 from megatron_coe.config import config_from_dict
 from megatron_coe.host_ops import HostOps
 
@@ -56,41 +57,16 @@ def test_expert_parallel_size_one_dispatch_skips_the_identity_sort(grouped, iter
     assert ops_fast.launches < ops_megatron.launches
 
 
-def _step_config(iterations, micro_batches):
-    return config_from_dict({
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-                  "vocab_size": 64, "seq_length": 12,
-                  "moe": {"num_experts": 7, "topk": 4 // iterations, "expert_hidden_size": 16,
-                          "shared_expert_hidden_size": 16, "aux_loss": "seq_aux_loss"},
-                  "coe": {"iterations": iterations}},
-        "optimizer": {"clip_grad": 1.0},
-        "train": {"micro_batch_size": 2, "global_batch_size": 2 * micro_batches}})
-
-
-def _batches(n, config):
-    g = torch.Generator().manual_seed(1)
-    s = config.model.seq_length
-    out = []
-    for _ in range(n):
-        tokens = torch.randint(0, config.model.vocab_size, (2, s + 1), generator=g)
-        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                    "position_ids": torch.arange(s).expand(2, s),
-                    "loss_mask": torch.ones(2, s)})
-    return out
-
-
 @pytest.mark.parametrize("on_device", [True, False], ids=["on-device", "megatron"])
 @pytest.mark.parametrize("iterations,micro_batches", [(1, 1), (2, 1), (2, 3)])
 def test_the_host_reads_of_a_training_step(iterations, micro_batches, on_device):
     from megatron_coe import optim_step
-    from megatron_coe.model import build_model
-    from megatron_coe.optim import build_optimizer, use_adam_implementation, wrap_model
+    from megatron_coe.optim import use_adam_implementation
     from megatron_coe.train import run_schedule
 
-    config = _step_config(iterations, micro_batches)
-    torch.manual_seed(0)
-    model = wrap_model(config, build_model(config))
-    optimizer, scheduler = build_optimizer(config, model)
+    config = step_config(iterations, topk=4 // iterations, micro_batches=micro_batches,
+                         optimizer={"clip_grad": 1.0})
+    model, optimizer, scheduler = built(config)
     # AdamW as on CUDA (optim.adam_implementation): torch's CPU default reads each step count
     use_adam_implementation(optimizer, {"fused": True, "foreach": False})
     assert optim_step.runs_on_device(optimizer, config)
@@ -100,8 +76,7 @@ def test_the_host_reads_of_a_training_step(iterations, micro_batches, on_device)
         model.zero_grad_buffer()
         optimizer.zero_grad()
         with HostOps() as ops:
-            total = run_schedule(model, _batches(micro_batches, config), config,
-                                 forward_only=False)
+            total = run_schedule(model, step_batches(config, 1), config, forward_only=False)
             result = step(model, optimizer, scheduler, total, config, torch.device("cpu"))
         assert result.applied and result.grad_norm > 0 and 0 < result.loss < 10
         assert total[1] == 2 * 12 * micro_batches

@@ -8,44 +8,14 @@ import math
 import pytest
 import torch
 
-from megatron_coe.config import config_from_dict
+from step_harness import built as _built, step_batches as _batches, step_config
 
 FUSED = {"fused": True, "foreach": False}
 
 
 def _config(precision="fp32", clip_grad=0.05, fused=True):
-    return config_from_dict({
-        "precision": precision,
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-                  "vocab_size": 64, "seq_length": 12,
-                  "moe": {"num_experts": 7, "topk": 2, "expert_hidden_size": 16,
-                          "shared_expert_hidden_size": 16, "aux_loss": "seq_aux_loss"},
-                  "coe": {"iterations": 2}},
-        "optimizer": {"clip_grad": clip_grad, "fused": fused, "lr": 1e-2},
-        "schedule": {"warmup_steps": 0},
-        "train": {"micro_batch_size": 2, "global_batch_size": 4, "steps": 10}})
-
-
-def _batches(config, seed):
-    g = torch.Generator().manual_seed(seed)
-    s = config.model.seq_length
-    out = []
-    for _ in range(2):
-        tokens = torch.randint(0, config.model.vocab_size, (2, s + 1), generator=g)
-        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-                    "position_ids": torch.arange(s).expand(2, s),
-                    "loss_mask": torch.ones(2, s)})
-    return out
-
-
-def _built(config):
-    from megatron_coe.model import build_model
-    from megatron_coe.optim import build_optimizer, wrap_model
-
-    torch.manual_seed(0)
-    model = wrap_model(config, build_model(config))
-    optimizer, scheduler = build_optimizer(config, model)
-    return model, optimizer, scheduler
+    return step_config(precision=precision,
+                       optimizer={"clip_grad": clip_grad, "fused": fused, "lr": 1e-2})
 
 
 def _train(config, built, steps, megatron=False, nan_at=()):
