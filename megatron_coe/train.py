@@ -11,8 +11,9 @@ The loop, top to bottom:
   4. model (CoE layers via our module spec), Float16Module for bf16, Megatron DDP, optimizer,
      LR scheduler; resume from the latest checkpoint if there is one; the resolved config is
      written into the run directory.
-  5. steps: Megatron's forward-backward schedule over the micro-batches, then - only if the loss
-     and every gradient are finite - the optimizer step; else the step is skipped and counted.
+  5. steps: Megatron's forward-backward schedule over the micro-batches (the next step's are
+     read meanwhile), then - only if the loss and every gradient are finite - the optimizer
+     step; else the step is skipped and counted.
      Log line / metrics.jsonl / TensorBoard every log_interval; validation every eval_interval;
      checkpoint every save_interval; SIGTERM/SIGINT -> checkpoint and exit.
   6. final validation and checkpoint (unless checkpoint.save_final is false).
@@ -251,15 +252,18 @@ def train(config, lock) -> int:
     # 5. steps (with train.cuda_graph, the forward-backward is a CUDA graph after the warm-up)
     captured = (cuda_graph.CapturedSchedule(t.cuda_graph_warmup_steps)
                 if cuda_graph.enabled(config) else None)
+    batches = batches_at(train_ds, state["step"] * t.global_batch_size)
     while state["step"] < t.steps:
         step_start = time.time()
         step = state["step"] + 1
         router_stats.reset(layers)
         model.zero_grad_buffer()
         optimizer.zero_grad()
-        total = run_schedule(model, batches_at(train_ds, state["step"] * t.global_batch_size),
-                             config, forward_only=False,
+        total = run_schedule(model, batches, config, forward_only=False,
                              inject_nan=step in t.inject_nonfinite_steps, captured=captured)
+        # the next step's micro-batches (a pure function of the step), built on the host while
+        # a GPU still runs this one, instead of while it waits for them
+        batches = batches_at(train_ds, step * t.global_batch_size) if step < t.steps else None
         # A non-finite loss or gradient never reaches the weights (optim_step.py).  Under fp16
         # an overflowed gradient is the loss scaler's to handle: the optimizer skips the step,
         # lowers the scale, and the run goes on (counted apart, unless the scale is at its
