@@ -70,7 +70,8 @@ def forward_step(data_iterator, model, inject_nan=False):
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+    # from page-locked memory (a CUDA run's batches) the copy is queued, no stream sync
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
     cp_group = parallel_state.get_context_parallel_group()
     if cp_group.size() > 1:  # this rank's 2 of the sequence's 2*CP chunks (load-balanced)
         batch = get_batch_on_this_cp_rank({**batch, "cu_seqlens": None}, False, cp_group)
@@ -176,8 +177,11 @@ def train(config, lock) -> int:
     num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
 
     def batches_at(ds, first_sample):
-        return list(dataset.micro_batches(ds, first_sample, t.global_batch_size,
-                                          t.micro_batch_size, dp_rank, dp_size))
+        batches = dataset.micro_batches(ds, first_sample, t.global_batch_size,
+                                        t.micro_batch_size, dp_rank, dp_size)
+        if device.type == "cuda":  # page-locked: their copies to the GPU do not wait for it
+            return [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        return list(batches)
 
     # 4. model, optimizer, scheduler, resume
     gpt = build_model(config)
