@@ -759,7 +759,7 @@ def load(path: Path, model, optimizer, scheduler, config: Config) -> dict:
     from megatron_coe.optim import use_adam_implementation  # optim imports this module
 
     # this run's AdamW kernel, not the saving run's
-    use_adam_implementation(optimizer, fused=config.optimizer.fused)
+    use_adam_implementation(optimizer, fused=config.optimizer.fused, device_type=config.device)
     changes = schedule_changes(meta["scheduler"], scheduler)
     scheduler.load_state_dict(meta["scheduler"])  # the config's schedule at the saved step
     if changes and _rank() == 0:

@@ -796,6 +796,10 @@ def _validate_training(config: Config) -> None:
         _positive(getattr(o, name), f"optimizer.{name}")
     if o.loss_scale is not None:
         _positive(o.loss_scale, "optimizer.loss_scale")
+        if config.precision != "fp16":  # Megatron would divide the gradients by it unscaled
+            raise ValueError(f"optimizer.loss_scale={o.loss_scale} is fp16's loss scale; "
+                             f"precision={config.precision} does not scale the loss: leave "
+                             "optimizer.loss_scale unset (null)")
     if o.min_loss_scale > o.initial_loss_scale:
         raise ValueError(f"optimizer.min_loss_scale={o.min_loss_scale} exceeds "
                          f"optimizer.initial_loss_scale={o.initial_loss_scale}")

@@ -17,8 +17,8 @@ On one H100 the paper configs' buffers took 0.8 ms per step to zero and 2.7 ms t
 into (docs/performance.md), about 1.9 ms of which this removes (an estimate until measured).
 
 It holds while the DDP hook is the only writer of ``main_grad`` before the reduction: the local
-spec without gradient-accumulation fusion, delayed weight gradients or overlapped reduction
-(:func:`applies`); Transformer Engine's layers accumulate their weight gradients into
+spec without gradient-accumulation fusion, delayed weight gradients, per-layer CUDA graphs or
+overlapped reduction (:func:`applies`); Transformer Engine's layers accumulate their weight gradients into
 ``main_grad`` inside their GEMMs and keep Megatron's zeroing.  A parameter that gets no gradient
 in a step (the check runs in ``finalize_model_grads``, before the reduction) is zeroed there, so
 no stale gradient survives; under a CUDA graph the captured step holds the same writes.
@@ -35,9 +35,13 @@ _TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engin
 def applies(model, tf_config, ddp_config) -> bool:
     """Whether every gradient of ``model`` reaches ``main_grad`` through the DDP hook alone: no
     Transformer Engine module, no gradient-accumulation fusion or delayed weight gradients, no
-    overlapped reduction (whose hook counts gradients as they come)."""
+    per-layer CUDA graphs (their backward graphs add weight gradients to ``main_grad``; the
+    full-iteration graph replays the hook's own writes), no overlapped reduction (whose hook
+    counts gradients as they come)."""
     te = any(type(m).__module__.startswith(_TE_MODULES) for m in model.modules())
-    return not (te or getattr(tf_config, "gradient_accumulation_fusion", False)
+    layer_graphs = (getattr(tf_config, "cuda_graph_impl", "none") not in ("none", "full_iteration")
+                    or getattr(tf_config, "enable_cuda_graph", False))
+    return not (te or layer_graphs or getattr(tf_config, "gradient_accumulation_fusion", False)
                 or getattr(tf_config, "delay_wgrad_compute", False)
                 or ddp_config.overlap_grad_reduce
                 or getattr(ddp_config, "delay_wgrad_compute", False))

@@ -83,7 +83,7 @@ def build_optimizer(config: Config, model):
     multi_tensor.install()
     with cpu.cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, [model])
-    use_adam_implementation(optimizer, fused=o.fused)
+    use_adam_implementation(optimizer, fused=o.fused, device_type=config.device)
     if config.precision == "fp16":  # the schedules multiply the loss by it before backward
         model.config.grad_scale_func = optimizer.scale_loss
     s, t = config.schedule, config.train
@@ -128,17 +128,18 @@ def adam_implementation(device_type: str, all_floating: bool = True,
 
 
 def use_adam_implementation(optimizer, flags: dict | None = None,
-                            fused: bool | None = None) -> None:
+                            fused: bool | None = None, device_type: str | None = None) -> None:
     """Give each torch AdamW inside Megatron's ``optimizer`` the flags of
-    :func:`adam_implementation` for its parameters' device and ``fused`` (or ``flags``), also
-    after a checkpoint load has brought back the saving run's flags.  As torch does, the fused
-    kernel keeps each ``step`` as float32 on the parameter's device, the other implementations
-    on the host."""
+    :func:`adam_implementation` for ``device_type`` (the run's device; default: its parameters')
+    and ``fused`` (or ``flags``), also after a checkpoint load has brought back the saving run's
+    flags.  As torch does, the fused kernel keeps each ``step`` as float32 on the parameter's
+    device, the other implementations on the host."""
+    vars(optimizer).pop("step_on_device", None)  # optim_step.runs_on_device decides again
     for opt in torch_optimizers(optimizer):
         params = [p for g in opt.param_groups for p in g["params"]]
         chosen = flags
-        if chosen is None:
-            device = params[0].device.type if params else "cpu"
+        if chosen is None:  # every rank alike, also one whose shard holds no parameter
+            device = device_type or (params[0].device.type if params else "cpu")
             chosen = adam_implementation(device, all(p.is_floating_point() for p in params),
                                          fused)
         opt.defaults.update(chosen)

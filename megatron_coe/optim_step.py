@@ -59,7 +59,7 @@ def take_step(model, optimizer, scheduler, total: torch.Tensor, config, device) 
     """The optimizer step after a forward-backward whose loss (sum, count) over this rank's
     micro-batches is ``total``: on the device where :func:`runs_on_device`, else Megatron's.
     The LR scheduler moves only if the update was applied."""
-    if runs_on_device(optimizer, config):
+    if runs_on_device(optimizer, config, device):
         result = _step_on_device(model, optimizer, total, config, device)
     else:
         result = _megatron_step(model, optimizer, total, config, device)
@@ -68,17 +68,29 @@ def take_step(model, optimizer, scheduler, total: torch.Tensor, config, device) 
     return result
 
 
-def runs_on_device(optimizer, config) -> bool:
+def runs_on_device(optimizer, config, device) -> bool:
     """Whether the update can run without a host read: every inner optimizer is torch's AdamW
-    with the fused kernel (optim.adam_implementation), and no fp16 loss scaler."""
+    with the fused kernel (optim.adam_implementation) and none has a loss scaler (fp16's).
+    Decided once per optimizer (again after optim.use_adam_implementation) and agreed by all
+    ranks: one all-reduce and one read, at the first step."""
+    import torch.distributed as dist
+
     from megatron_coe.checkpoint import torch_optimizers
 
-    # a stub (no parameters on this rank) has no torch optimizer, and every rank decides alike
-    subs = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-            if not getattr(sub, "is_stub_optimizer", False)]
-    inner = torch_optimizers(optimizer)
-    return (config.precision != "fp16" and len(inner) == len(subs) and all(
-        group.get("fused") for opt in inner for group in opt.param_groups))
+    agreed = vars(optimizer).get("step_on_device")
+    if agreed is None:
+        # a stub (no parameters on this rank) has no torch optimizer
+        subs = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+                if not getattr(sub, "is_stub_optimizer", False)]
+        inner = torch_optimizers(optimizer)
+        here = (config.precision != "fp16" and len(inner) == len(subs)
+                and all(getattr(sub, "grad_scaler", None) is None for sub in subs)
+                and all(group.get("fused") for opt in inner for group in opt.param_groups))
+        flag = torch.tensor([1.0 if here else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        agreed = vars(optimizer)["step_on_device"] = bool(flag.item())
+    return agreed
 
 
 def reduce_loss(total: torch.Tensor, device) -> torch.Tensor:

@@ -145,3 +145,17 @@ def test_cuda_parameters_get_the_fused_kernel():
     params[0].grad = torch.ones_like(params[0])
     opt.step()
     assert opt.state[params[0]]["step"].device.type == "cuda"
+
+
+def test_the_run_device_decides_also_for_an_optimizer_without_parameters():
+    """A distributed-optimizer rank whose shard holds no parameter keeps an AdamW with empty
+    groups: its flags follow the run's device like every other rank's, so all ranks take the
+    same optimizer step (optim_step.runs_on_device)."""
+    from megatron_coe.optim import use_adam_implementation
+
+    empty = torch.optim.AdamW([{"params": []}], lr=0.01)
+    use_adam_implementation(types.SimpleNamespace(optimizer=empty), device_type="cuda")
+    assert {k: empty.param_groups[0][k] for k in FUSED} == FUSED
+    use_adam_implementation(types.SimpleNamespace(optimizer=empty), device_type="cpu")
+    assert empty.param_groups[0]["fused"] is None
+

@@ -81,3 +81,7 @@ def test_megatrons_zeroing_stays_where_another_writer_exists():
     assert not applies(torch.nn.Sequential(te_linear()), tf, ddp)
     assert not applies(plain, types.SimpleNamespace(gradient_accumulation_fusion=True), ddp)
     assert not applies(plain, tf, types.SimpleNamespace(overlap_grad_reduce=True))
+    for impl, ok in (("none", True), ("full_iteration", True), ("local", False),
+                     ("transformer_engine", False)):  # per-layer graphs add to main_grad
+        graphs = types.SimpleNamespace(gradient_accumulation_fusion=False, cuda_graph_impl=impl)
+        assert applies(plain, graphs, ddp) == ok, impl

@@ -69,7 +69,7 @@ def test_the_host_reads_of_a_training_step(iterations, micro_batches, on_device)
     model, optimizer, scheduler = built(config)
     # AdamW as on CUDA (optim.adam_implementation): torch's CPU default reads each step count
     use_adam_implementation(optimizer, {"fused": True, "foreach": False})
-    assert optim_step.runs_on_device(optimizer, config)
+    assert optim_step.runs_on_device(optimizer, config, torch.device("cpu"))
     step = optim_step.take_step if on_device else _megatron_step
     n_params = sum(1 for _ in model.parameters())
     for _ in range(2):  # the first step also creates the optimizer state

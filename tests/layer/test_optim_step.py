@@ -61,7 +61,7 @@ def test_the_step_on_the_device_matches_megatrons(precision, clip_grad):
 
     config = _config(precision, clip_grad)
     ours, theirs = _built(config), _built(config)
-    assert runs_on_device(ours[1], config)
+    assert runs_on_device(ours[1], config, torch.device("cpu"))
     # bf16: after one step a bf16 weight may round the other way, and later steps differ by
     # more than the rounding of the update; fp32 holds over several steps
     steps = 4 if precision == "fp32" else 1
@@ -132,7 +132,9 @@ def test_megatrons_step_where_the_update_cannot_run_on_the_device():
 
     config = _config(fused=None)  # CPU default: one update per tensor
     _, optimizer, _ = _built(config)
-    assert not runs_on_device(optimizer, config)
-    use_adam_implementation(optimizer, FUSED)
-    assert runs_on_device(optimizer, config)
-    assert not runs_on_device(optimizer, _config("fp16"))  # the loss scaler reads its own verdict
+    assert not runs_on_device(optimizer, config, torch.device("cpu"))
+    use_adam_implementation(optimizer, FUSED)  # decided again
+    assert runs_on_device(optimizer, config, torch.device("cpu"))
+    _, fp16, _ = _built(_config("fp16"))  # the loss scaler reads its own verdict
+    use_adam_implementation(fp16, FUSED)
+    assert not runs_on_device(fp16, _config("fp16"), torch.device("cpu"))

@@ -56,6 +56,7 @@ BAD = [
     ({"model.num_attention_heads": 5}, "must be divisible by model.num_attention_heads=5"),
     ({"device": "tpu"}, "device='tpu' is not valid"),
     ({"optimizer.min_loss_scale": 1e6}, "optimizer.min_loss_scale=1000000.0 exceeds"),
+    ({"optimizer.loss_scale": 1024.0}, "precision=fp32 does not scale the loss"),
     ({"optimizer.lr": "fast"}, "optimizer.lr: expected float, got 'fast'"),
     ({"parallel.overlap_expert_comm": True, "model.moe.num_experts": 2},
      "leaves 1 per rank: use at least 2 per rank"),
