@@ -134,7 +134,7 @@ def use_adam_implementation(optimizer, flags: dict | None = None,
     and ``fused`` (or ``flags``), also after a checkpoint load has brought back the saving run's
     flags.  As torch does, the fused kernel keeps each ``step`` as float32 on the parameter's
     device, the other implementations on the host."""
-    vars(optimizer).pop("step_on_device", None)  # optim_step.runs_on_device decides again
+    vars(optimizer).pop("_coe_step_on_device", None)  # optim_step.runs_on_device decides again
     for opt in torch_optimizers(optimizer):
         params = [p for g in opt.param_groups for p in g["params"]]
         chosen = flags

@@ -77,7 +77,7 @@ def runs_on_device(optimizer, config, device) -> bool:
 
     from megatron_coe.checkpoint import torch_optimizers
 
-    agreed = vars(optimizer).get("step_on_device")
+    agreed = vars(optimizer).get("_coe_step_on_device")
     if agreed is None:
         # a stub (no parameters on this rank) has no torch optimizer
         subs = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
@@ -89,7 +89,7 @@ def runs_on_device(optimizer, config, device) -> bool:
         flag = torch.tensor([1.0 if here else 0.0], device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        agreed = vars(optimizer)["step_on_device"] = bool(flag.item())
+        agreed = vars(optimizer)["_coe_step_on_device"] = bool(flag.item())
     return agreed
 
 
