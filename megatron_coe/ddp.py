@@ -18,16 +18,16 @@ into (docs/performance.md), about 1.9 ms of which this removes (an estimate unti
 
 It holds while the DDP hook is the only writer of ``main_grad`` before the reduction: the local
 spec without gradient-accumulation fusion, delayed weight gradients, per-layer CUDA graphs or
-overlapped reduction (:func:`applies`); Transformer Engine's layers accumulate their weight gradients into
-``main_grad`` inside their GEMMs and keep Megatron's zeroing.  A parameter that gets no gradient
-in a step (the check runs in ``finalize_model_grads``, before the reduction) is zeroed there, so
-no stale gradient survives; under a CUDA graph the captured step holds the same writes.
+overlapped reduction (:func:`applies`).  Transformer Engine's layers accumulate their weight
+gradients into ``main_grad`` inside their GEMMs and keep Megatron's zeroing.  A parameter that
+gets no gradient in a step (the check runs in ``finalize_model_grads``, before the reduction)
+is zeroed there, so no stale gradient survives; under a CUDA graph the captured step holds the
+same writes.
 """
 
 from __future__ import annotations
 
 from megatron.core.distributed import DistributedDataParallel
-
 
 _TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engine")
 
