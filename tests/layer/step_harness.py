@@ -7,10 +7,11 @@ from megatron_coe.config import config_from_dict
 
 
 def step_config(iterations=2, topk=2, micro_batches=2, precision="fp32", optimizer=None,
-                train=None):
+                train=None, device="cpu"):
     """Two layers, hidden 32, 7 routed experts of hidden 16 and a shared one, sequence length
     12, micro-batches of 2 sequences; ``optimizer`` and ``train`` add fields."""
     return config_from_dict({
+        "device": device,
         "precision": precision,
         "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                   "vocab_size": 64, "seq_length": 12,

@@ -13,8 +13,9 @@ import torch
 from step_harness import built, step_batches as _batches, step_config
 
 
-def _config(recompute="none", precision="fp32"):
-    return step_config(micro_batches=3, precision=precision, train={"recompute": recompute})
+def _config(recompute="none", precision="fp32", device="cpu"):
+    return step_config(micro_batches=3, precision=precision, train={"recompute": recompute},
+                       device=device)
 
 
 def _built(config, write_first):
@@ -31,10 +32,15 @@ def _grads(model):
 @pytest.mark.parametrize("recompute,precision", [("none", "fp32"), ("experts", "fp32"),
                                                  ("none", "bf16")])
 def test_written_buffers_equal_zeroed_and_accumulated_ones(recompute, precision):
+    check_written_buffers(recompute, precision, "cpu")
+
+
+def check_written_buffers(recompute, precision, device):
+    """(tests/layer/test_gpu_step.py runs it on a GPU.)"""
     from megatron_coe.optim_step import take_step
     from megatron_coe.train import run_schedule
 
-    config = _config(recompute, precision)
+    config = _config(recompute, precision, device)
     ours, theirs = _built(config, True), _built(config, False)
     for step in range(3):
         grads = []
@@ -45,7 +51,7 @@ def test_written_buffers_equal_zeroed_and_accumulated_ones(recompute, precision)
                 assert any(g.abs().sum() > 0 for g in _grads(model))
             total = run_schedule(model, _batches(config, step), config, forward_only=False)
             grads.append(_grads(model))
-            take_step(model, optimizer, scheduler, total, config, torch.device("cpu"))
+            take_step(model, optimizer, scheduler, total, config, torch.device(device))
         for a, b in zip(*grads):
             assert torch.equal(a, b)
     for p, q in zip(ours[0].parameters(), theirs[0].parameters()):

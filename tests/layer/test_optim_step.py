@@ -1,7 +1,8 @@
 """The optimizer step on the device (megatron_coe/optim_step.py) against Megatron's step, on CPU
 with torch's CPU fused AdamW kernel (the kernel a CUDA run uses, compiled for the CPU): the same
 weights, moments and gradient norm within fp32 rounding, clipping included; a non-finite step
-changes no weight, moment, step count or LR and leaves nothing behind for the next step."""
+changes no weight, moment, step count or LR and leaves nothing behind for the next step.  The
+checks take the device: tests/layer/test_gpu_step.py runs them on a GPU."""
 
 import math
 
@@ -13,20 +14,20 @@ from step_harness import built as _built, step_batches as _batches, step_config
 FUSED = {"fused": True, "foreach": False}
 
 
-def _config(precision="fp32", clip_grad=0.05, fused=True):
-    return step_config(precision=precision,
+def _config(precision="fp32", clip_grad=0.05, fused=True, device="cpu"):
+    return step_config(precision=precision, device=device,
                        optimizer={"clip_grad": clip_grad, "fused": fused, "lr": 1e-2})
 
 
-def _train(config, built, steps, megatron=False, nan_at=()):
-    """``steps`` steps on fixed batches; returns each step's StepResult."""
+def _train(config, built, steps, megatron=False, nan_at=(), first=0):
+    """Steps ``first`` .. ``first + steps - 1`` on fixed batches; returns their StepResults."""
     from megatron_coe import optim_step
     from megatron_coe.train import run_schedule
 
     model, optimizer, scheduler = built
-    device = torch.device("cpu")
+    device = torch.device(config.device)
     results = []
-    for i in range(steps):
+    for i in range(first, first + steps):
         model.zero_grad_buffer()
         optimizer.zero_grad()
         total = run_schedule(model, _batches(config, i), config, forward_only=False,
@@ -57,11 +58,15 @@ def _state(built):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("clip_grad", [0.05, 0.0], ids=["clipped", "no-clip"])
 def test_the_step_on_the_device_matches_megatrons(precision, clip_grad):
+    check_step_matches_megatrons(precision, clip_grad, "cpu")
+
+
+def check_step_matches_megatrons(precision, clip_grad, device):
     from megatron_coe.optim_step import runs_on_device
 
-    config = _config(precision, clip_grad)
+    config = _config(precision, clip_grad, device=device)
     ours, theirs = _built(config), _built(config)
-    assert runs_on_device(ours[1], config, torch.device("cpu"))
+    assert runs_on_device(ours[1], config, torch.device(device))
     # bf16: after one step a bf16 weight may round the other way, and later steps differ by
     # more than the rounding of the update; fp32 holds over several steps
     steps = 4 if precision == "fp32" else 1
@@ -88,21 +93,18 @@ def test_the_step_on_the_device_matches_megatrons(precision, clip_grad):
 
 
 def test_a_nonfinite_step_changes_nothing_and_the_next_step_is_as_without_it():
-    config = _config()
+    check_nonfinite_step("cpu")
+
+
+def check_nonfinite_step(device):
+    from megatron_coe.checkpoint import torch_optimizers
+
+    config = _config(device=device)
     skipped, clean = _built(config), _built(config)
     _train(config, skipped, 2)
     _train(config, clean, 2)
     before = _state(skipped)
-    from megatron_coe import optim_step
-    from megatron_coe.checkpoint import torch_optimizers
-    from megatron_coe.train import run_schedule
-
-    model, optimizer, scheduler = skipped
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    total = run_schedule(model, _batches(config, 2), config, forward_only=False, inject_nan=True)
-    result = optim_step.take_step(model, optimizer, scheduler, total, config,
-                                  torch.device("cpu"))
+    result, = _train(config, skipped, 1, nan_at=(2,), first=2)
     assert not result.applied and not result.finite and math.isnan(result.grad_norm)
     after = _state(skipped)
     assert after[2] == before[2]  # the LR schedule did not move
@@ -110,18 +112,11 @@ def test_a_nonfinite_step_changes_nothing_and_the_next_step_is_as_without_it():
         assert torch.equal(x, y)
     for a, b in zip(after[1], before[1]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
-    for opt in torch_optimizers(optimizer):  # nothing left for a later step to read
+    for opt in torch_optimizers(skipped[1]):  # nothing left for a later step to read
         assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
     # the next step is bit for bit the one a run that never saw the bad step takes
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    total = run_schedule(model, _batches(config, 3), config, forward_only=False)
-    optim_step.take_step(model, optimizer, scheduler, total, config, torch.device("cpu"))
-    model, optimizer, scheduler = clean
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    total = run_schedule(model, _batches(config, 3), config, forward_only=False)
-    optim_step.take_step(model, optimizer, scheduler, total, config, torch.device("cpu"))
+    _train(config, skipped, 1, first=3)
+    _train(config, clean, 1, first=3)
     for x, y in zip(_state(skipped)[0], _state(clean)[0]):
         assert torch.equal(x, y)
 
