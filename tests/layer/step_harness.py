@@ -13,7 +13,8 @@ def step_config(iterations=2, topk=2, micro_batches=2, precision="fp32", optimiz
     return config_from_dict({
         "device": device,
         "precision": precision,
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+        "model": {"impl": "local",  # also where Transformer Engine is installed
+                  "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
                   "vocab_size": 64, "seq_length": 12,
                   "moe": {"num_experts": 7, "topk": topk, "expert_hidden_size": 16,
                           "shared_expert_hidden_size": 16, "aux_loss": "seq_aux_loss"},
