@@ -153,7 +153,7 @@ def train(config, lock) -> int:
                                       peak_tflops, train_flops_per_token)
     from megatron_coe.model import build_model, coe_layers, with_resolved_impl
     from megatron_coe.optim import build_optimizer, wrap_model
-    from megatron_coe.optim_step import mean_loss_over_dp, take_step
+    from megatron_coe.optim_step import mean_loss_over_dp, runs_on_device, take_step
 
     stop = StopRequest()  # now: a stop signal during start-up stops at the first step
 
@@ -209,6 +209,13 @@ def train(config, lock) -> int:
                 print(f"checkpoint.overwrite: previous run moved to {moved}", flush=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
 
+    step_on_device = runs_on_device(optimizer, config, device)  # all ranks agree, once
+    if rank == 0:
+        print("optimizer step: " + ("on the device (torch's fused AdamW clips and skips a "
+                                    "non-finite step itself; one host read per step)"
+                                    if step_on_device else "Megatron's optimizer.step(), "
+                                    "after the loss and the gradient check are read"),
+              flush=True)
     saved_step = state["step"] if resume_from is not None else None
     saver = checkpoint.Saver(ckpt_root, config, device)
 

@@ -92,6 +92,7 @@ def test_injected_nan_is_skipped_counted_and_training_continues(tmp_path, adam):
     run_dir = tmp_path / "nan"
     result = torchrun([f"run_dir={run_dir}", *BASE, "train.inject_nonfinite_steps=[3,5]", adam])
     check(result)
+    assert ("optimizer step: on the device" in result.stdout) == adam.endswith("true")
     m = metrics(run_dir)
     assert "step 3: non-finite loss or gradient" in result.stdout
     assert m[2]["skipped_steps"] == 0 and m[3]["skipped_steps"] == 1
