@@ -35,7 +35,6 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_coe import cpu, multi_tensor
 from megatron_coe import ddp as ddp_module
-from megatron_coe.ddp import WriteFirstDDP
 from megatron_coe.checkpoint import torch_optimizers
 from megatron_coe.config import Config
 
@@ -52,9 +51,9 @@ def wrap_model(config: Config, model):
         use_distributed_optimizer=config.optimizer.distributed,
         check_for_nan_in_grad=False,  # we check (and skip) ourselves, see train.py
     )
+    write_first = ddp_module.applies(model, tf_config, ddp_config)
     with cpu.cuda_to_cpu():
-        ddp = WriteFirstDDP(tf_config, ddp_config, model,
-                            write_first=ddp_module.applies(model, tf_config, ddp_config))
+        ddp = ddp_module.WriteFirstDDP(tf_config, ddp_config, model, write_first=write_first)
     tf_config.finalize_model_grads_func = ddp_module.finalize_model_grads
     return ddp
 

@@ -31,7 +31,7 @@ and inf survive the sum of squares), so the norm is the gradient check.  The hos
 whole update while the GPU still runs the backward, and waits once, at the end.
 
 Against Megatron's step: g / s and g * c differ by the rounding of one division (the weights
-agree to within fp32 rounding, tests/unit/test_optim_step.py); the norm is computed from the same
+agree to within fp32 rounding, tests/layer/test_optim_step.py); the norm is computed from the same
 per-tensor norms, its square root in fp32 instead of float64.  Finite gradients whose squares
 overflow fp32 (a norm above ~1.8e19) give an infinite norm: the step is skipped, where Megatron's
 step applies an update from zeroed gradients; both count it as non-finite.

@@ -232,8 +232,14 @@ def resolve_fused_kernels(config: Config) -> tuple[str, bool, str]:
     error = triton_kernels_error(_DTYPES[config.precision], m.vocab_size, width)
     if error is None:
         return kernels, fused_loss, "auto: device=cuda and the Triton kernels run here"
-    return ("compile", bool(m.loss_fusion),
+    return (*_compile_fallback(m),
             f"auto: the Triton kernels failed on this GPU ({error}); compile")
+
+
+def _compile_fallback(m) -> tuple[str, bool]:
+    """(model.fused_kernels, model.loss_fusion) where auto's Triton kernels do not run, here or
+    on another rank: the compiled kernels, and the fused loss only where it was asked for."""
+    return "compile", bool(m.loss_fusion)
 
 
 _TRITON_ERRORS: dict[tuple[torch.dtype, int, int], str | None] = {}
@@ -296,7 +302,7 @@ def resolved_kernels(config: Config, announce: bool = False) -> Config:
     kernels, fused_loss, kernels_why = resolve_fused_kernels(config)
     if (m.fused_kernels == "auto" and fused_kernels(config) == "triton"
             and not _on_every_rank(config, kernels == "triton") and kernels == "triton"):
-        kernels, fused_loss = "compile", bool(m.loss_fusion)
+        kernels, fused_loss = _compile_fallback(m)
         kernels_why = "auto: the Triton kernels failed on another rank; compile"
     if announce and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"model.swiglu_fusion: {str(fusion).lower()} ({fusion_why})", flush=True)
