@@ -6,6 +6,7 @@
     layer.py              CoELayer: C iterations of route -> dispatch -> experts -> combine
     dispatch.py           the CoE token dispatcher (expert-parallel all-to-alls per iteration)
     experts.py            LocalExperts: SequentialMLP with a lean forward (local spec)
+    router_gemm.py        the routers' gating GEMM on bf16 hidden states (CUDA)
     attention.py          MLA core attention for the local spec
     cp_attention.py       context-parallel core attention for the local spec
 """

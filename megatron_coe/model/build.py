@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 from megatron_coe import cuda_graph, parallel
 from megatron_coe.config import (CoEConfig, Config, fused_kernels, grouped_experts, loss_fusion,
                                  swiglu_fusion, swiglu_fusion_blocker, te_only_overrides)
-from megatron_coe.model import aux_topk
+from megatron_coe.model import aux_topk, router_gemm
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.model.loss import CoEGPTModel
 from megatron_coe.router_stats import install_tracker
@@ -359,8 +359,7 @@ def build_model(config: Config) -> GPTModel:
     config = resolved_kernels(config)  # as coe-train resolved them, or here for other callers
     te = use_transformer_engine(config)
     tf_config = transformer_config(config)
-    install_tracker()
-    aux_topk.install()
+    _install_router_functions()
     model = CoEGPTModel(
         loss_fusion=config.model.loss_fusion,
         fused_kernels=config.model.fused_kernels,
@@ -390,8 +389,7 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     config = resolved_kernels(config)
     te = use_transformer_engine(config)
     tf_config = transformer_config(config)
-    install_tracker()
-    aux_topk.install()
+    _install_router_functions()
     coe = None if stock_megatron else (config.model.coe or CoEConfig(iterations=1))
     block = coe_block_spec(tf_config, coe, te, config.parallel.overlap_expert_comm,
                            config.train.recompute == "experts" and not stock_megatron,
@@ -403,6 +401,14 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     )
     layer.set_layer_number(layer_number)
     return layer.to(device)
+
+
+def _install_router_functions() -> None:
+    """Megatron's global MoE metrics tracker made CoE's, and its routers' aux-loss top-k and
+    gating GEMM made this package's (process-wide, idempotent: aux_topk.py, router_gemm.py)."""
+    install_tracker()
+    aux_topk.install()
+    router_gemm.install()
 
 
 def expert_fp8_recipe(config: Config) -> str | None:
