@@ -46,7 +46,7 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import sort_chunks_by_idxs
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from megatron_coe.model.permutation import gathered
+from megatron_coe.model.permutation import TokenOrder, gathered
 
 
 @dataclass
@@ -341,13 +341,14 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         # permutation and its inverse run as gathers (model/permutation.py), not atomic adds
         self.rows_per_token = (c.moe_router_topk if dropless and not c.moe_permute_fusion
                                else None)
+        self.token_order = TokenOrder()  # one sort of the rows' tokens per dispatch
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        with gathered(self.rows_per_token):
+        with gathered(self.rows_per_token, self.token_order):
             return super().dispatch_preprocess(hidden_states, routing_map, probs)
 
     def combine_postprocess(self, hidden_states):
-        with gathered(self.rows_per_token):
+        with gathered(self.rows_per_token, self.token_order):
             return super().combine_postprocess(hidden_states)
 
     def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):

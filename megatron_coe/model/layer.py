@@ -230,9 +230,12 @@ class CoELayer(MoELayer):
             f = self._iteration(t, normed, padding_mask)
             if self.residual == "outer":
                 x = f
-            else:
+            elif self.residual == "reference":
                 x = x + f
+            else:  # inner: the sum of F_t is returned; x(t) only feeds the next iteration
                 delta = f if delta is None else delta + f
+                if t + 1 < self.iterations:
+                    x = x + f
         # all C iterations' checks at once: 2C reductions + 6 launches (finite.py)
         with torch.no_grad():
             self.nonfinite |= ~each_finite(self._checked).view(self.iterations, 2)

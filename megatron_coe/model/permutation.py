@@ -16,7 +16,9 @@ in token order, makes each sum a gather and a reduction over k:
 
 which reads each row once and writes each token once, without atomics.  The terms are the
 same; the reduction adds them in another order and, in bf16, rounds once (in fp32) instead of
-after every add, so results equal Megatron's within float rounding.
+after every add, so results equal Megatron's within float rounding.  ``order`` is taken once per
+dispatch: the permutation's backward and the unpermutation's forward of the same rows share it
+(:class:`TokenOrder`).
 
 :func:`gathered` applies this to Megatron's dispatcher for the duration of one dispatch or
 combine: it wraps the dispatcher module's ``permute`` and ``unpermute`` (Megatron's, or the CPU
@@ -27,6 +29,7 @@ unchanged.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -35,43 +38,62 @@ class _GatherRows(torch.autograd.Function):
     """rows = x[index]; backward: each token's k row gradients gathered and summed."""
 
     @staticmethod
-    def forward(ctx, x, index, k):
-        ctx.save_for_backward(index)
+    def forward(ctx, x, index, order, k):
+        ctx.save_for_backward(order)
         ctx.k = k
         return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad_rows):
-        (index,) = ctx.saved_tensors
-        return sum_by_token(grad_rows, index, ctx.k), None, None
+        (order,) = ctx.saved_tensors
+        return sum_by_token(grad_rows, order, ctx.k), None, None, None
 
 
 class _SumRows(torch.autograd.Function):
     """y[t] = sum of token t's k rows; backward: dy gathered back to the rows."""
 
     @staticmethod
-    def forward(ctx, rows, index, k):
+    def forward(ctx, rows, index, order, k):
         ctx.save_for_backward(index)
-        return sum_by_token(rows, index, k)
+        return sum_by_token(rows, order, k)
 
     @staticmethod
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
-        return grad.index_select(0, index), None, None
+        return grad.index_select(0, index), None, None, None
 
 
-def sum_by_token(rows: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
-    """[T, ...]: for each token t, the sum of the k rows r with index[r] == t."""
-    order = torch.argsort(index, stable=True)
+def sum_by_token(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """[T, ...]: for each token t, the sum of its k rows, which are rows[order[t k .. t k + k)]
+    (``order`` = argsort(index, stable): :meth:`TokenOrder.of`)."""
     return rows.index_select(0, order).view(-1, k, *rows.shape[1:]).sum(1)
 
 
+class TokenOrder:
+    """argsort(index, stable=True) of the rows' tokens, taken once for the last ``index`` seen:
+    a dispatcher's permute and its unpermute pass the same index tensor, unchanged."""
+
+    def __init__(self):
+        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
+
+    def of(self, index: torch.Tensor) -> torch.Tensor:
+        last = self._last
+        if last is not None and last[0]() is index and last[1] == index._version:
+            return last[2]
+        order = torch.argsort(index, stable=True)
+        self._last = (weakref.ref(index), index._version, order)
+        return order
+
+
 @contextlib.contextmanager
-def gathered(k: int | None):
+def gathered(k: int | None, orders: TokenOrder | None = None):
     """Within this context Megatron's dispatcher permutes and unpermutes by gathers, for
-    routing that gives every token exactly ``k`` rows (None: no change)."""
+    routing that gives every token exactly ``k`` rows (None: no change).  ``orders`` keeps the
+    rows' token order from a permute for the unpermute of the same rows (a dispatcher's own,
+    across its dispatch and combine contexts)."""
     from megatron.core.transformer.moe import token_dispatcher as td
 
+    orders = TokenOrder() if orders is None else orders
     if k is None:
         yield
         return
@@ -87,7 +109,8 @@ def gathered(k: int | None):
         _, permuted_probs, index, pad, counts = permute(
             tokens.detach()[:, :0], routing_map, probs, num_out_tokens, fused, drop_and_pad,
             **kwargs)
-        return _GatherRows.apply(tokens, index, k), permuted_probs, index, pad, counts
+        return (_GatherRows.apply(tokens, index, orders.of(index), k), permuted_probs, index, pad,
+                counts)
 
     def gather_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None,
                          routing_map=None, fused=False, drop_and_pad=False, **kwargs):
@@ -96,7 +119,7 @@ def gathered(k: int | None):
                 or permuted_tokens.shape[0] != restore_shape[0] * k):
             return unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map,
                              fused, drop_and_pad, **kwargs)
-        return _SumRows.apply(permuted_tokens, sorted_indices, k)
+        return _SumRows.apply(permuted_tokens, sorted_indices, orders.of(sorted_indices), k)
 
     td.permute, td.unpermute = gather_permute, gather_unpermute
     try:

@@ -17,13 +17,14 @@ def _expert_major_index(tokens, experts, k, generator):
 
 
 def test_gathered_sums_equal_the_scatter_adds():
-    from megatron_coe.model.permutation import _GatherRows, _SumRows
+    from megatron_coe.model.permutation import TokenOrder, _GatherRows, _SumRows
 
     g = torch.Generator().manual_seed(0)
     T, E, k, H = 37, 9, 3, 5
     index = _expert_major_index(T, E, k, g)
+    order = TokenOrder().of(index)
     x = torch.randn(T, H, dtype=torch.float64, generator=g, requires_grad=True)
-    rows = _GatherRows.apply(x, index, k)
+    rows = _GatherRows.apply(x, index, order, k)
     assert torch.equal(rows, x.index_select(0, index))
     d_rows = torch.randn(rows.shape, dtype=torch.float64, generator=g)
     rows.backward(d_rows)
@@ -31,7 +32,7 @@ def test_gathered_sums_equal_the_scatter_adds():
     assert torch.allclose(x.grad, scatter, rtol=1e-12, atol=1e-12)
 
     r = torch.randn(T * k, H, dtype=torch.float64, generator=g, requires_grad=True)
-    y = _SumRows.apply(r, index, k)
+    y = _SumRows.apply(r, index, order, k)
     assert torch.allclose(y, torch.zeros(T, H, dtype=torch.float64).index_add_(0, index, r),
                           rtol=1e-12, atol=1e-12)
     dy = torch.randn(T, H, dtype=torch.float64, generator=g)
@@ -59,6 +60,27 @@ def test_coe_layer_with_gathers_equals_the_scatter_path(dtype, tol, monkeypatch)
         scale = b.float().abs().max().clamp_min(1e-6)
         assert ((a.float() - b.float()).abs().max() / scale) <= tol
     assert not calls
+
+
+def test_one_sort_per_dispatch(monkeypatch):
+    """The rows' token order is sorted once per CoE iteration, for the unpermutation's forward
+    and the permutation's backward together; a changed or another index is sorted again."""
+    from megatron_coe.model.permutation import TokenOrder
+
+    sorts = []
+    argsort = torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda *a, **kw: (sorts.append(1), argsort(*a, **kw))[1])
+    layer, = seeded_layers(layer_config())
+    fwd_bwd(layer, torch.randn(40, 2, 32))
+    assert len(sorts) == 2  # 2 iterations
+
+    orders, g = TokenOrder(), torch.Generator().manual_seed(0)
+    index = _expert_major_index(11, 5, 2, g)
+    first = orders.of(index)
+    assert orders.of(index) is first and len(sorts) == 3
+    assert orders.of(index.clone()) is not first and len(sorts) == 4
+    index[0] = index[1]  # in place: its version changes
+    assert orders.of(index) is not first and len(sorts) == 5
 
 
 def test_routing_without_k_rows_per_token_runs_megatrons_permutation(monkeypatch):
