@@ -18,7 +18,8 @@ which reads each row once and writes each token once, without atomics.  The term
 same; the reduction adds them in another order and, in bf16, rounds once (in fp32) instead of
 after every add, so results equal Megatron's within float rounding.  ``order`` is taken once per
 dispatch: the permutation's backward and the unpermutation's forward of the same rows share it
-(:class:`TokenOrder`).
+(:class:`TokenOrder`).  The rows' probabilities are gathered as Megatron gathers them, and their
+gradient written back without the sort of an accumulating scatter (:class:`_RowProbs`).
 
 :func:`gathered` applies this to Megatron's dispatcher for the duration of one dispatch or
 combine: it wraps the dispatcher module's ``permute`` and ``unpermute`` (Megatron's, or the CPU
@@ -61,6 +62,30 @@ class _SumRows(torch.autograd.Function):
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
         return grad.index_select(0, index), None, None, None
+
+
+class _RowProbs(torch.autograd.Function):
+    """The rows' routing probabilities, probs[index[r], expert of row r], as Megatron's permute
+    gathers them from the transposed [N, T] probabilities; backward: written into zeros, not
+    accumulated: the rows' (token, expert) pairs are distinct, and an accumulating write
+    (Megatron's, the backward of its gather) sorts its indices on a GPU."""
+
+    @staticmethod
+    def forward(ctx, probs, index, routing_map):
+        # rows are listed expert by expert: expert e has routing_map[:, e].sum() of them
+        experts = torch.repeat_interleave(
+            torch.arange(routing_map.shape[1], device=index.device),
+            routing_map.sum(dim=0), output_size=index.numel())
+        ctx.save_for_backward(index, experts)
+        ctx.shape = probs.shape
+        return probs[index, experts]
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, experts = ctx.saved_tensors
+        grad_probs = grad.new_zeros(ctx.shape)
+        grad_probs[index, experts] = grad
+        return grad_probs, None, None
 
 
 def sum_by_token(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,10 +131,10 @@ def gathered(k: int | None, orders: TokenOrder | None = None):
             return permute(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad,
                            **kwargs)
         # the rows' tokens as Megatron (or the CPU backend) picks them, on a zero-width view
-        _, permuted_probs, index, pad, counts = permute(
-            tokens.detach()[:, :0], routing_map, probs, num_out_tokens, fused, drop_and_pad,
-            **kwargs)
-        return (_GatherRows.apply(tokens, index, orders.of(index), k), permuted_probs, index, pad,
+        _, _, index, pad, counts = permute(tokens.detach()[:, :0], routing_map, None,
+                                           num_out_tokens, fused, drop_and_pad, **kwargs)
+        row_probs = None if probs is None else _RowProbs.apply(probs, index, routing_map)
+        return (_GatherRows.apply(tokens, index, orders.of(index), k), row_probs, index, pad,
                 counts)
 
     def gather_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None,

@@ -91,3 +91,25 @@ def test_routing_without_k_rows_per_token_runs_megatrons_permutation(monkeypatch
     assert layer.token_dispatcher.rows_per_token is None
     monkeypatch.setattr(permutation._GatherRows, "apply", None)  # would fail if called
     fwd_bwd(layer, torch.randn(40, 2, 32))
+
+
+def test_row_probabilities_equal_megatrons():
+    """The rows' probabilities and their gradient, bit for bit Megatron's permute's (whose
+    backward accumulates into zeros where ours writes)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_coe.model.permutation import _RowProbs
+
+    g = torch.Generator().manual_seed(0)
+    T, E, k = 37, 9, 3
+    picks = torch.rand(T, E, generator=g).topk(k, dim=1).indices
+    routing_map = torch.zeros(T, E, dtype=torch.bool).scatter_(1, picks, True)
+    probs = torch.rand(T, E, generator=g).requires_grad_(True)
+    _, theirs, index, _, _ = moe_utils.permute(torch.zeros(T, 0), routing_map, probs, T * k)
+    ours = _RowProbs.apply(probs, index, routing_map)
+    assert torch.equal(ours, theirs)
+    d = torch.randn(T * k, generator=g)
+    (grad_theirs,) = torch.autograd.grad(theirs, probs, d)
+    (grad_ours,) = torch.autograd.grad(ours, probs, d)
+    assert torch.equal(grad_ours, grad_theirs)
+    assert torch.equal(grad_ours != 0, routing_map)
