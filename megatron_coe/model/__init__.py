@@ -1,14 +1,30 @@
 """The model: Megatron-Core's GPTModel with Chain-of-Experts layers.
 
-    build.py              Config -> TransformerConfig, model.impl (TE or local), build_model
-    spec.py               decoder block spec: every MoE layer made a CoE layer
-    transformer_layer.py  CoETransformerLayer (the reference residual mode)
-    layer.py              CoELayer: C iterations of route -> dispatch -> experts -> combine
-    dispatch.py           the CoE token dispatcher (expert-parallel all-to-alls per iteration)
-    experts.py            LocalExperts: SequentialMLP with a lean forward (local spec)
-    router_gemm.py        the routers' gating GEMM on bf16 hidden states (CUDA)
-    attention.py          MLA core attention for the local spec
-    cp_attention.py       context-parallel core attention for the local spec
+    build.py                Config -> TransformerConfig, model.impl (TE or local), build_model
+    spec.py                 decoder block spec: every MoE layer made a CoE layer
+    transformer_layer.py    CoETransformerLayer (the reference residual mode)
+    loss.py                 CoEGPTModel: the language-model loss as two fused kernels
+
+  the CoE layer
+    layer.py                CoELayer: C iterations of route -> dispatch -> experts -> combine
+    router_gemm.py          the routers' gating GEMM on bf16 hidden states (CUDA)
+    aux_topk.py             the routers' aux losses reuse the routing's top-k
+    dispatch.py             the CoE token dispatcher (expert-parallel all-to-alls per iteration)
+    permutation.py          dropless permutation and its inverse as gathers
+    experts.py              LocalExperts: SequentialMLP with a lean forward (local spec)
+    grouped_experts.py      GroupedExperts: all experts as grouped GEMMs (local spec)
+    fp8.py                  FP8 grouped GEMMs through torch's scaled matmuls (fp8.backend: torch)
+    shared_expert.py        the shared expert with the Triton SwiGLU
+    repeated_calls.py       TE modules called more than once per micro-batch
+
+  attention (local spec)
+    attention.py            MLA core attention
+    fused_attention.py      torch's scaled_dot_product_attention as the core attention
+    cp_attention.py         context-parallel core attention
+
+  Triton kernels (model.fused_kernels: triton)
+    triton_cross_entropy.py the language-model loss
+    triton_swiglu.py        the experts' SwiGLU
 """
 
 from megatron_coe.model.build import (build_model, build_moe_layer, coe_layers, resolve_impl,
