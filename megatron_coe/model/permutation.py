@@ -72,10 +72,11 @@ class _RowProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, probs, index, routing_map):
-        # rows are listed expert by expert: expert e has routing_map[:, e].sum() of them
-        experts = torch.repeat_interleave(
-            torch.arange(routing_map.shape[1], device=index.device),
-            routing_map.sum(dim=0), output_size=index.numel())
+        # rows are listed expert by expert: expert e has routing_map[:, e].sum() of them (a
+        # search, not repeat_interleave, whose output size the host would have to read)
+        ends = routing_map.sum(dim=0).cumsum(0)
+        experts = torch.searchsorted(ends, torch.arange(index.numel(), device=index.device),
+                                     right=True)
         ctx.save_for_backward(index, experts)
         ctx.shape = probs.shape
         return probs[index, experts]
