@@ -29,6 +29,7 @@ ROUTER_MODES = ("independent", "shared")
 AUX_LOSS_TYPES = ("seq_aux_loss", "aux_loss", "none")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
+ROUTER_GEMMS = ("bf16", "fp32")
 ATTENTION_TYPES = ("mha", "mla")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -101,6 +102,11 @@ class MoEConfig:
     # megatron_coe.model.grouped_experts.GroupedExperts).  false: one GEMM per expert
     # (SequentialMLP / LocalExperts).  null (auto): see grouped_experts().
     grouped_gemm: Optional[bool] = None
+    # The routers' logits are fp32 either way.  bf16: on CUDA with bf16 hidden states, their
+    # GEMMs take the hidden states in bf16 (fp32 output; model/router_gemm.py); fp32: copied to
+    # fp32 first, as Megatron's router does without Transformer Engine.  CPU runs and other
+    # precisions run Megatron's either way.
+    router_gemm: str = "bf16"
 
 
 # TransformerConfig fields (model.transformer_overrides) whose feature the local spec's lean
@@ -875,6 +881,7 @@ def _validate_moe(moe: MoEConfig, par: ParallelConfig) -> None:
     _choice(moe.aux_loss, AUX_LOSS_TYPES, "model.moe.aux_loss")
     _choice(moe.drop_policy, DROP_POLICIES, "model.moe.drop_policy")
     _choice(moe.dispatcher, DISPATCHERS, "model.moe.dispatcher")
+    _choice(moe.router_gemm, ROUTER_GEMMS, "model.moe.router_gemm")
     if moe.aux_loss != "none" and moe.aux_loss_coeff <= 0:
         raise ValueError(
             f"model.moe.aux_loss_coeff={moe.aux_loss_coeff} must be > 0 with "

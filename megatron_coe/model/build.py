@@ -359,7 +359,7 @@ def build_model(config: Config) -> GPTModel:
     config = resolved_kernels(config)  # as coe-train resolved them, or here for other callers
     te = use_transformer_engine(config)
     tf_config = transformer_config(config)
-    _install_router_functions()
+    _install_router_functions(config)
     model = CoEGPTModel(
         loss_fusion=config.model.loss_fusion,
         fused_kernels=config.model.fused_kernels,
@@ -389,7 +389,7 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     config = resolved_kernels(config)
     te = use_transformer_engine(config)
     tf_config = transformer_config(config)
-    _install_router_functions()
+    _install_router_functions(config)
     coe = None if stock_megatron else (config.model.coe or CoEConfig(iterations=1))
     block = coe_block_spec(tf_config, coe, te, config.parallel.overlap_expert_comm,
                            config.train.recompute == "experts" and not stock_megatron,
@@ -403,12 +403,14 @@ def build_moe_layer(config: Config, layer_number: int = 1, stock_megatron: bool 
     return layer.to(device)
 
 
-def _install_router_functions() -> None:
+def _install_router_functions(config: Config) -> None:
     """Megatron's global MoE metrics tracker made CoE's, and its routers' aux-loss top-k and
-    gating GEMM made this package's (process-wide, idempotent: aux_topk.py, router_gemm.py)."""
+    gating GEMM made this package's (process-wide, idempotent: aux_topk.py, router_gemm.py;
+    the gating GEMM Megatron's again with model.moe.router_gemm: fp32)."""
     install_tracker()
     aux_topk.install()
-    router_gemm.install()
+    moe = config.model.moe
+    router_gemm.install(moe is None or moe.router_gemm == "bf16")
 
 
 def expert_fp8_recipe(config: Config) -> str | None:

@@ -23,7 +23,8 @@ from Megatron's fp32 GEMMs by at most about 2^-18 of the sum of their terms' mag
 their final rounding (dx to bf16, dW to W's dtype) (tests/layer/test_router_gemm.py).
 
 :func:`install` puts :func:`gating_linear` in Megatron's router module in place of its
-``router_gating_linear`` (process-wide, idempotent; the model builders call it).  It takes the
+``router_gating_linear`` (process-wide, idempotent; the model builders call it, unless
+``model.moe.router_gemm`` is fp32).  It takes the
 bf16 path for CUDA tensors under eager or CUDA-graph execution when this torch has the
 ``out_dtype`` matmul (``aten::mm.dtype``, CUDA only), and gives every other call to Megatron:
 CPU, fp16 (its narrower exponent range would not hold the split), fp32 or fp64 routers, a
@@ -93,8 +94,10 @@ def gating_linear(inp: torch.Tensor, weight: torch.Tensor, bias, router_dtype: t
     return moe_utils.router_gating_linear(inp, weight, bias, router_dtype)
 
 
-def install() -> None:
-    """Make Megatron's routers compute their logits through :func:`gating_linear`."""
-    from megatron.core.transformer.moe import router
+def install(bf16: bool = True) -> None:
+    """Make Megatron's routers compute their logits through :func:`gating_linear`
+    (``model.moe.router_gemm: bf16``), or through Megatron's own function (``fp32``):
+    process-wide, for the models built next."""
+    from megatron.core.transformer.moe import moe_utils, router
 
-    router.router_gating_linear = gating_linear
+    router.router_gating_linear = gating_linear if bf16 else moe_utils.router_gating_linear

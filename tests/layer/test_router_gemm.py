@@ -99,16 +99,26 @@ def test_megatrons_path_where_it_does_not_apply(monkeypatch):
     assert len(calls) == 5
 
 
-def test_installed_by_the_model_builder():
-    from megatron.core.transformer.moe import router
+@pytest.mark.parametrize("choice", ["bf16", "fp32"])
+def test_installed_by_the_model_builder(choice):
+    """model.moe.router_gemm picks the gating function of the models built next; anything else
+    is refused by name."""
+    from megatron.core.transformer.moe import moe_utils, router
 
     from megatron_coe.config import config_from_dict
     from megatron_coe.model import build_moe_layer
 
-    build_moe_layer(config_from_dict({"model": {
-        "num_layers": 1, "hidden_size": 16, "num_attention_heads": 4,
-        "moe": {"num_experts": 4, "topk": 2, "expert_hidden_size": 8}}}))
-    assert router.router_gating_linear is router_gemm.gating_linear
+    def config(router_gemm):
+        return config_from_dict({"model": {
+            "num_layers": 1, "hidden_size": 16, "num_attention_heads": 4,
+            "moe": {"num_experts": 4, "topk": 2, "expert_hidden_size": 8,
+                    "router_gemm": router_gemm}}})
+
+    build_moe_layer(config(choice))
+    expected = router_gemm.gating_linear if choice == "bf16" else moe_utils.router_gating_linear
+    assert router.router_gating_linear is expected
+    with pytest.raises(ValueError, match="model.moe.router_gemm"):
+        config("bf32")
 
 
 @pytest.mark.gpu
