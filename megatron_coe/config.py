@@ -103,9 +103,10 @@ class MoEConfig:
     # (SequentialMLP / LocalExperts).  null (auto): see grouped_experts().
     grouped_gemm: Optional[bool] = None
     # The routers' logits are fp32 either way.  bf16: on CUDA with bf16 hidden states, their
-    # GEMMs take the hidden states in bf16 (fp32 output; model/router_gemm.py); fp32: copied to
-    # fp32 first, as Megatron's router does without Transformer Engine.  CPU runs and other
-    # precisions run Megatron's either way.
+    # GEMMs take the hidden states in bf16 (fp32 output; model/router_gemm.py); fp32: Megatron's
+    # router GEMM, which copies them to fp32 (without Transformer Engine: forward and backward;
+    # with it: backward).  CPU runs and other precisions run Megatron's either way.  Set for
+    # the whole process by the last model built.
     router_gemm: str = "bf16"
 
 

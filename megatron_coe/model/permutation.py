@@ -73,10 +73,12 @@ class _RowProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, probs, index, routing_map):
         # rows are listed expert by expert: expert e has routing_map[:, e].sum() of them (a
-        # search, not repeat_interleave, whose output size the host would have to read)
+        # search, not repeat_interleave, whose output size the host would have to read).  The
+        # map's top-k rows hold exactly index.numel() entries (gather_permute's condition); the
+        # clamp only keeps an index in range should that ever not hold.
         ends = routing_map.sum(dim=0).cumsum(0)
         experts = torch.searchsorted(ends, torch.arange(index.numel(), device=index.device),
-                                     right=True)
+                                     right=True).clamp_(max=routing_map.shape[1] - 1)
         ctx.save_for_backward(index, experts)
         ctx.shape = probs.shape
         return probs[index, experts]
@@ -103,6 +105,8 @@ class TokenOrder:
         self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
 
     def of(self, index: torch.Tensor) -> torch.Tensor:
+        if index.is_inference():  # no version counter to tell an in-place change: no reuse
+            return torch.argsort(index, stable=True)
         last = self._last
         if last is not None and last[0]() is index and last[1] == index._version:
             return last[2]

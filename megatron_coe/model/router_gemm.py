@@ -11,20 +11,23 @@ for the fp32 logits gradient g: an fp32 copy of x in the forward and again in th
 cores.  A CoE layer makes C such calls per forward.  Here, on CUDA with bf16 x and W:
 
     forward:   logits = mm(x, W^T) -> fp32      (bf16 inputs, fp32 accumulation and output)
-    backward:  g = g_hi + g_lo + r,   g_hi = bf16(g),   g_lo = bf16(g - g_hi),   |r| <= 2^-18 |g|
+    backward:  g = g_hi + g_lo + r,   g_hi = bf16(g),   g_lo = bf16(g - g_hi),   |r| <= 2^-16 |g|
                G = [g_hi | g_lo]                                           [T, 2N] bf16
-               dx = G @ [W ; W]            one bf16 GEMM, fp32 accumulation, rounded once
+               dx = G @ [W ; W]            one bf16 GEMM (fp32 accumulation), bf16 output
                dW = top + bottom of mm(G^T, x) -> fp32 [2N, H],  cast to W.dtype
 
 A product of two bf16 numbers is exact in fp32, so the logits are Megatron's up to the order
 of the fp32 sums.  g - g_hi is exact in fp32 and g_lo rounds it to bf16's 8 significant bits, so
-the two terms carry g to within 2^-18 of its size (bf16(g) alone: 2^-9).  dx and dW then differ
-from Megatron's fp32 GEMMs by at most about 2^-18 of the sum of their terms' magnitudes, before
-their final rounding (dx to bf16, dW to W's dtype) (tests/layer/test_router_gemm.py).
+the two terms carry g to within 2^-16 of its size (bf16(g) alone: 2^-8).  dx and dW then differ
+from Megatron's fp32 GEMMs by about 2^-16 of the sum of their terms' magnitudes at most, before
+their final rounding (dx to bf16, dW to W's dtype) (tests/layer/test_router_gemm.py).  A NaN or
+infinite g stays non-finite in dx and dW.
 
 :func:`install` puts :func:`gating_linear` in Megatron's router module in place of its
-``router_gating_linear`` (process-wide, idempotent; the model builders call it, unless
-``model.moe.router_gemm`` is fp32).  It takes the
+``router_gating_linear`` (process-wide: the model builders call it, unless
+``model.moe.router_gemm`` is fp32, so the last model built sets it for every model in the
+process).  With Transformer Engine installed Megatron's function already runs its forward as
+bf16 -> fp32 GEMM, and casts to fp32 in its backward; this path replaces both.  It takes the
 bf16 path for CUDA tensors under eager or CUDA-graph execution when this torch has the
 ``out_dtype`` matmul (``aten::mm.dtype``, CUDA only), and gives every other call to Megatron:
 CPU, fp16 (its narrower exponent range would not hold the split), fp32 or fp64 routers, a

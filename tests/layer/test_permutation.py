@@ -83,6 +83,19 @@ def test_one_sort_per_dispatch(monkeypatch):
     assert orders.of(index) is not first and len(sorts) == 5
 
 
+def test_inference_mode():
+    """Inference tensors keep no version counter: the order is then taken afresh each time,
+    and the layer gives what it gives under no_grad."""
+    layer, = seeded_layers(layer_config())
+    layer.eval()
+    x = torch.randn(40, 2, 32)
+    with torch.no_grad():
+        expected, _ = layer(x)
+    with torch.inference_mode():
+        got, _ = layer(x)
+    assert torch.equal(got, expected)
+
+
 def test_routing_without_k_rows_per_token_runs_megatrons_permutation(monkeypatch):
     from megatron_coe.model import permutation
 
@@ -102,8 +115,11 @@ def test_row_probabilities_equal_megatrons():
 
     g = torch.Generator().manual_seed(0)
     T, E, k = 37, 9, 3
-    picks = torch.rand(T, E, generator=g).topk(k, dim=1).indices
+    scores = torch.rand(T, E, generator=g)
+    scores[:, [0, 4, 8]] -= 2  # experts 0, 4 and 8 (first, middle, last) get no rows
+    picks = scores.topk(k, dim=1).indices
     routing_map = torch.zeros(T, E, dtype=torch.bool).scatter_(1, picks, True)
+    assert routing_map[:, [0, 4, 8]].sum() == 0
     probs = torch.rand(T, E, generator=g).requires_grad_(True)
     _, theirs, index, _, _ = moe_utils.permute(torch.zeros(T, 0), routing_map, probs, T * k)
     ours = _RowProbs.apply(probs, index, routing_map)
