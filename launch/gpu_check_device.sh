@@ -2,10 +2,14 @@
 # The one-GPU check on a machine without network access: megatron-core (and any other missing
 # package) installed from the wheel folder .whl/ beside this checkout, then
 # `python -m megatron_coe.gpu_check`, its JSON and logs written under $OUT (default:
-# benchmarks/results).  Extra arguments go to the check, e.g. --parts a b.
+# benchmarks/results).  Extra arguments go to the check, e.g. --parts a b.  GPU_TESTS, a
+# space-separated list of test files, runs their gpu-marked tests first (`pytest -m gpu`;
+# log: $OUT/gpu_tests.log; pytest from the wheel folder where the machine has none).
 #
-#   mkdir -p .whl && pip download --no-deps --only-binary=:all: -d .whl megatron-core==0.19.2
-#   OUT=/some/dir launch/gpu_check_device.sh
+#   mkdir -p .whl && pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2 \
+#       pytest iniconfig pluggy packaging pygments
+#   OUT=/some/dir GPU_TESTS="tests/layer/test_router_gemm.py" launch/gpu_check_device.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -19,6 +23,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import megatron.core, torch; print('torch', torch.__version__, '| megatron-core',
     megatron.core.__version__, '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
 set +e
+if [ -n "${GPU_TESTS:-}" ]; then
+    read -r -a gpu_tests <<< "$GPU_TESTS"
+    python3 -m pytest -q -m gpu -p no:cacheprovider "${gpu_tests[@]}" > "$out/gpu_tests.log" 2>&1
+    echo "gpu tests: exit $?" | tee -a "$out/gpu_tests.log"
+fi
 python3 -m megatron_coe.gpu_check --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"
 status=${PIPESTATUS[0]}
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
