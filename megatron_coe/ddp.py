@@ -16,7 +16,8 @@ added to (4 more), out of the 10 bytes per parameter that zeroing and a bf16 -> 
 On one H100 the paper configs' buffers took 0.8 ms per step to zero and 2.7 ms to accumulate
 into (docs/performance.md), about 1.9 ms of which this removes (an estimate until measured).
 
-It holds while the DDP hook is the only writer of ``main_grad`` before the reduction: the local
+It holds while the DDP hook (and wgrad_sum.py's sums of a weight's several uses, which take its
+place for those weights) is the only writer of ``main_grad`` before the reduction: the local
 spec without gradient-accumulation fusion, delayed weight gradients, per-layer CUDA graphs or
 overlapped reduction (:func:`applies`).  Transformer Engine's layers accumulate their weight
 gradients into ``main_grad`` inside their GEMMs and keep Megatron's zeroing.  A parameter that
@@ -27,7 +28,11 @@ same writes.
 
 from __future__ import annotations
 
+import weakref
+
 from megatron.core.distributed import DistributedDataParallel
+
+from megatron_coe import wgrad_sum
 
 _TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engine")
 
@@ -54,8 +59,10 @@ class WriteFirstDDP(DistributedDataParallel):
     def __init__(self, *args, write_first: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.write_first = write_first
+        me = weakref.ref(self)
         for param in self.params_with_grad:
             param.main_grad_written = False
+            param.write_first_ddp = me  # wgrad_sum.py writes the buffers too, while on
 
     def _make_backward_post_hook(self, param):
         megatron_hook = super()._make_backward_post_hook(param)
@@ -79,6 +86,7 @@ class WriteFirstDDP(DistributedDataParallel):
         for param in self.params_with_grad:  # as Megatron's (no TE CUDA graphs here)
             param.grad_added_to_main_grad = False
             param.main_grad_written = False
+            wgrad_sum.reset(param)
         for buffer in self.buffers + self.expert_parallel_buffers:
             for grad in getattr(buffer, "extra_main_grads", ()):  # outside the buffer: zeroed
                 grad.zero_()

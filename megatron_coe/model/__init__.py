@@ -25,6 +25,7 @@
   Triton kernels (model.fused_kernels: triton)
     triton_cross_entropy.py the language-model loss
     triton_swiglu.py        the experts' SwiGLU
+    triton_sum_into.py      two gradients summed into an fp32 buffer (wgrad_sum.py)
 """
 
 from megatron_coe.model.build import (build_model, build_moe_layer, coe_layers, resolve_impl,

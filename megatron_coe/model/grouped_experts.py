@@ -106,6 +106,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
+from megatron_coe import wgrad_sum
 from megatron_coe.model.experts import host_counts, scaled_activation, unsupported_setting
 
 _LINEARS = (("linear_fc1", "fc1_weight"), ("linear_fc2", "fc2_weight"))
@@ -301,9 +302,10 @@ class GroupedExperts(MegatronModule):
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         shape = permuted_local_hidden_states.shape
         x = _ready(permuted_local_hidden_states.reshape(-1, shape[-1]))
-        w1, w2 = self.fc1_weight, self.fc2_weight
+        # a CoE layer's C calls: their weight gradients summed into main_grad in one pass
+        w1, w2 = wgrad_sum.use(self.fc1_weight), wgrad_sum.use(self.fc2_weight)
         if self.fp8_recipe is not None:
-            return self._fp8_forward(x, tokens_per_expert, permuted_probs, shape), None
+            return self._fp8_forward(x, w1, w2, tokens_per_expert, permuted_probs, shape), None
         offs = counts = None
         if self._grouped(x):
             if not torch.is_tensor(tokens_per_expert):
@@ -320,7 +322,7 @@ class GroupedExperts(MegatronModule):
             y = _GroupedLinear.apply(self._activation(z, probs), w2, offs, counts)
         return y.reshape(*shape[:-1], y.shape[-1]), None
 
-    def _fp8_forward(self, x, tokens_per_expert, permuted_probs, shape):
+    def _fp8_forward(self, x, w1, w2, tokens_per_expert, permuted_probs, shape):
         """The same math with both linears as FP8 grouped GEMMs (fp8.backend: torch): each
         call quantizes its own activations and the weights from their amax (no state carried
         between calls, so a CoE layer's C calls need no care); dW in the activations'
@@ -328,9 +330,9 @@ class GroupedExperts(MegatronModule):
         from megatron_coe.model.fp8 import fp8_grouped_linear
 
         counts = host_counts(tokens_per_expert)  # the FP8 kernels take host counts: read once
-        z = fp8_grouped_linear(x, self.fc1_weight, counts, self.fp8_recipe)
+        z = fp8_grouped_linear(x, w1, counts, self.fp8_recipe)
         a = self._activation(z, permuted_probs.reshape(-1))
-        y = fp8_grouped_linear(a, self.fc2_weight, counts, self.fp8_recipe)
+        y = fp8_grouped_linear(a, w2, counts, self.fp8_recipe)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def _activation(self, z: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

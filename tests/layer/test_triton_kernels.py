@@ -259,7 +259,7 @@ import json, os, re, subprocess, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from megatron_coe.model import triton_cross_entropy as ce, triton_swiglu as sw
+from megatron_coe.model import triton_cross_entropy as ce, triton_sum_into as si, triton_swiglu as sw
 
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = {}
@@ -298,6 +298,11 @@ for p in (True, False):
            "dp_ptr": "*fp32", "R": "i32", "F": "i32", "HAS_P": "constexpr",
            "WANT_DP": "constexpr", "BLOCK_R": "constexpr", "BLOCK_F": "constexpr"},
           {**blocks, "WANT_DP": p}, warps)
+for acc in (True, False):
+    build(f"sum_into_acc{int(acc)}", si.coe_sum_into,
+          {"dest_ptr": "*fp32", "a_ptr": "*bf16", "b_ptr": "*bf16", "n": "i64",
+           "BF16": "constexpr", "ACCUMULATE": "constexpr", "BLOCK": "constexpr"},
+          {"BF16": True, "ACCUMULATE": acc, "BLOCK": si.BLOCK}, 8)
 print(json.dumps(out))
 '''
 
@@ -319,7 +324,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 6
+    assert len(kernels) == 8
     for name, k in kernels.items():
         assert k["spills"] in ([], ["0"]), (name, k)
         assert k["vector_loads"] > 0, (name, k)
