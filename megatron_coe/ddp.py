@@ -28,8 +28,6 @@ same writes.
 
 from __future__ import annotations
 
-import weakref
-
 from megatron.core.distributed import DistributedDataParallel
 
 from megatron_coe import wgrad_sum
@@ -58,11 +56,19 @@ class WriteFirstDDP(DistributedDataParallel):
 
     def __init__(self, *args, write_first: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.write_first = write_first
-        me = weakref.ref(self)
         for param in self.params_with_grad:
             param.main_grad_written = False
-            param.write_first_ddp = me  # wgrad_sum.py writes the buffers too, while on
+        self.write_first = write_first
+
+    @property
+    def write_first(self) -> bool:
+        return self._write_first
+
+    @write_first.setter
+    def write_first(self, on: bool) -> None:
+        self._write_first = on
+        for param in self.params_with_grad:  # wgrad_sum.py writes the buffers too, while on
+            param.wgrad_sum = on
 
     def _make_backward_post_hook(self, param):
         megatron_hook = super()._make_backward_post_hook(param)

@@ -39,16 +39,12 @@ import warnings
 import torch
 
 
-def _ddp(weight):
-    ref = getattr(weight, "write_first_ddp", None)
-    ddp = ref() if ref is not None else None
-    return ddp if ddp is not None and ddp.write_first else None
-
-
 def use(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` for one use whose gradient is summed with the pass's others (module
-    docstring), or ``weight`` itself where that does not apply."""
-    if not (torch.is_grad_enabled() and weight.requires_grad and _ddp(weight) is not None):
+    docstring), or ``weight`` itself where that does not apply (``weight.wgrad_sum``, which
+    WriteFirstDDP sets while it writes the buffers)."""
+    if not (torch.is_grad_enabled() and weight.requires_grad
+            and getattr(weight, "wgrad_sum", False)):
         return weight
     weight.wgrad_uses = getattr(weight, "wgrad_uses", 0) + 1
     return _Use.apply(weight)
