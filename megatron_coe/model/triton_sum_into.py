@@ -4,7 +4,8 @@
     dest (+)= fp32(dtype(a + b))      a, b of the gradients' dtype (bf16 or fp32)
 
 The sum is rounded to a's dtype first, as autograd's sum of the two is, so the result is bit for
-bit torch's ``dest.copy_(a + b)`` (``dest.add_(a + b)`` with ``accumulate``) in one pass: a and
+bit torch's ``dest.copy_(a + b)`` (``dest.add_(a + b)`` with ``accumulate``; a NaN may carry
+another payload) in one pass: a and
 b read once, dest written once (and read once when accumulating), no intermediate tensor.  The
 bf16 rounding is written out on the fp32 bits (nearest, ties to even, NaN kept), as torch's
 conversion does it, rather than left to Triton's cast, whose interpreter truncates.  One program

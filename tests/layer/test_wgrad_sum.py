@@ -93,6 +93,8 @@ def test_forwards_before_backwards_and_a_forward_left_alone(summed, monkeypatch)
     for interleaved in (False, True):
         model, _, _ = built(config)
         model.zero_grad_buffer()
+        for buffer in model.buffers + model.expert_parallel_buffers:
+            buffer.grad_data.fill_(float("nan"))  # written buffers are not zeroed: copy first
         with monkeypatch.context() as m:
             if not summed:
                 m.setattr(wgrad_sum, "use", lambda weight: weight)
@@ -105,6 +107,69 @@ def test_forwards_before_backwards_and_a_forward_left_alone(summed, monkeypatch)
                 for b in batches:
                     _micro_batch_losses(model, config, [b])[0].backward()
         results.append(_grads(model))
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)  # padding: NaN
+
+
+def test_a_graph_backpropagated_twice(monkeypatch):
+    """retain_graph: the second pass's gradients outnumber the counted uses; they are summed
+    and written at the pass's end, as autograd's sum and the hook write them.  (One expert
+    module used twice, as by two CoE iterations: Megatron's loss does not backpropagate twice.)"""
+    from megatron_coe import wgrad_sum
+
+    config = step_config(2, topk=2, micro_batches=1, precision="bf16")
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(20, 32, generator=g).bfloat16()
+    counts = torch.tensor([3, 0, 5, 2, 4, 1, 5])
+    probs = torch.rand(20, generator=g)
+    results = []
+    for summed in (True, False):
+        model, _, _ = built(config)
+        model.zero_grad_buffer()
+        experts = next(m for m in model.modules() if type(m).__name__ == "GroupedExperts")
+        with monkeypatch.context() as m:
+            if not summed:
+                m.setattr(wgrad_sum, "use", lambda weight: weight)
+            y1, _ = experts(rows, counts, probs)
+            y2, _ = experts(y1 * 0.5, counts, probs)
+            loss = (y2.float() * torch.linspace(-1, 1, y2.numel()).view_as(y2)).sum()
+            loss.backward(retain_graph=True)
+            (loss * 0.5).backward()
+        results.append([experts.fc1_weight.main_grad.clone(),
+                        experts.fc2_weight.main_grad.clone()])
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+def test_a_failed_backward_leaves_nothing_behind(monkeypatch):
+    """A backward pass that raises between two uses' gradients (out of memory, say): the next
+    step's buffers are those of a process that never saw it."""
+    config = step_config(2, topk=2, micro_batches=1, precision="bf16")
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(20, 32, generator=g).bfloat16()
+    counts = torch.tensor([3, 0, 5, 2, 4, 1, 5])
+    probs = torch.rand(20, generator=g)
+
+    def step(experts, fail):
+        y1, _ = experts(rows, counts, probs)
+        if fail:
+            y1.register_hook(lambda grad: (_ for _ in ()).throw(RuntimeError("injected")))
+        y2, _ = experts(y1 * 0.5, counts, probs)
+        (y2.float() * torch.linspace(-1, 1, y2.numel()).view_as(y2)).sum().backward()
+
+    results = []
+    for fail_first in (True, False):
+        model, _, _ = built(config)
+        experts = next(m for m in model.modules() if type(m).__name__ == "GroupedExperts")
+        if fail_first:
+            model.zero_grad_buffer()
+            with pytest.raises(RuntimeError, match="injected"):
+                step(experts, True)
+            assert experts.fc2_weight.wgrad_partial is not None  # use 2's gradient, kept
+        model.zero_grad_buffer()
+        step(experts, False)
+        results.append([experts.fc1_weight.main_grad.clone(),
+                        experts.fc2_weight.main_grad.clone()])
     for x, y in zip(*results):
         assert torch.equal(x, y)
 
@@ -125,21 +190,31 @@ def test_outside_a_write_first_ddp_the_weight_itself():
         assert wgrad_sum.use(experts.fc1_weight) is experts.fc1_weight
 
 
-@pytest.mark.usefixtures("triton_interpreter")
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def kernel_device(request):
+    """The kernel on CPU tensors through Triton's interpreter, and compiled on a GPU."""
+    if request.param == "cpu":
+        request.getfixturevalue("triton_interpreter")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_triton_kernel_equals_torchs_two_ops(dtype, accumulate):
+def test_triton_kernel_equals_torchs_two_ops(dtype, accumulate, kernel_device):
+    """Bit for bit torch's ops but for NaN's payload (NaN either way)."""
     from megatron_coe.model.triton_sum_into import BLOCK, sum_into
 
     g = torch.Generator().manual_seed(0)
     n = 2 * BLOCK + 37  # a last block only partly full
     a = (torch.randn(n, generator=g) * 3).to(dtype)
     b = (torch.randn(n, generator=g) * 1e-3).to(dtype)  # sums that round in bf16
-    # ties (to even, both ways), overflow to inf, inf, NaN (not subnormals: Triton 3.8's
-    # interpreter converts bf16 subnormals to fp32 wrongly, 1.01e-39 -> 4.41e-39)
-    a[:5] = torch.tensor([1.0, 1.0 + 2 ** -7, 3.3895e38, float("inf"), float("nan")])
-    b[:5] = torch.tensor([2 ** -8, 2 ** -8, 3.3895e38, 1.0, 1.0])
+    # ties (to even, both ways), overflow to inf, inf, NaN, inf - inf (not subnormals: Triton
+    # 3.8's interpreter converts bf16 subnormals to fp32 wrongly, 1.01e-39 -> 4.41e-39)
+    inf, nan = float("inf"), float("nan")
+    a[:6] = torch.tensor([1.0, 1.0 + 2 ** -7, 3.3895e38, inf, nan, inf])
+    b[:6] = torch.tensor([2 ** -8, 2 ** -8, 3.3895e38, 1.0, 1.0, -inf])
     dest = torch.randn(n, generator=g)
+    a, b, dest = a.to(kernel_device), b.to(kernel_device), dest.to(kernel_device)
     expected = dest + (a + b) if accumulate else (a + b).float()
     sum_into(dest, a, b, accumulate)
     torch.testing.assert_close(dest, expected, rtol=0, atol=0, equal_nan=True)
