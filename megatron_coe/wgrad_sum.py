@@ -61,6 +61,9 @@ def reset(weight: torch.Tensor) -> None:
 
 
 class _Use(torch.autograd.Function):
+    """W itself, forward; backward: W's gradient from this use goes to :func:`_contribute`, not
+    to autograd's sum (nothing is returned for W)."""
+
     @staticmethod
     def forward(ctx, weight):
         ctx.weight = weight
