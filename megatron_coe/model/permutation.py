@@ -66,7 +66,7 @@ class _SumRows(torch.autograd.Function):
 
 class _RowProbs(torch.autograd.Function):
     """The rows' routing probabilities, probs[index[r], expert of row r], as Megatron's permute
-    gathers them from the transposed [N, T] probabilities; backward: written into zeros, not
+    gathers them from the transposed [experts, T] probabilities; backward: written into zeros, not
     accumulated: the rows' (token, expert) pairs are distinct, and an accumulating write
     (Megatron's, the backward of its gather) sorts its indices on a GPU."""
 

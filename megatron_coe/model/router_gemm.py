@@ -36,6 +36,8 @@ bias, and torch.compile (whose fake tensors lacked ``mm.dtype`` in torch 2.9).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -75,6 +77,7 @@ class HalfGatingLinear(torch.autograd.Function):
         return grad_inp, grad_weight
 
 
+@functools.cache
 def _out_dtype_matmul() -> bool:
     """Whether this torch has the bf16 x bf16 -> fp32 matmul (torch >= 2.8, CUDA)."""
     return hasattr(torch.ops.aten.mm, "dtype")

@@ -39,6 +39,17 @@ def step_batches(config, seed):
     return out
 
 
+def megatron_step(model, optimizer, scheduler, total, config, device):
+    """optim_step.take_step on Megatron's path (optimizer.step()) whatever the AdamW kernel:
+    the reference the step on the device is compared with."""
+    from megatron_coe.optim_step import _megatron_step
+
+    result = _megatron_step(model, optimizer, total, config, device)
+    if result.applied:
+        scheduler.step(increment=1)
+    return result
+
+
 def built(config):
     """(DDP model, optimizer, scheduler) built from seed 0, as coe-train builds them."""
     from megatron_coe.model import build_model

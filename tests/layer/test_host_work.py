@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from layer_harness import fwd_bwd
-from step_harness import built, step_batches, step_config
+from step_harness import built, megatron_step, step_batches, step_config
 from megatron_coe.config import config_from_dict
 from megatron_coe.host_ops import HostOps
 
@@ -70,7 +70,7 @@ def test_the_host_reads_of_a_training_step(iterations, micro_batches, on_device)
     # AdamW as on CUDA (optim.adam_implementation): torch's CPU default reads each step count
     use_adam_implementation(optimizer, {"fused": True, "foreach": False})
     assert optim_step.runs_on_device(optimizer, config, torch.device("cpu"))
-    step = optim_step.take_step if on_device else _megatron_step
+    step = optim_step.take_step if on_device else megatron_step
     n_params = sum(1 for _ in model.parameters())
     for _ in range(2):  # the first step also creates the optimizer state
         model.zero_grad_buffer()
@@ -89,15 +89,6 @@ def test_the_host_reads_of_a_training_step(iterations, micro_batches, on_device)
                                        "optim_step.py:grads_are_finite",
                                        "clip_grads.py:get_grad_norm_fp32"}, ops.summary()
     assert n_params > 20  # per-parameter reads would have shown
-
-
-def _megatron_step(model, optimizer, scheduler, total, config, device):
-    from megatron_coe.optim_step import _megatron_step as step
-
-    result = step(model, optimizer, total, config, device)
-    if result.applied:
-        scheduler.step(increment=1)
-    return result
 
 
 def test_kernel_classes_name_the_triton_kernels_apart():

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from step_harness import built as _built, step_batches as _batches, step_config
+from step_harness import built as _built, megatron_step, step_batches as _batches, step_config
 
 FUSED = {"fused": True, "foreach": False}
 
@@ -32,12 +32,8 @@ def _train(config, built, steps, megatron=False, nan_at=(), first=0):
         optimizer.zero_grad()
         total = run_schedule(model, _batches(config, i), config, forward_only=False,
                              inject_nan=i in nan_at)
-        if megatron:  # Megatron's step with the same (fused) AdamW kernel
-            result = optim_step._megatron_step(model, optimizer, total, config, device)
-            if result.applied:
-                scheduler.step(increment=1)
-        else:
-            result = optim_step.take_step(model, optimizer, scheduler, total, config, device)
+        step = megatron_step if megatron else optim_step.take_step  # same (fused) AdamW
+        result = step(model, optimizer, scheduler, total, config, device)
         results.append(result)
     return results
 

@@ -111,6 +111,17 @@ def test_forwards_before_backwards_and_a_forward_left_alone(summed, monkeypatch)
         torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)  # padding: NaN
 
 
+def _grouped_experts(model):
+    return next(m for m in model.modules() if type(m).__name__ == "GroupedExperts")
+
+
+def _expert_inputs():
+    """Rows, counts (one expert without rows) and probabilities for step_config's experts."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(20, 32, generator=g).bfloat16(), torch.tensor([3, 0, 5, 2, 4, 1, 5]),
+            torch.rand(20, generator=g))
+
+
 def test_a_graph_backpropagated_twice(monkeypatch):
     """retain_graph: the second pass's gradients outnumber the counted uses; they are summed
     and written at the pass's end, as autograd's sum and the hook write them.  (One expert
@@ -118,15 +129,12 @@ def test_a_graph_backpropagated_twice(monkeypatch):
     from megatron_coe import wgrad_sum
 
     config = step_config(2, topk=2, micro_batches=1, precision="bf16")
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randn(20, 32, generator=g).bfloat16()
-    counts = torch.tensor([3, 0, 5, 2, 4, 1, 5])
-    probs = torch.rand(20, generator=g)
+    rows, counts, probs = _expert_inputs()
     results = []
     for summed in (True, False):
         model, _, _ = built(config)
         model.zero_grad_buffer()
-        experts = next(m for m in model.modules() if type(m).__name__ == "GroupedExperts")
+        experts = _grouped_experts(model)
         with monkeypatch.context() as m:
             if not summed:
                 m.setattr(wgrad_sum, "use", lambda weight: weight)
@@ -145,10 +153,7 @@ def test_a_failed_backward_leaves_nothing_behind(monkeypatch):
     """A backward pass that raises between two uses' gradients (out of memory, say): the next
     step's buffers are those of a process that never saw it."""
     config = step_config(2, topk=2, micro_batches=1, precision="bf16")
-    g = torch.Generator().manual_seed(0)
-    rows = torch.randn(20, 32, generator=g).bfloat16()
-    counts = torch.tensor([3, 0, 5, 2, 4, 1, 5])
-    probs = torch.rand(20, generator=g)
+    rows, counts, probs = _expert_inputs()
 
     def step(experts, fail):
         y1, _ = experts(rows, counts, probs)
@@ -160,7 +165,7 @@ def test_a_failed_backward_leaves_nothing_behind(monkeypatch):
     results = []
     for fail_first in (True, False):
         model, _, _ = built(config)
-        experts = next(m for m in model.modules() if type(m).__name__ == "GroupedExperts")
+        experts = _grouped_experts(model)
         if fail_first:
             model.zero_grad_buffer()
             with pytest.raises(RuntimeError, match="injected"):
@@ -181,7 +186,7 @@ def test_outside_a_write_first_ddp_the_weight_itself():
     assert wgrad_sum.use(w) is w
     config = step_config(2, topk=2, micro_batches=1)
     model, _, _ = built(config)
-    experts = next(m for m in model.modules() if type(m).__name__ == "GroupedExperts")
+    experts = _grouped_experts(model)
     assert wgrad_sum.use(experts.fc1_weight) is not experts.fc1_weight
     model.write_first = False  # Megatron's zeroed buffers: the hook adds, autograd sums
     assert wgrad_sum.use(experts.fc1_weight) is experts.fc1_weight
