@@ -25,7 +25,9 @@
   Triton kernels (model.fused_kernels: triton)
     triton_cross_entropy.py the language-model loss
     triton_swiglu.py        the experts' SwiGLU
+    triton_gather_sum.py    each token's k expert rows gathered and summed (permutation.py)
     triton_sum_into.py      two gradients summed into an fp32 buffer (wgrad_sum.py)
+    triton_rounding.py      fp32 -> bf16 rounded as torch rounds, for the kernels above
 """
 
 from megatron_coe.model.build import (build_model, build_moe_layer, coe_layers, resolve_impl,

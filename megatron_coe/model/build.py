@@ -246,15 +246,17 @@ _TRITON_ERRORS: dict[tuple[torch.dtype, int, int], str | None] = {}
 
 
 def triton_kernels_error(dtype: torch.dtype, vocab: int = 40, width: int = 8) -> str | None:
-    """None when this package's Triton SwiGLU (``width`` columns) and loss (``vocab`` logits
-    per token) kernels run forward and backward on the current GPU in ``dtype``, with the block
-    sizes those widths choose, else the error in one line; tried once per process and shape,
-    on two rows, without touching the random number generators' state."""
+    """None when this package's Triton SwiGLU (``width`` columns), loss (``vocab`` logits
+    per token) and rows' sum (``width`` columns) kernels run forward and backward on the
+    current GPU in ``dtype``, with the block sizes those widths choose, else the error in one
+    line; tried once per process and shape, on two rows, without touching the random number
+    generators' state."""
     key = (dtype, vocab, width)
     if key not in _TRITON_ERRORS:
         error = None
         try:
             from megatron_coe.model.loss import fused_cross_entropy
+            from megatron_coe.model import triton_gather_sum
             from megatron_coe.model.triton_swiglu import weighted_swiglu
 
             device = torch.device("cuda", torch.cuda.current_device())
@@ -266,6 +268,9 @@ def triton_kernels_error(dtype: torch.dtype, vocab: int = 40, width: int = 8) ->
                 target = torch.randint(0, vocab, (1, 2), device=device)
                 (weighted_swiglu(z, p).float().sum()
                  + fused_cross_entropy(logits, target, "triton").float().sum()).backward()
+                if dtype in triton_gather_sum.DTYPES:  # others are summed by torch
+                    triton_gather_sum.gather_sum(z.detach(), torch.tensor([1, 0], device=device),
+                                                 2)
                 torch.cuda.synchronize(device)
         except Exception as e:  # no usable GPU, or Triton's compiler error
             lines = str(e).strip().splitlines()

@@ -319,9 +319,11 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
     The layer sets ``iteration`` before each dispatch.  Dispatcher state (splits, permutation
     maps) lives from one dispatch to its combine; what backward needs is held by autograd, so
-    C sequential iterations can share this object."""
+    C sequential iterations can share this object.  ``triton_sums`` sums each token's rows in
+    the local permutation's inverse by the Triton kernel (model.fused_kernels: triton;
+    model/permutation.py)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, triton_sums: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.iteration = 0
         self.layer_number = None  # set by the layer, for error messages
@@ -342,13 +344,14 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.rows_per_token = (c.moe_router_topk if dropless and not c.moe_permute_fusion
                                else None)
         self.token_order = TokenOrder()  # one sort of the rows' tokens per dispatch
+        self.triton_sums = triton_sums
 
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
-        with gathered(self.rows_per_token, self.token_order):
+        with gathered(self.rows_per_token, self.token_order, self.triton_sums):
             return super().dispatch_preprocess(hidden_states, routing_map, probs)
 
     def combine_postprocess(self, hidden_states):
-        with gathered(self.rows_per_token, self.token_order):
+        with gathered(self.rows_per_token, self.token_order, self.triton_sums):
             return super().combine_postprocess(hidden_states)
 
     def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):

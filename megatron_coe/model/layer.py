@@ -60,6 +60,7 @@ class CoELayer(MoELayer):
         overlap: bool = False,
         recompute_experts: bool = False,
         iteration_norm=None,
+        fused_kernels: str = "compile",
     ):
         if config.moe_token_dispatcher_type != "alltoall":
             raise ValueError(
@@ -79,6 +80,7 @@ class CoELayer(MoELayer):
             self.local_expert_indices,
             config=self.config,
             pg_collection=pg_collection,
+            triton_sums=fused_kernels == "triton",
         )
         # self.router (registered by MoELayer) is iteration 1's router; iterations 2..C get
         # their own when routing is independent.  Created last: see the module docstring.

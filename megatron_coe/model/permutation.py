@@ -18,8 +18,10 @@ which reads each row once and writes each token once, without atomics.  The term
 same; the reduction adds them in another order and, in bf16, rounds once (in fp32) instead of
 after every add, so results equal Megatron's within float rounding.  ``order`` is taken once per
 dispatch: the permutation's backward and the unpermutation's forward of the same rows share it
-(:class:`TokenOrder`).  The rows' probabilities are gathered as Megatron gathers them, and their
-gradient written back without the sort of an accumulating scatter (:class:`_RowProbs`).
+(:class:`TokenOrder`).  With ``model.fused_kernels: triton`` the gather and the reduction are
+one Triton kernel (model/triton_gather_sum.py): the same sums, in fp32 in the order j = 0..k-1,
+without the gathered copy.  The rows' probabilities are gathered as Megatron gathers them, and
+their gradient written back without the sort of an accumulating scatter (:class:`_RowProbs`).
 
 :func:`gathered` applies this to Megatron's dispatcher for the duration of one dispatch or
 combine: it wraps the dispatcher module's ``permute`` and ``unpermute`` (Megatron's, or the CPU
@@ -39,29 +41,29 @@ class _GatherRows(torch.autograd.Function):
     """rows = x[index]; backward: each token's k row gradients gathered and summed."""
 
     @staticmethod
-    def forward(ctx, x, index, order, k):
+    def forward(ctx, x, index, order, k, triton=False):
         ctx.save_for_backward(order)
-        ctx.k = k
+        ctx.k, ctx.triton = k, triton
         return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad_rows):
         (order,) = ctx.saved_tensors
-        return sum_by_token(grad_rows, order, ctx.k), None, None, None
+        return sum_by_token(grad_rows, order, ctx.k, ctx.triton), None, None, None, None
 
 
 class _SumRows(torch.autograd.Function):
     """y[t] = sum of token t's k rows; backward: dy gathered back to the rows."""
 
     @staticmethod
-    def forward(ctx, rows, index, order, k):
+    def forward(ctx, rows, index, order, k, triton=False):
         ctx.save_for_backward(index)
-        return sum_by_token(rows, order, k)
+        return sum_by_token(rows, order, k, triton)
 
     @staticmethod
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
-        return grad.index_select(0, index), None, None, None
+        return grad.index_select(0, index), None, None, None, None
 
 
 class _RowProbs(torch.autograd.Function):
@@ -91,9 +93,16 @@ class _RowProbs(torch.autograd.Function):
         return grad_probs, None, None
 
 
-def sum_by_token(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+def sum_by_token(rows: torch.Tensor, order: torch.Tensor, k: int,
+                 triton: bool = False) -> torch.Tensor:
     """[T, ...]: for each token t, the sum of its k rows, which are rows[order[t k .. t k + k)]
-    (``order`` = argsort(index, stable): :meth:`TokenOrder.of`)."""
+    (``order`` = argsort(index, stable): :meth:`TokenOrder.of`); by the Triton kernel with
+    ``triton``, for the dtypes it sums."""
+    if triton:
+        from megatron_coe.model import triton_gather_sum
+
+        if rows.dtype in triton_gather_sum.DTYPES:
+            return triton_gather_sum.gather_sum(rows, order, k)
     return rows.index_select(0, order).view(-1, k, *rows.shape[1:]).sum(1)
 
 
@@ -116,11 +125,12 @@ class TokenOrder:
 
 
 @contextlib.contextmanager
-def gathered(k: int | None, orders: TokenOrder | None = None):
+def gathered(k: int | None, orders: TokenOrder | None = None, triton: bool = False):
     """Within this context Megatron's dispatcher permutes and unpermutes by gathers, for
     routing that gives every token exactly ``k`` rows (None: no change).  ``orders`` keeps the
     rows' token order from a permute for the unpermute of the same rows (a dispatcher's own,
-    across its dispatch and combine contexts)."""
+    across its dispatch and combine contexts); ``triton`` sums each token's rows by the Triton
+    kernel (:func:`sum_by_token`)."""
     from megatron.core.transformer.moe import token_dispatcher as td
 
     orders = TokenOrder() if orders is None else orders
@@ -139,8 +149,8 @@ def gathered(k: int | None, orders: TokenOrder | None = None):
         _, _, index, pad, counts = permute(tokens.detach()[:, :0], routing_map, None,
                                            num_out_tokens, fused, drop_and_pad, **kwargs)
         row_probs = None if probs is None else _RowProbs.apply(probs, index, routing_map)
-        return (_GatherRows.apply(tokens, index, orders.of(index), k), row_probs, index, pad,
-                counts)
+        return (_GatherRows.apply(tokens, index, orders.of(index), k, triton), row_probs, index,
+                pad, counts)
 
     def gather_unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None,
                          routing_map=None, fused=False, drop_and_pad=False, **kwargs):
@@ -149,7 +159,8 @@ def gathered(k: int | None, orders: TokenOrder | None = None):
                 or permuted_tokens.shape[0] != restore_shape[0] * k):
             return unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map,
                              fused, drop_and_pad, **kwargs)
-        return _SumRows.apply(permuted_tokens, sorted_indices, orders.of(sorted_indices), k)
+        return _SumRows.apply(permuted_tokens, sorted_indices, orders.of(sorted_indices), k,
+                              triton)
 
     td.permute, td.unpermute = gather_permute, gather_unpermute
     try:

@@ -51,7 +51,8 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
     ``expert_fp8_recipe`` (fp8.backend: torch) runs the grouped experts' GEMMs in FP8;
     ``fused_kernels`` (model.fused_kernels) picks the fused SwiGLU's kernel of the grouped
     experts and of the shared expert (:class:`~megatron_coe.model.shared_expert.SharedExpert`,
-    Megatron's SharedExpertMLP otherwise)."""
+    Megatron's SharedExpertMLP otherwise) and, with "triton", the Triton kernel of the
+    dispatcher's sums over each token's rows (model/permutation.py)."""
     block = get_gpt_decoder_block_spec(
         transformer_config,
         use_transformer_engine=use_transformer_engine,
@@ -105,6 +106,7 @@ def coe_block_spec(transformer_config, coe: CoEConfig | None, use_transformer_en
                 overlap=overlap,
                 recompute_experts=recompute_experts,
                 iteration_norm=spec.submodules.pre_mlp_layernorm if coe.iteration_norm else None,
+                fused_kernels=fused_kernels,
             )
             spec = dataclasses.replace(
                 spec,

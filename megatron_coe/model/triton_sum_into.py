@@ -5,11 +5,9 @@
 
 The sum is rounded to a's dtype first, as autograd's sum of the two is, so the result is bit for
 bit torch's ``dest.copy_(a + b)`` (``dest.add_(a + b)`` with ``accumulate``; a NaN may carry
-another payload) in one pass: a and
-b read once, dest written once (and read once when accumulating), no intermediate tensor.  The
-bf16 rounding is written out on the fp32 bits (nearest, ties to even, NaN kept), as torch's
-conversion does it, rather than left to Triton's cast, whose interpreter truncates.  One program
-per BLOCK elements.
+another payload) in one pass: a and b read once, dest written once (and read once when
+accumulating), no intermediate tensor.  The bf16 rounding is torch's (triton_rounding.py).  One
+program per BLOCK elements.
 
 Runs on CUDA; on CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` before this module
 is imported), which the tests use.
@@ -20,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from megatron_coe.model.triton_rounding import rounded_to_bf16
 
 BLOCK = 4096
 DTYPES = (torch.bfloat16, torch.float32)  # the gradients' dtypes the kernel sums
@@ -33,10 +33,8 @@ def coe_sum_into(dest_ptr, a_ptr, b_ptr, n, BF16: tl.constexpr, ACCUMULATE: tl.c
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     total = a + b
-    if BF16:  # rounded to the nearest bf16, ties to even, NaN kept: torch's conversion
-        bits = total.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        total = tl.where(total != total, total, bits.to(tl.float32, bitcast=True))
+    if BF16:  # rounded as torch rounds to bf16
+        total = rounded_to_bf16(total)
     if ACCUMULATE:
         total = tl.load(dest_ptr + offs, mask=mask, other=0.0) + total
     tl.store(dest_ptr + offs, total, mask=mask)

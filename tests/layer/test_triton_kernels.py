@@ -11,6 +11,9 @@ within float rounding:
   column steps and row counts that are not multiples of a block; a CoE layer with them (grouped
   experts, model/shared_expert.py) equals one with Megatron's kernels, keeps the same tensors
   for backward, and gives the same bits under moe_act recompute;
+- the sums over each token's expert rows (model/triton_gather_sum.py): bit for bit the fp32
+  sum in the rows' order, in fp32 and bf16 (rounded as torch rounds), with inf and NaN, and
+  within one rounding of torch's gather and sum; a CoE layer runs them;
 - the config accepts it where it runs and refuses it by name where it cannot run or would replace
   nothing;
 - Triton compiles every kernel for an H100 without register spills (offline, no GPU).
@@ -107,6 +110,40 @@ def test_triton_swiglu_equals_megatrons_fused_swiglu(rows, width, dtype, tol, we
         assert (a.float() - b.float()).abs().max() <= tol * scale
 
 
+@pytest.mark.parametrize("tokens,k,shape", [(37, 3, (5,)), (9, 8, (1500,)), (6, 1, (2, 3)),
+                                            (300, 4, (64,))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gather_sum_is_the_ordered_fp32_sum(tokens, k, shape, dtype, device):
+    """Each token's k rows summed in fp32 in their order and rounded once: bit for bit, also
+    for bf16 (rounded as torch rounds), across column blocks (1500) and token blocks (300 x
+    64), with one row per token and rows of more than one dim; inf and NaN carried into their
+    token's sum; within one rounding of torch's gather and sum."""
+    from megatron_coe.model.permutation import sum_by_token
+    from megatron_coe.model.triton_gather_sum import gather_sum
+
+    g = torch.Generator().manual_seed(0)
+    rows = (torch.randn(tokens * k, *shape, generator=g) * 100).to(dtype)
+    rows[0].view(-1)[0], rows[1].view(-1)[0] = float("inf"), float("-inf")
+    rows[2].view(-1)[-1] = float("nan")
+    order = torch.randperm(tokens * k, generator=g)
+    got = gather_sum(rows.to(device), order.to(device), k).cpu()
+    assert got.shape == (tokens, *shape) and got.dtype == dtype
+    terms = rows.float()[order].view(tokens, k, -1)
+    expected = torch.zeros(tokens, terms.shape[-1])
+    for j in range(k):
+        expected = expected + terms[:, j]
+    torch.testing.assert_close(got.view(tokens, -1), expected.to(dtype), rtol=0, atol=0,
+                               equal_nan=True)
+    # torch may add the k terms in another order: both fp32 sums are within (k - 1) eps of
+    # the sum of magnitudes, then each is rounded once to the dtype
+    torch_sum = sum_by_token(rows, order, k).view(tokens, -1).float()
+    bound = (torch.finfo(dtype).eps * torch_sum.abs()
+             + 2 * k * torch.finfo(torch.float32).eps * terms.abs().sum(1))
+    finite = torch_sum.isfinite()
+    assert torch.equal(got.view(tokens, -1).float().isnan(), torch_sum.isnan())
+    assert ((got.view(tokens, -1).float() - torch_sum).abs()[finite] <= bound[finite]).all()
+
+
 def _config(kernels, recompute="none"):
     return layer_config(recompute=recompute,
                         model={"swiglu_fusion": True, "fused_kernels": kernels})
@@ -114,30 +151,33 @@ def _config(kernels, recompute="none"):
 
 @interpreted
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_coe_layer_with_triton_swiglu_equals_the_compiled_one(dtype, tol):
+def test_coe_layer_with_the_triton_kernels_equals_the_compiled_one(dtype, tol):
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from coe_layer import saved_activation_bytes
 
-    from megatron_coe.model import triton_swiglu
+    from megatron_coe.model import triton_gather_sum, triton_swiglu
 
     from megatron_coe.model.shared_expert import SharedExpert
 
     compiled, triton = seeded_layers(_config("compile"), _config("triton"), dtype=dtype)
-    assert triton.experts.fused_kernels == "triton"
+    assert triton.experts.fused_kernels == "triton" and triton.token_dispatcher.triton_sums
     assert isinstance(triton.shared_experts, SharedExpert) and triton.shared_experts.triton_swiglu
     assert type(compiled.shared_experts) is not SharedExpert
+    assert not compiled.token_dispatcher.triton_sums
     x = torch.randn(40, 2, 32, dtype=dtype)
-    calls = []
-    apply = triton_swiglu.SwiGLU.apply
+    calls, sums = [], []
+    apply, gather_sum = triton_swiglu.SwiGLU.apply, triton_gather_sum.gather_sum
     triton_swiglu.SwiGLU.apply = lambda *a: calls.append(1) or apply(*a)
+    triton_gather_sum.gather_sum = lambda *a: sums.append(1) or gather_sum(*a)
     try:
         got = fwd_bwd(triton, x)
     finally:
-        triton_swiglu.SwiGLU.apply = apply
+        triton_swiglu.SwiGLU.apply, triton_gather_sum.gather_sum = apply, gather_sum
     assert len(calls) == 4  # routed and shared experts, in each CoE iteration
+    assert len(sums) == 4  # the unpermutation's forward and the permutation's backward, each
     for a, b in zip(got, fwd_bwd(compiled, x)):
         assert a.dtype == b.dtype
         scale = b.float().abs().max().clamp_min(1e-6)
@@ -260,6 +300,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from megatron_coe.model import triton_cross_entropy as ce, triton_sum_into as si, triton_swiglu as sw
+from megatron_coe.model import triton_gather_sum as gs
 
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = {}
@@ -303,6 +344,13 @@ for acc in (True, False):
           {"dest_ptr": "*fp32", "a_ptr": "*bf16", "b_ptr": "*bf16", "n": "i64",
            "BF16": "constexpr", "ACCUMULATE": "constexpr", "BLOCK": "constexpr"},
           {"BF16": True, "ACCUMULATE": acc, "BLOCK": si.BLOCK}, 8)
+block_t, block_h = gs._blocks(1024)
+for k in (4, 8):  # CoE-2(4/64), MoE(8/64)
+    build(f"gather_sum_k{k}", gs.coe_gather_sum,
+          {"rows_ptr": "*bf16", "order_ptr": "*i64", "out_ptr": "*bf16", "T": "i32", "H": "i32",
+           "K": "constexpr", "BF16": "constexpr", "BLOCK_T": "constexpr",
+           "BLOCK_H": "constexpr"},
+          {"K": k, "BF16": True, "BLOCK_T": block_t, "BLOCK_H": block_h}, gs.WARPS)
 print(json.dumps(out))
 '''
 
@@ -324,7 +372,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 8
+    assert len(kernels) == 10
     for name, k in kernels.items():
         assert k["spills"] in ([], ["0"]), (name, k)
         assert k["vector_loads"] > 0, (name, k)

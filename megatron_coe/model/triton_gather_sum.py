@@ -1,0 +1,72 @@
+"""Each token's k expert rows gathered and summed in one Triton kernel (``model.fused_kernels:
+triton``): the unpermutation's forward and the permutation's backward (model/permutation.py).
+
+For T tokens, k rows each, rows [T k, H] and ``order`` [T k] listing token t's rows at
+order[t k .. t k + k):
+
+    out[t] = dtype( (...((0 + rows[order[t k]]) + rows[order[t k + 1]]) + ...) + rows[order[t k + k - 1]] )
+
+summed in fp32 in that order and rounded once to the rows' dtype (bf16 as torch rounds:
+triton_rounding.py).  torch's ``rows.index_select(0, order).view(T, k, H).sum(1)`` writes the
+gathered [T k, H] copy and reads it back; this reads each row once and writes each token once,
+(k + 1) T H values moved instead of (3k + 1) T H.  One program per BLOCK_T tokens x BLOCK_H
+columns; the row indices are int64, so offsets do not overflow.
+
+Runs on CUDA; on CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` before this module
+is imported), which the tests use.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_coe.model.triton_rounding import rounded_to_bf16
+
+DTYPES = (torch.bfloat16, torch.float32)  # the rows' dtypes the kernel sums
+TILE = 2048  # elements per program: BLOCK_T x BLOCK_H
+WARPS = 4
+
+
+@triton.jit
+def coe_gather_sum(rows_ptr, order_ptr, out_ptr, T, H, K: tl.constexpr, BF16: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    token_in = tokens < T
+    mask = token_in[:, None] & (cols < H)[None, :]
+    total = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(order_ptr + tokens * K + j, mask=token_in, other=0).to(tl.int64)
+        total += tl.load(rows_ptr + row[:, None] * H + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+    if BF16:
+        total = rounded_to_bf16(total)
+    tl.store(out_ptr + tokens[:, None] * H + cols[None, :], total.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _blocks(H: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_H): a row's width in one step up to 1024 columns, TILE values a program."""
+    block_h = min(triton.next_power_of_2(H), 1024)
+    return max(TILE // block_h, 1), block_h
+
+
+def gather_sum(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """[T, *rows.shape[1:]]: for each token t the sum of rows[order[t k .. t k + k)], for rows
+    of a dtype in :data:`DTYPES`."""
+    if rows.dtype not in DTYPES:
+        raise ValueError(f"gather_sum sums {DTYPES} rows, got {rows.dtype}")
+    if order.dim() != 1 or order.numel() % k:
+        raise ValueError(f"gather_sum: an order of {tuple(order.shape)} for {k} rows per token")
+    T = order.numel() // k
+    flat = rows.reshape(rows.shape[0], -1).contiguous()
+    H = flat.shape[1]
+    out = torch.empty((T, H), dtype=rows.dtype, device=rows.device)
+    if T and H:
+        block_t, block_h = _blocks(H)
+        coe_gather_sum[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
+            flat, order.contiguous(), out, T, H, K=k, BF16=rows.dtype == torch.bfloat16,
+            BLOCK_T=block_t, BLOCK_H=block_h, num_warps=WARPS)
+    return out.view(T, *rows.shape[1:])
