@@ -81,6 +81,8 @@ def model_definition(config: Config) -> dict:
     m.pop("fused_kernels")  # which kernels compute that math
     if config.model.attention != "mla":
         m.pop("mla")
+    else:
+        m["mla"].pop("rope_fusion")  # which kernels compute RoPE
     if m["coe"] is not None and not m["coe"]["iteration_norm"]:
         m["coe"].pop("iteration_norm")  # off: the same model as checkpoints made before it
     for section in ("moe",):

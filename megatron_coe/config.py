@@ -170,6 +170,35 @@ def loss_fusion(config: "Config") -> bool:
             and not m.transformer_overrides.get("cross_entropy_loss_fusion"))
 
 
+def mla_rope_fusion_blocker(config: "Config") -> str | None:
+    """Why Megatron's fused MLA RoPE kernels (model.mla.rope_fusion) cannot run with this
+    config's model, or None: they need MLA, whole sequences on each rank (their [s, b] layout
+    takes no context-parallel positions) and power-of-two head dims (Triton's ranges), the
+    rotary one at least 4."""
+    m = config.model
+    if m.attention != "mla":
+        return f"model.attention={m.attention} (they are MLA's)"
+    if config.parallel.context > 1:
+        return f"parallel.context={config.parallel.context}"
+    least = {"qk_head_dim": 1, "v_head_dim": 1, "qk_pos_emb_head_dim": 4}
+    odd = [f"model.mla.{name}={getattr(m.mla, name)}" for name, low in least.items()
+           if getattr(m.mla, name) < low or getattr(m.mla, name) & (getattr(m.mla, name) - 1)]
+    if odd:
+        return "head dims that are not powers of two (the rotary one at least 4): " + (
+            ", ".join(odd))
+    return None
+
+
+def mla_rope_fusion(config: "Config") -> bool:
+    """Whether MLA's rotary embedding runs as Megatron's fused kernels, as far as the config
+    says: model.mla.rope_fusion when set; auto: where model.fused_kernels is (or resolves to)
+    triton and they apply (:func:`mla_rope_fusion_blocker`)."""
+    m = config.model
+    if m.mla.rope_fusion is not None:
+        return m.mla.rope_fusion
+    return fused_kernels(config) == "triton" and mla_rope_fusion_blocker(config) is None
+
+
 def fused_kernels(config: "Config") -> str:
     """model.fused_kernels as far as the config says: explicit compile or triton; auto: triton
     where the Triton kernels may run and a fusion is on (the SwiGLU's or the loss's), else
@@ -231,6 +260,14 @@ class MLAConfig:
     qk_head_dim: int = 16
     qk_pos_emb_head_dim: int = 8
     v_head_dim: int = 16
+    # The rotary embedding of the queries and keys, and the assembly of the heads' keys and
+    # values, as Megatron-Core's Triton kernels (megatron/core/fusions/fused_mla_yarn_rope_apply
+    # .py) instead of torch's split, rotate, concatenate ops.  Megatron runs them for its YaRN
+    # RoPE; with a scaling factor of 1 YaRN's frequencies are RoPE's, so a model built with them
+    # is the same model (docs/performance.md).  Needs power-of-two head dims and no context
+    # parallelism, a GPU (the tests run them on CPU under Triton's interpreter) and the triton
+    # package.  null (auto): on where model.fused_kernels resolves to triton and they apply.
+    rope_fusion: Optional[bool] = None
 
 
 @dataclass
@@ -665,6 +702,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _validate_swiglu_fusion(m)
     _validate_loss_fusion(config)
     _validate_fused_kernels(config)
+    _validate_mla_rope_fusion(config)
     _validate_parallel(config, world_size)
 
 
@@ -1043,6 +1081,21 @@ def _validate_fused_kernels(config: "Config") -> None:
     if importlib.util.find_spec("triton") is None:
         raise ValueError("model.fused_kernels=triton needs the triton package (it comes with "
                          "torch's CUDA wheels): install it or use model.fused_kernels=compile")
+
+
+def _validate_mla_rope_fusion(config: "Config") -> None:
+    if not config.model.mla.rope_fusion:
+        return
+    blocker = mla_rope_fusion_blocker(config)
+    if blocker is not None:
+        raise ValueError(f"model.mla.rope_fusion=true: Megatron's fused MLA RoPE kernels do not "
+                         f"run with {blocker}; set it to false or null (auto)")
+    if config.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"model.mla.rope_fusion=true runs Triton kernels on a GPU; "
+                         f"device={config.device}: set it to false or null (auto)")
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("model.mla.rope_fusion=true needs the triton package (it comes with "
+                         "torch's CUDA wheels): install it or set it to false")
 
 
 def _validate_swiglu_fusion(m: ModelConfig) -> None:

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from megatron_coe import cuda_graph, parallel
 from megatron_coe.config import (CoEConfig, Config, fused_kernels, grouped_experts, loss_fusion,
+                                 mla_rope_fusion, mla_rope_fusion_blocker,
                                  swiglu_fusion, swiglu_fusion_blocker, te_only_overrides)
 from megatron_coe.model import aux_topk, router_gemm
 from megatron_coe.model.layer import CoELayer
@@ -106,6 +107,13 @@ def transformer_config(config: Config) -> TransformerConfig:
     kwargs.update(m.transformer_overrides)
     if m.attention == "mla":
         mla = m.mla
+        if mla_rope_fusion(config):
+            # Megatron fuses MLA's RoPE only for YaRN, whose frequencies and attention scale
+            # are RoPE's at a scaling factor of 1
+            kwargs.update(apply_rope_fusion=True)
+            rope = dict(rope_type="yarn", rotary_scaling_factor=1.0)
+        else:
+            rope = dict(rope_type="rope")
         return MLATransformerConfig(
             **kwargs,
             q_lora_rank=mla.q_lora_rank,
@@ -113,7 +121,7 @@ def transformer_config(config: Config) -> TransformerConfig:
             qk_head_dim=mla.qk_head_dim,
             qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
             v_head_dim=mla.v_head_dim,
-            rope_type="rope",
+            **rope,
         )
     return TransformerConfig(**kwargs)
 
@@ -293,9 +301,10 @@ def _on_every_rank(config: Config, ok: bool) -> bool:
 
 
 def resolved_kernels(config: Config, announce: bool = False) -> Config:
-    """``config`` with model.swiglu_fusion, model.fused_kernels and model.loss_fusion resolved
-    (see :func:`resolve_swiglu_fusion`, :func:`resolve_fused_kernels`), the same on every rank;
-    with ``announce`` prints each choice and the reason once, on rank 0."""
+    """``config`` with model.swiglu_fusion, model.fused_kernels, model.loss_fusion and
+    model.mla.rope_fusion resolved (see :func:`resolve_swiglu_fusion`,
+    :func:`resolve_fused_kernels`; rope_fusion's auto follows the resolved kernels), the same on
+    every rank; with ``announce`` prints each choice and the reason once, on rank 0."""
     import torch.distributed as dist
 
     m = config.model
@@ -309,12 +318,29 @@ def resolved_kernels(config: Config, announce: bool = False) -> Config:
             and not _on_every_rank(config, kernels == "triton") and kernels == "triton"):
         kernels, fused_loss = _compile_fallback(m)
         kernels_why = "auto: the Triton kernels failed on another rank; compile"
+    config = dataclasses.replace(config, model=dataclasses.replace(
+        config.model, fused_kernels=kernels, loss_fusion=fused_loss))
+    rope = mla_rope_fusion(config)  # auto follows the resolved kernels
     if announce and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"model.swiglu_fusion: {str(fusion).lower()} ({fusion_why})", flush=True)
         print(f"model.fused_kernels: {kernels}, model.loss_fusion: {str(fused_loss).lower()} "
               f"({kernels_why})", flush=True)
+        if config.model.attention == "mla":
+            print(f"model.mla.rope_fusion: {str(rope).lower()} "
+                  f"({_rope_fusion_reason(config, rope)})", flush=True)
     return dataclasses.replace(config, model=dataclasses.replace(
-        config.model, fused_kernels=kernels, loss_fusion=fused_loss))
+        config.model, mla=dataclasses.replace(config.model.mla, rope_fusion=rope)))
+
+
+def _rope_fusion_reason(config: Config, on: bool) -> str:
+    """Why model.mla.rope_fusion is ``on`` (for the start-up log)."""
+    if config.model.mla.rope_fusion is not None:
+        return "model.mla.rope_fusion is set"
+    if on:
+        return "auto: model.fused_kernels=triton"
+    blocker = mla_rope_fusion_blocker(config)
+    return (f"auto: not with {blocker}" if blocker is not None
+            else "auto: model.fused_kernels is not triton")
 
 
 def with_resolved_impl(config: Config) -> Config:

@@ -1,6 +1,7 @@
 """The single-GPU layer tests: EP = 1, C = 1..3, every residual and router mode, on one CUDA
 GPU against the same plain-PyTorch formula as on CPU (tests/layer/test_formula_parity.py), with
-the same float32 tolerance (TF32 off, as torch defaults).  ``pytest -m gpu``; skipped without
+the same float32 tolerance (TF32 off, as torch defaults), and a model with MLA's fused RoPE
+against one without (tests/layer/test_mla_rope_fusion.py).  ``pytest -m gpu``; skipped without
 a GPU.  A module of its own: its process group is NCCL's, the CPU tests' is gloo's."""
 
 import pytest
@@ -15,3 +16,16 @@ def test_layer_matches_formula_on_gpu(iterations, residual, router, shared, monk
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     check_layer_matches_formula(iterations, residual, router, shared, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 5e-2)])
+def test_rope_fusion_builds_the_same_model_on_gpu(precision, tol, monkeypatch):
+    """model.mla.rope_fusion on the GPU, where Megatron's kernels also run in bf16 (the
+    interpreter cannot) and pick their block sizes by timing them."""
+    import torch
+
+    from test_mla_rope_fusion import check_rope_fusion_builds_the_same_model
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    check_rope_fusion_builds_the_same_model("cuda", precision, tol, monkeypatch)
