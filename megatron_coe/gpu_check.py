@@ -24,6 +24,9 @@ source unless ``--data`` gives a jsonl file.  Parts (``--parts``, default all):
      passes or parameters, all measured in this one run.  ``--compare KEY=VALUE ...`` also
      runs every config at the first size with those overrides (an A/B of one setting, e.g.
      ``model.swiglu_fusion=false``, in the same process); repeated, once per setting.
+     ``--rounds N`` trains every config N times in turn and pools their timed steps; each
+     CoE/MoE step-time ratio is then also given per round, whose spread says how far one
+     round's ratio can be trusted.
   c  one layer: benchmarks/coe_layer.py's CoE/MoE pairs (EP = 1, hidden 1024, experts of hidden
      704, 4096 tokens, bf16; fp32 on CPU), run from the checkout.
   d  host work and profile: benchmarks/host_work.py on MoE(8/64) and CoE-2(4/64) at the paper's
@@ -302,65 +305,91 @@ def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
     from megatron_coe.metrics import parameter_count, train_flops_per_token
 
     variants, ratios = {}, {}
-    setting = {"micro_batch_size": micro_batch, "variants": variants, "ratios": ratios}
+    setting = {"micro_batch_size": micro_batch, "rounds": args.rounds, "variants": variants,
+               "ratios": ratios}
     work.mkdir()
-    for name, file in PAPER:
-        run_dir = work / file.removesuffix(".yaml")
-        config = paper_config(args, file, run_dir, micro_batch)
-        began = time.perf_counter()
-        try:
-            records = [r for r in train_run(config, run_dir.with_suffix(".log"))
-                       if r["kind"] == "train"]
-        except Exception as e:  # out of memory, mostly: the other configs still run
-            variants[name] = {"config": f"configs/paper/{file}", "error": one_line(e)}
-            print(f"(b) mb {micro_batch:<3d} {name:12s} {variants[name]['error']}", flush=True)
-        if name in variants:
-            # train_run freed what it could while the exception held the run's frames; the
-            # rest goes now that the exception is gone
-            gc.collect()
-            if config.device == "cuda":
-                torch.cuda.empty_cache()
+    rounds: dict[str, list[list[dict]]] = {name: [] for name, _ in PAPER}  # train records
+    for turn in range(args.rounds):
+        for name, file in PAPER:
+            if "error" in variants.get(name, {}):
+                continue  # failed in an earlier round
+            run_dir = work / (file.removesuffix(".yaml")
+                              + (f"-round{turn + 1}" if args.rounds > 1 else ""))
+            config = paper_config(args, file, run_dir, micro_batch)
+            began = time.perf_counter()
+            try:
+                rounds[name].append([r for r in train_run(config, run_dir.with_suffix(".log"))
+                                     if r["kind"] == "train"])
+            except Exception as e:  # out of memory, mostly: the other configs still run
+                variants[name] = {"config": f"configs/paper/{file}", "error": one_line(e)}
+                print(f"(b) mb {micro_batch:<3d} {name:12s} {variants[name]['error']}",
+                      flush=True)
+            if "error" in variants.get(name, {}):
+                # train_run freed what it could while the exception held the run's frames;
+                # the rest goes now that the exception is gone
+                gc.collect()
+                if config.device == "cuda":
+                    torch.cuda.empty_cache()
+                progress(setting)
+                continue
+            wall = time.perf_counter() - began + variants.get(name, {}).get("wall_s", 0.0)
+            variants[name] = {"config": f"configs/paper/{file}", **written_choices(run_dir),
+                              "parameters": parameter_count(config),
+                              "flops_per_token": train_flops_per_token(config),
+                              **_pooled(rounds[name], args.warmup,
+                                        config.train.global_batch_size
+                                        * config.model.seq_length),
+                              "wall_s": wall}
+            v = variants[name]
+            print(f"(b) mb {micro_batch:<3d} {name:12s} "
+                  + (f"round {turn + 1}/{args.rounds}: " if args.rounds > 1 else "")
+                  + f"{v['tokens_per_s']:10,.0f} tokens/s  {v['tflops']:7.2f} TFLOP/s  MFU "
+                  + (f"{v['mfu'] * 100:5.2f} %" if v["mfu"] is not None else "  n/a  ")
+                  + f"  peak {v['peak_mem_gib']:.2f} GiB  step {v['median_step_s'] * 1e3:.0f} "
+                  f"ms ({v['model_impl']}, SwiGLU fusion {v['swiglu_fusion']}, loss fusion "
+                  f"{v['loss_fusion']}, kernels {v['fused_kernels']}, CUDA graph "
+                  f"{v['cuda_graph']})", flush=True)
             progress(setting)
-            continue
-        timed = [r for r in records if r["step"] > args.warmup]
-        tokens_per_step = config.train.global_batch_size * config.model.seq_length
-        median = {k: statistics.median(r[k] for r in timed) if timed and timed[0].get(k)
-                  is not None else None for k in ("tokens_per_s", "tflops_per_device", "mfu")}
-        variants[name] = {
-            "config": f"configs/paper/{file}", **written_choices(run_dir),
-            "parameters": parameter_count(config), "tokens_per_step": tokens_per_step,
-            "flops_per_token": train_flops_per_token(config),
-            "median_step_s": tokens_per_step / median["tokens_per_s"],
-            "tokens_per_s": median["tokens_per_s"], "tflops": median["tflops_per_device"],
-            "mfu": median["mfu"], "peak_mem_gib": max(r["mem_gib"] for r in records),
-            "step_s": [tokens_per_step / r["tokens_per_s"] for r in timed],
-            "losses": [r["loss"] for r in records], "loss_steps": [r["step"] for r in records],
-            "wall_s": time.perf_counter() - began,
-            **{k: statistics.median(r[k] for r in timed) for k in timed[0]
-               if k.startswith("gpu_") and isinstance(timed[0][k], (int, float))}}
-        v = variants[name]
-        print(f"(b) mb {micro_batch:<3d} {name:12s} {v['tokens_per_s']:10,.0f} tokens/s  "
-              f"{v['tflops']:7.2f} TFLOP/s  MFU "
-              + (f"{v['mfu'] * 100:5.2f} %" if v["mfu"] is not None else "  n/a  ")
-              + f"  peak {v['peak_mem_gib']:.2f} GiB  step {v['median_step_s'] * 1e3:.0f} ms "
-              f"({v['model_impl']}, SwiGLU fusion {v['swiglu_fusion']}, loss fusion "
-              f"{v['loss_fusion']}, kernels {v['fused_kernels']}, CUDA graph "
-              f"{v['cuda_graph']})", flush=True)
-        progress(setting)
     for coe, moe in PAIRS:
         if "error" in variants[coe] or "error" in variants[moe]:
             continue
-        ratios[f"{coe} / {moe}"] = {
-            "step_time": variants[coe]["median_step_s"] / variants[moe]["median_step_s"],
-            "flops_per_token": variants[coe]["flops_per_token"] / variants[moe]["flops_per_token"],
-            "parameters": variants[coe]["parameters"] / variants[moe]["parameters"],
-            "peak_memory": variants[coe]["peak_mem_gib"] / variants[moe]["peak_mem_gib"]}
-        r = ratios[f"{coe} / {moe}"]
-        print(f"(b) mb {micro_batch:<3d} {coe} / {moe}: step time {r['step_time']:.3f}, "
-              f"FLOPs per token {r['flops_per_token']:.3f}, parameters {r['parameters']:.3f}, "
-              f"peak memory {r['peak_memory']:.3f}", flush=True)
+        c, m = variants[coe], variants[moe]
+        ratios[f"{coe} / {moe}"] = r = {
+            "step_time": c["median_step_s"] / m["median_step_s"],
+            "flops_per_token": c["flops_per_token"] / m["flops_per_token"],
+            "parameters": c["parameters"] / m["parameters"],
+            "peak_memory": c["peak_mem_gib"] / m["peak_mem_gib"]}
+        if args.rounds > 1:
+            r["step_time_by_round"] = [a / b for a, b in zip(c["round_median_step_s"],
+                                                             m["round_median_step_s"])]
+        print(f"(b) mb {micro_batch:<3d} {coe} / {moe}: step time {r['step_time']:.3f}"
+              + (" (rounds: " + ", ".join(f"{x:.3f}" for x in r["step_time_by_round"]) + ")"
+                 if args.rounds > 1 else "")
+              + f", FLOPs per token {r['flops_per_token']:.3f}, parameters "
+              f"{r['parameters']:.3f}, peak memory {r['peak_memory']:.3f}", flush=True)
     progress(setting)
     return setting
+
+
+def _pooled(runs: list[list[dict]], warmup: int, tokens_per_step: int) -> dict:
+    """One config's numbers over its runs (rounds) of the same steps: medians over every timed
+    step (after ``warmup``) of every run, each run's median step time, the peak memory of any,
+    and the first run's losses (every run trains the same steps on the same data)."""
+    timed = [r for records in runs for r in records if r["step"] > warmup]
+    median = {k: statistics.median(r[k] for r in timed) if timed and timed[0].get(k)
+              is not None else None for k in ("tokens_per_s", "tflops_per_device", "mfu")}
+    return {
+        "tokens_per_step": tokens_per_step,
+        "median_step_s": tokens_per_step / median["tokens_per_s"],
+        "tokens_per_s": median["tokens_per_s"], "tflops": median["tflops_per_device"],
+        "mfu": median["mfu"], "peak_mem_gib": max(r["mem_gib"] for rs in runs for r in rs),
+        "step_s": [tokens_per_step / r["tokens_per_s"] for r in timed],
+        "round_median_step_s": [
+            statistics.median(tokens_per_step / r["tokens_per_s"] for r in records
+                              if r["step"] > warmup) for records in runs],
+        "losses": [r["loss"] for r in runs[0]], "loss_steps": [r["step"] for r in runs[0]],
+        **{k: statistics.median(r[k] for r in timed) for k in timed[0]
+           if k.startswith("gpu_") and isinstance(timed[0][k], (int, float))}}
 
 
 def one_line(e: BaseException) -> str:
@@ -534,6 +563,9 @@ def parse_args(argv):
     p.add_argument("--tolerance", type=float, default=5e-3)
     p.add_argument("--warmup", type=int, default=3, help="part b: untimed steps per config")
     p.add_argument("--steps", type=int, default=10, help="part b: timed steps per config")
+    p.add_argument("--rounds", type=int, default=1, help="part b: train every config this many "
+                   "times in turn (each config once, then each again, ...), pooling their timed "
+                   "steps; the CoE/MoE step-time ratios are also given per round")
     p.add_argument("--global-batch", type=int,
                    help="part b and d: sequences per step (default 32; 4 with --toy)")
     p.add_argument("--micro-batches", type=int, nargs="+", metavar="N",
@@ -550,8 +582,8 @@ def parse_args(argv):
                    "config's profiler trace to DIR/<config>.json.gz (Perfetto, chrome://tracing)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (run logs)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or (args.reference_steps or 1) < 1:
-        p.error("--steps and --reference-steps must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or (args.reference_steps or 1) < 1:
+        p.error("--steps, --rounds and --reference-steps must be >= 1, --warmup >= 0")
     if args.tolerance <= 0:
         p.error("--tolerance must be > 0")
     if args.global_batch is None:

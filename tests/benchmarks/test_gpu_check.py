@@ -342,3 +342,34 @@ def test_gpu_check_refuses_a_setting_a_config_refuses_before_any_run(setting, tm
                        "--out", str(out)]) == 2
     assert runs == [] and not out.exists()
     assert "invalid here, before any run" in capsys.readouterr().err
+
+
+def test_gpu_check_pools_rounds_and_gives_each_rounds_ratios(tmp_path, monkeypatch, capsys):
+    """--rounds 2: every config runs twice, in turn; medians pool both rounds' timed steps and
+    each pair's step-time ratio is also given per round."""
+    from megatron_coe import gpu_check as check
+
+    runs = []
+    # CoE-2(4/64) runs at half the speed in its second round; every other config at 100
+    fake_training(monkeypatch, check, lambda config: runs.append(Path(config.run_dir).name),
+                  lambda config: 50.0 if Path(config.run_dir).name == "coe-2-4of64-round2"
+                  else 100.0)
+    out = tmp_path / "check.json"
+    assert check.main(["--device", "cpu", "--toy", "--parts", "b", "--micro-batches", "4",
+                       "--warmup", "1", "--steps", "1", "--rounds", "2", "--out", str(out)]) == 0
+    stems = [file.removesuffix(".yaml") for _, file in check.PAPER]
+    assert runs == [f"{stem}-round{r}" for r in (1, 2) for stem in stems]
+    setting = json.loads(out.read_text())["paper"]["by_micro_batch"]["4"]
+    assert setting["rounds"] == 2
+    coe, moe = setting["variants"]["CoE-2(4/64)"], setting["variants"]["MoE(8/64)"]
+    step = 64 * 4 / 100.0  # seconds at 100 tokens/s: 4 sequences of 64 tokens per step
+    assert coe["round_median_step_s"] == pytest.approx([step, 2 * step])
+    assert coe["step_s"] == pytest.approx([step, 2 * step])  # the timed step of each round
+    assert moe["round_median_step_s"] == pytest.approx([step, step])
+    ratio = setting["ratios"]["CoE-2(4/64) / MoE(8/64)"]
+    assert ratio["step_time_by_round"] == pytest.approx([1.0, 2.0])
+    # pooled: tokens per step over the median tokens/s of both rounds' steps, (100 + 50) / 2
+    assert ratio["step_time"] == pytest.approx(100 / 75)
+    assert "(rounds: 1.000, 2.000)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        check.parse_args(["--rounds", "0"])
