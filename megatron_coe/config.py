@@ -170,16 +170,25 @@ def loss_fusion(config: "Config") -> bool:
             and not m.transformer_overrides.get("cross_entropy_loss_fusion"))
 
 
+# transformer_overrides that set MLA's RoPE themselves: with any of them the fused kernels'
+# YaRN at factor 1 would not be the RoPE the overrides ask for
+ROPE_OVERRIDES = ("rope_type", "apply_rope_fusion", "rotary_scaling_factor", "mscale",
+                  "mscale_all_dim", "rotary_percent", "rotary_interleaved")
+
+
 def mla_rope_fusion_blocker(config: "Config") -> str | None:
     """Why Megatron's fused MLA RoPE kernels (model.mla.rope_fusion) cannot run with this
     config's model, or None: they need MLA, whole sequences on each rank (their [s, b] layout
-    takes no context-parallel positions) and power-of-two head dims (Triton's ranges), the
-    rotary one at least 4."""
+    takes no context-parallel positions), power-of-two head dims (Triton's ranges), the rotary
+    one at least 4, and no transformer_overrides of the RoPE (:data:`ROPE_OVERRIDES`)."""
     m = config.model
     if m.attention != "mla":
         return f"model.attention={m.attention} (they are MLA's)"
     if config.parallel.context > 1:
         return f"parallel.context={config.parallel.context}"
+    overridden = [key for key in ROPE_OVERRIDES if key in m.transformer_overrides]
+    if overridden:
+        return "model.transformer_overrides." + ", model.transformer_overrides.".join(overridden)
     least = {"qk_head_dim": 1, "v_head_dim": 1, "qk_pos_emb_head_dim": 4}
     odd = [f"model.mla.{name}={getattr(m.mla, name)}" for name, low in least.items()
            if getattr(m.mla, name) < low or getattr(m.mla, name) & (getattr(m.mla, name) - 1)]
@@ -191,12 +200,14 @@ def mla_rope_fusion_blocker(config: "Config") -> str | None:
 
 def mla_rope_fusion(config: "Config") -> bool:
     """Whether MLA's rotary embedding runs as Megatron's fused kernels, as far as the config
-    says: model.mla.rope_fusion when set; auto: where model.fused_kernels is (or resolves to)
-    triton and they apply (:func:`mla_rope_fusion_blocker`)."""
+    says: model.mla.rope_fusion when set; auto: on CUDA where model.fused_kernels is (or
+    resolves to) triton and they apply (:func:`mla_rope_fusion_blocker`).  A run also tries
+    them on its GPU before it keeps auto on (model.build.resolved_kernels)."""
     m = config.model
     if m.mla.rope_fusion is not None:
         return m.mla.rope_fusion
-    return fused_kernels(config) == "triton" and mla_rope_fusion_blocker(config) is None
+    return (config.device == "cuda" and fused_kernels(config) == "triton"
+            and mla_rope_fusion_blocker(config) is None)
 
 
 def fused_kernels(config: "Config") -> str:
@@ -264,9 +275,11 @@ class MLAConfig:
     # values, as Megatron-Core's Triton kernels (megatron/core/fusions/fused_mla_yarn_rope_apply
     # .py) instead of torch's split, rotate, concatenate ops.  Megatron runs them for its YaRN
     # RoPE; with a scaling factor of 1 YaRN's frequencies are RoPE's, so a model built with them
-    # is the same model (docs/performance.md).  Needs power-of-two head dims and no context
-    # parallelism, a GPU (the tests run them on CPU under Triton's interpreter) and the triton
-    # package.  null (auto): on where model.fused_kernels resolves to triton and they apply.
+    # is the same model (docs/performance.md).  Needs power-of-two head dims, no context
+    # parallelism, no RoPE settings in transformer_overrides, a GPU (the tests run them on CPU
+    # under Triton's interpreter) and the triton package.  null (auto): on CUDA where
+    # model.fused_kernels resolves to triton, they apply and they run on the GPU (tried once
+    # per process); the run's config.yaml keeps the resolved choice.
     rope_fusion: Optional[bool] = None
 
 

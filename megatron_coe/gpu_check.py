@@ -151,9 +151,10 @@ def train_run(config, log: Path) -> list[dict]:
 
 
 def written_choices(run_dir: Path) -> dict:
-    """The layer implementation, the SwiGLU and loss fusions and their kernels, and the CUDA
-    graph a run used, from the config.yaml it wrote (resolved there from auto): {"model_impl",
-    "swiglu_fusion", "loss_fusion", "fused_kernels", "cuda_graph"}, None where absent."""
+    """The layer implementation, the SwiGLU, loss and RoPE fusions and their kernels, and the
+    CUDA graph a run used, from the config.yaml it wrote (resolved there from auto):
+    {"model_impl", "swiglu_fusion", "loss_fusion", "fused_kernels", "rope_fusion",
+    "cuda_graph"}, None where absent."""
     import yaml
 
     path = Path(run_dir) / "config.yaml"
@@ -161,6 +162,7 @@ def written_choices(run_dir: Path) -> dict:
     model = written.get("model", {})
     return {"model_impl": model.get("impl"), "swiglu_fusion": model.get("swiglu_fusion"),
             "loss_fusion": model.get("loss_fusion"), "fused_kernels": model.get("fused_kernels"),
+            "rope_fusion": (model.get("mla") or {}).get("rope_fusion"),
             "cuda_graph": written.get("train", {}).get("cuda_graph")}
 
 
@@ -347,8 +349,8 @@ def measure_setting(args, work: Path, micro_batch: int, progress) -> dict:
                   + (f"{v['mfu'] * 100:5.2f} %" if v["mfu"] is not None else "  n/a  ")
                   + f"  peak {v['peak_mem_gib']:.2f} GiB  step {v['median_step_s'] * 1e3:.0f} "
                   f"ms ({v['model_impl']}, SwiGLU fusion {v['swiglu_fusion']}, loss fusion "
-                  f"{v['loss_fusion']}, kernels {v['fused_kernels']}, CUDA graph "
-                  f"{v['cuda_graph']})", flush=True)
+                  f"{v['loss_fusion']}, kernels {v['fused_kernels']}, RoPE fusion "
+                  f"{v['rope_fusion']}, CUDA graph {v['cuda_graph']})", flush=True)
             progress(setting)
     for coe, moe in PAIRS:
         if "error" in variants[coe] or "error" in variants[moe]:

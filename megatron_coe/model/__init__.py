@@ -19,6 +19,7 @@
 
   attention (local spec)
     attention.py            MLA core attention
+    mla_rope.py             MLA's RoPE as Megatron's fused kernels (model.mla.rope_fusion)
     fused_attention.py      torch's scaled_dot_product_attention as the core attention
     cp_attention.py         context-parallel core attention
 

@@ -26,7 +26,7 @@ from megatron_coe import cuda_graph, parallel
 from megatron_coe.config import (CoEConfig, Config, fused_kernels, grouped_experts, loss_fusion,
                                  mla_rope_fusion, mla_rope_fusion_blocker,
                                  swiglu_fusion, swiglu_fusion_blocker, te_only_overrides)
-from megatron_coe.model import aux_topk, router_gemm
+from megatron_coe.model import aux_topk, mla_rope, router_gemm
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.model.loss import CoEGPTModel
 from megatron_coe.router_stats import install_tracker
@@ -320,27 +320,39 @@ def resolved_kernels(config: Config, announce: bool = False) -> Config:
         kernels_why = "auto: the Triton kernels failed on another rank; compile"
     config = dataclasses.replace(config, model=dataclasses.replace(
         config.model, fused_kernels=kernels, loss_fusion=fused_loss))
-    rope = mla_rope_fusion(config)  # auto follows the resolved kernels
+    rope, rope_why = resolve_rope_fusion(config)  # auto follows the resolved kernels
+    if (config.model.mla.rope_fusion is None and mla_rope_fusion(config)
+            and not _on_every_rank(config, rope) and rope):
+        rope, rope_why = False, "auto: the fused kernels failed on another rank"
     if announce and (not dist.is_initialized() or dist.get_rank() == 0):
         print(f"model.swiglu_fusion: {str(fusion).lower()} ({fusion_why})", flush=True)
         print(f"model.fused_kernels: {kernels}, model.loss_fusion: {str(fused_loss).lower()} "
               f"({kernels_why})", flush=True)
         if config.model.attention == "mla":
-            print(f"model.mla.rope_fusion: {str(rope).lower()} "
-                  f"({_rope_fusion_reason(config, rope)})", flush=True)
+            print(f"model.mla.rope_fusion: {str(rope).lower()} ({rope_why})", flush=True)
     return dataclasses.replace(config, model=dataclasses.replace(
         config.model, mla=dataclasses.replace(config.model.mla, rope_fusion=rope)))
 
 
-def _rope_fusion_reason(config: Config, on: bool) -> str:
-    """Why model.mla.rope_fusion is ``on`` (for the start-up log)."""
-    if config.model.mla.rope_fusion is not None:
-        return "model.mla.rope_fusion is set"
-    if on:
-        return "auto: model.fused_kernels=triton"
-    blocker = mla_rope_fusion_blocker(config)
-    return (f"auto: not with {blocker}" if blocker is not None
-            else "auto: model.fused_kernels is not triton")
+def resolve_rope_fusion(config: Config) -> tuple[bool, str]:
+    """(model.mla.rope_fusion as this process runs it, and why), for a ``config`` whose
+    model.fused_kernels is resolved: what the config says (:func:`mla_rope_fusion`); auto's on
+    is kept only if Megatron's fused kernels run forward and backward on this GPU at the
+    model's head dims (tried once per process)."""
+    m = config.model
+    on = mla_rope_fusion(config)
+    if m.mla.rope_fusion is not None:
+        return on, "model.mla.rope_fusion is set"
+    if not on:
+        blocker = mla_rope_fusion_blocker(config)
+        return False, ("auto: on CUDA with model.fused_kernels=triton" if blocker is None
+                       else f"auto: not with {blocker}")
+    error = mla_rope.kernels_error(_DTYPES[config.precision], m.num_attention_heads,
+                                   m.mla.qk_head_dim, m.mla.qk_pos_emb_head_dim,
+                                   m.mla.v_head_dim)
+    if error is not None:
+        return False, f"auto: the fused kernels failed on this GPU ({error})"
+    return True, "auto: device=cuda, model.fused_kernels=triton and the kernels run here"
 
 
 def with_resolved_impl(config: Config) -> Config:
@@ -391,6 +403,8 @@ def build_model(config: Config) -> GPTModel:
     te = use_transformer_engine(config)
     tf_config = transformer_config(config)
     _install_router_functions(config)
+    if tf_config.apply_rope_fusion:
+        mla_rope.pin_head_block()  # the same sums in every process (model/mla_rope.py)
     model = CoEGPTModel(
         loss_fusion=config.model.loss_fusion,
         fused_kernels=config.model.fused_kernels,

@@ -61,7 +61,7 @@ def gather_sum(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
     if order.dim() != 1 or order.numel() % k:
         raise ValueError(f"gather_sum: an order of {tuple(order.shape)} for {k} rows per token")
     T = order.numel() // k
-    flat = rows.reshape(rows.shape[0], -1).contiguous()
+    flat = rows.flatten(1).contiguous()
     H = flat.shape[1]
     out = torch.empty((T, H), dtype=rows.dtype, device=rows.device)
     if T and H:

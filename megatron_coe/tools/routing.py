@@ -104,6 +104,16 @@ class RoutingRecorder:
             h.remove()
 
 
+# A run's config.yaml as one CPU process, whatever layout and kernels trained it: Megatron
+# reshards the weights on load; auto picks the unfused ops and Megatron's loss on CPU, the same
+# math as a GPU's kernels
+ONE_CPU_PROCESS = [
+    "device=cpu", "parallel.tensor=1", "parallel.pipeline=1", "parallel.expert=1",
+    "parallel.expert_tensor=1", "parallel.context=1", "parallel.sequence_parallel=false",
+    "fp8.enabled=false", "model.impl=local", "model.swiglu_fusion=null",
+    "model.fused_kernels=auto", "model.loss_fusion=null", "model.mla.rope_fusion=null"]
+
+
 def analyse(run_dir: Path, checkpoint_path: Path | None, batches: int) -> dict:
     from megatron.core.transformer.module import Float16Module
 
@@ -116,13 +126,7 @@ def analyse(run_dir: Path, checkpoint_path: Path | None, batches: int) -> dict:
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise ValueError(f"{config_file} does not exist: not a coe-train run directory")
-    # one CPU process, whatever layout trained it: Megatron reshards the weights on load
-    config = load_config(config_file, [
-        "device=cpu", "parallel.tensor=1", "parallel.pipeline=1", "parallel.expert=1",
-        "parallel.expert_tensor=1", "parallel.context=1", "parallel.sequence_parallel=false",
-        "fp8.enabled=false", "model.impl=local",
-        # auto: the unfused ops and Megatron's loss on CPU, the same math as a GPU's kernels
-        "model.swiglu_fusion=null", "model.fused_kernels=auto", "model.loss_fusion=null"])
+    config = load_config(config_file, ONE_CPU_PROCESS)
     if config.model.moe is None:
         raise ValueError(f"{config_file}: a dense model has no routing to analyse")
     if checkpoint_path is None:

@@ -38,7 +38,7 @@ def fake_training(monkeypatch, check, before=lambda config: None,
     monkeypatch.setattr(check, "written_choices",
                         lambda run_dir: {"model_impl": "local", "swiglu_fusion": False,
                                          "loss_fusion": False, "fused_kernels": "compile",
-                                         "cuda_graph": "none"})
+                                         "rope_fusion": False, "cuda_graph": "none"})
 
 
 def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
@@ -67,6 +67,7 @@ def test_gpu_check_runs_on_cpu_and_reports_every_part(tmp_path):
             # swiglu auto: off on CPU; the loss fusion is off unless asked for
             assert v["swiglu_fusion"] is False and v["loss_fusion"] is False
             assert v["fused_kernels"] == "compile" and v["cuda_graph"] == "none"
+            assert v["rope_fusion"] is False  # the paper configs are MLA: resolved on CPU
             assert v["tokens_per_s"] > 0 and v["tflops"] > 0 and v["peak_mem_gib"] > 0, name
             assert len(v["step_s"]) == 1 and len(v["losses"]) == 1
             assert v["tokens_per_step"] == 4 * 64

@@ -14,7 +14,8 @@ _KERNELS = ("rotary_fwd_q_kernel", "rotary_bwd_q_kernel", "rotary_fwd_kv_kernel"
             "rotary_bwd_kv_kernel")
 
 
-def _config(rope_fusion, precision="fp32", device="cpu", overrides=()):
+def _config(rope_fusion, precision="fp32", device="cpu", overrides=(),
+            transformer_overrides=None):
     return config_from_dict({
         "device": device, "precision": precision,
         "model": {"impl": "local", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
@@ -23,20 +24,8 @@ def _config(rope_fusion, precision="fp32", device="cpu", overrides=()):
                           "v_head_dim": 8, "rope_fusion": rope_fusion},
                   "moe": {"num_experts": 4, "topk": 2, "expert_hidden_size": 16,
                           "shared_expert_hidden_size": 16},
-                  "coe": {"iterations": 2}}}, overrides)
-
-
-@pytest.fixture
-def one_block_size(monkeypatch):
-    """Megatron's kernels time 8 head-block sizes on the GPU to pick one (Triton's autotuner,
-    which needs a GPU driver); under the interpreter they run with 8 heads a block, more than
-    the model's 4, so the head mask is exercised."""
-    from megatron.core.fusions import fused_mla_yarn_rope_apply as fused
-
-    for name in _KERNELS:
-        kernel = getattr(fused, name)
-        monkeypatch.setattr(kernel, "configs",
-                            [c for c in kernel.configs if c.kwargs["BLOCK_H"] == 8])
+                  "coe": {"iterations": 2},
+                  "transformer_overrides": transformer_overrides or {}}}, overrides)
 
 
 def _run(config, device):
@@ -66,6 +55,12 @@ def check_rope_fusion_builds_the_same_model(device, precision, tol, monkeypatch)
     assert not calls
     p, loss, g = _run(_config(True, precision, device), device)
     assert calls == ["fused_apply_mla_rope_for_q", "fused_apply_mla_rope_for_kv"] * 2  # 2 layers
+    from megatron.core.fusions import fused_mla_yarn_rope_apply as fused
+
+    from megatron_coe.model.mla_rope import HEAD_BLOCK, KERNELS
+
+    for name in KERNELS:  # pinned: one head block, the same sums in every process
+        assert [c.kwargs["BLOCK_H"] for c in getattr(fused, name).configs] == [HEAD_BLOCK]
     assert p.keys() == p_ref.keys() and all(torch.equal(p[n], p_ref[n]) for n in p)
     torch.testing.assert_close(loss, loss_ref, rtol=tol, atol=tol)
     for n in g:
@@ -73,8 +68,11 @@ def check_rope_fusion_builds_the_same_model(device, precision, tol, monkeypatch)
         assert (g[n] - g_ref[n]).abs().max() / scale <= tol, n
 
 
-@pytest.mark.usefixtures("triton_interpreter", "one_block_size")
+@pytest.mark.usefixtures("triton_interpreter")
 def test_rope_fusion_builds_the_same_model(monkeypatch):
+    """Under the interpreter too the kernels run with the pinned head block (8, more than the
+    model's 4 heads: the head mask is exercised); Triton's autotuner would time the others on
+    a GPU driver the interpreter has not."""
     check_rope_fusion_builds_the_same_model("cpu", "fp32", 1e-6, monkeypatch)
 
 
@@ -84,9 +82,40 @@ def test_auto_follows_the_triton_kernels_where_the_fused_rope_applies():
     pytest.importorskip("triton")
     assert mla_rope_fusion(_config(None, device="cuda"))
     assert not mla_rope_fusion(_config(None, device="cpu"))
+    # on CPU not even with the Triton kernels (the tests' interpreter)
+    assert not mla_rope_fusion(_config(None, overrides=["model.fused_kernels=triton",
+                                                        "model.loss_fusion=true"]))
     for off in ("model.fused_kernels=compile", "model.mla.v_head_dim=12",
                 "model.mla.qk_pos_emb_head_dim=6", "model.mla.qk_pos_emb_head_dim=2"):
         assert not mla_rope_fusion(_config(None, device="cuda", overrides=[off])), off
+    # RoPE set by the transformer_overrides: the fused kernels' YaRN at 1 would not be it
+    assert not mla_rope_fusion(_config(None, device="cuda",
+                                       transformer_overrides={"mscale_all_dim": 1.0}))
+    with pytest.raises(ValueError, match=r"rope_fusion=true: .*overrides\.mscale_all_dim"):
+        _config(True, device="cuda", transformer_overrides={"mscale_all_dim": 1.0})
+
+
+def test_auto_keeps_the_fused_rope_only_where_it_ran(monkeypatch, capsys):
+    """On a GPU auto tries the kernels first (at the model's head dims): kept where they ran on
+    every rank, else off, saying why."""
+    from megatron_coe.model import build, mla_rope
+
+    pytest.importorskip("triton")
+    config = _config(None, device="cuda", overrides=["model.fused_kernels=triton",
+                                                     "model.loss_fusion=true"])
+    tried = []
+    monkeypatch.setattr(mla_rope, "kernels_error",
+                        lambda *shape: tried.append(shape) or "CompilationError: x")
+    assert build.resolve_rope_fusion(config) == (
+        False, "auto: the fused kernels failed on this GPU (CompilationError: x)")
+    assert tried == [(torch.float32, 4, 8, 4, 8)]
+    monkeypatch.setattr(mla_rope, "kernels_error", lambda *shape: None)
+    assert build.resolve_rope_fusion(config)[0] is True
+    monkeypatch.setattr(build, "_on_every_rank", lambda config, ok: False)
+    monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: None)
+    resolved = build.resolved_kernels(config, announce=True)
+    assert resolved.model.mla.rope_fusion is False
+    assert "(auto: the fused kernels failed on another rank)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("override,why", [
@@ -105,6 +134,17 @@ def test_explicit_rope_fusion_on_cpu_needs_the_interpreter(monkeypatch):
         _config(True)
 
 
+def test_a_gpu_runs_config_loads_on_cpu_for_the_routing_tool(tmp_path):
+    """A GPU run writes rope_fusion: true into its config.yaml; the routing tool reads it as one
+    CPU process, where the fused kernels do not run."""
+    from megatron_coe.config import dump_config, load_config
+    from megatron_coe.tools.routing import ONE_CPU_PROCESS
+
+    (tmp_path / "config.yaml").write_text(dump_config(_config(True, device="cuda")))
+    config = load_config(tmp_path / "config.yaml", ONE_CPU_PROCESS)
+    assert config.device == "cpu" and config.model.mla.rope_fusion is None
+
+
 def test_checkpoints_do_not_depend_on_it():
     from megatron_coe.checkpoint import model_definition
 
@@ -116,5 +156,5 @@ def test_a_run_records_the_resolved_choice(capsys):
 
     resolved = resolved_kernels(_config(None), announce=True)
     assert resolved.model.mla.rope_fusion is False
-    assert "model.mla.rope_fusion: false (auto: model.fused_kernels is not triton)" in (
+    assert "model.mla.rope_fusion: false (auto: on CUDA with model.fused_kernels=triton)" in (
         capsys.readouterr().out)

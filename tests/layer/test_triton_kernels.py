@@ -22,6 +22,7 @@ The interpreter checks the kernels' math and indexing, not their speed or Triton
 generation.  On a machine with a GPU the kernel-level comparisons run on CUDA too (``gpu``
 marks), and the GPU check's part (a) runs a model with them."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -111,37 +112,39 @@ def test_triton_swiglu_equals_megatrons_fused_swiglu(rows, width, dtype, tol, we
 
 
 @pytest.mark.parametrize("tokens,k,shape", [(37, 3, (5,)), (9, 8, (1500,)), (6, 1, (2, 3)),
-                                            (300, 4, (64,))])
+                                            (300, 4, (64,)), (0, 2, (5,))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_gather_sum_is_the_ordered_fp32_sum(tokens, k, shape, dtype, device):
     """Each token's k rows summed in fp32 in their order and rounded once: bit for bit, also
     for bf16 (rounded as torch rounds), across column blocks (1500) and token blocks (300 x
-    64), with one row per token and rows of more than one dim; inf and NaN carried into their
-    token's sum; within one rounding of torch's gather and sum."""
+    64), with one row per token, rows of more than one dim and no tokens; inf and NaN carried
+    into their token's sum; within one rounding of torch's gather and sum."""
     from megatron_coe.model.permutation import sum_by_token
     from megatron_coe.model.triton_gather_sum import gather_sum
 
     g = torch.Generator().manual_seed(0)
     rows = (torch.randn(tokens * k, *shape, generator=g) * 100).to(dtype)
-    rows[0].view(-1)[0], rows[1].view(-1)[0] = float("inf"), float("-inf")
-    rows[2].view(-1)[-1] = float("nan")
+    if tokens:
+        rows[0].view(-1)[0], rows[1].view(-1)[0] = float("inf"), float("-inf")
+        rows[2].view(-1)[-1] = float("nan")
     order = torch.randperm(tokens * k, generator=g)
+    width = math.prod(shape)
     got = gather_sum(rows.to(device), order.to(device), k).cpu()
     assert got.shape == (tokens, *shape) and got.dtype == dtype
-    terms = rows.float()[order].view(tokens, k, -1)
+    terms = rows.float()[order].view(tokens, k, width)
     expected = torch.zeros(tokens, terms.shape[-1])
     for j in range(k):
         expected = expected + terms[:, j]
-    torch.testing.assert_close(got.view(tokens, -1), expected.to(dtype), rtol=0, atol=0,
+    torch.testing.assert_close(got.view(tokens, width), expected.to(dtype), rtol=0, atol=0,
                                equal_nan=True)
     # torch may add the k terms in another order: both fp32 sums are within (k - 1) eps of
     # the sum of magnitudes, then each is rounded once to the dtype
-    torch_sum = sum_by_token(rows, order, k).view(tokens, -1).float()
+    torch_sum = sum_by_token(rows, order, k).view(tokens, width).float()
     bound = (torch.finfo(dtype).eps * torch_sum.abs()
              + 2 * k * torch.finfo(torch.float32).eps * terms.abs().sum(1))
     finite = torch_sum.isfinite()
-    assert torch.equal(got.view(tokens, -1).float().isnan(), torch_sum.isnan())
-    assert ((got.view(tokens, -1).float() - torch_sum).abs()[finite] <= bound[finite]).all()
+    assert torch.equal(got.view(tokens, width).float().isnan(), torch_sum.isnan())
+    assert ((got.view(tokens, width).float() - torch_sum).abs()[finite] <= bound[finite]).all()
 
 
 def _config(kernels, recompute="none"):
