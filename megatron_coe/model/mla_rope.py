@@ -12,8 +12,8 @@ With ``apply_rope_fusion`` it does this in two Triton kernels (megatron/core/fus
 fused_mla_yarn_rope_apply.py): one rotates q_pe in place, one writes the keys and values from
 the up-projection's output and k_pe; their backwards mirror them.  It runs them for YaRN RoPE
 only, whose frequencies are (1 - m_i) theta_i / s + m_i theta_i and whose attention scale is
-(0.1 mscale ln(s) + 1)^2: at a scaling factor s = 1 both are RoPE's, so the model is built with
-YaRN at s = 1 (model/build.py).
+(0.1 mscale ln(s) + 1)^2: at a scaling factor s = 1 both are RoPE's (a frequency may come out
+one fp32 ulp off), so the model is built with YaRN at s = 1 (model/build.py).
 
 Each kernel is tuned by Triton's autotuner over 8 head-block sizes, timed on the GPU at the
 first call of each process.  The key's backward sums the shared k_pe's gradient over the heads

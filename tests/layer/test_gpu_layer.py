@@ -28,4 +28,4 @@ def test_rope_fusion_builds_the_same_model_on_gpu(precision, tol, monkeypatch):
     from test_mla_rope_fusion import check_rope_fusion_builds_the_same_model
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    check_rope_fusion_builds_the_same_model("cuda", precision, tol, monkeypatch)
+    check_rope_fusion_builds_the_same_model("cuda", precision, tol, monkeypatch, rope_dim=64)

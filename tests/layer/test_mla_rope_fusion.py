@@ -44,16 +44,17 @@ def _run(config, device):
     return params, losses.detach().float().cpu(), grads
 
 
-def check_rope_fusion_builds_the_same_model(device, precision, tol, monkeypatch):
+def check_rope_fusion_builds_the_same_model(device, precision, tol, monkeypatch, rope_dim=4):
     from megatron.core.transformer import multi_latent_attention as mla
 
     calls = []
     for name in ("fused_apply_mla_rope_for_q", "fused_apply_mla_rope_for_kv"):
         monkeypatch.setattr(mla, name, (lambda fn, name: lambda *a: (
             calls.append(name), fn(*a))[1])(getattr(mla, name), name))
-    p_ref, loss_ref, g_ref = _run(_config(False, precision, device), device)
+    dims = [f"model.mla.qk_pos_emb_head_dim={rope_dim}"]
+    p_ref, loss_ref, g_ref = _run(_config(False, precision, device, dims), device)
     assert not calls
-    p, loss, g = _run(_config(True, precision, device), device)
+    p, loss, g = _run(_config(True, precision, device, dims), device)
     assert calls == ["fused_apply_mla_rope_for_q", "fused_apply_mla_rope_for_kv"] * 2  # 2 layers
     from megatron.core.fusions import fused_mla_yarn_rope_apply as fused
 
@@ -69,11 +70,14 @@ def check_rope_fusion_builds_the_same_model(device, precision, tol, monkeypatch)
 
 
 @pytest.mark.usefixtures("triton_interpreter")
-def test_rope_fusion_builds_the_same_model(monkeypatch):
+@pytest.mark.parametrize("rope_dim", [4, 64])
+def test_rope_fusion_builds_the_same_model(rope_dim, monkeypatch):
     """Under the interpreter too the kernels run with the pinned head block (8, more than the
     model's 4 heads: the head mask is exercised); Triton's autotuner would time the others on
-    a GPU driver the interpreter has not."""
-    check_rope_fusion_builds_the_same_model("cpu", "fp32", 1e-6, monkeypatch)
+    a GPU driver the interpreter has not.  At the paper configs' rotary dim of 64 one of YaRN's
+    32 frequencies is one fp32 ulp from RoPE's (angles within 1e-6 rad over these positions):
+    equal within float rounding, not bit for bit."""
+    check_rope_fusion_builds_the_same_model("cpu", "fp32", 1e-6, monkeypatch, rope_dim)
 
 
 def test_auto_follows_the_triton_kernels_where_the_fused_rope_applies():
