@@ -1,6 +1,7 @@
 """The model: Megatron-Core's GPTModel with Chain-of-Experts layers.
 
     build.py                Config -> TransformerConfig, model.impl (TE or local), build_model
+    probe.py                a kernel tried once per process on the device before auto keeps it
     spec.py                 decoder block spec: every MoE layer made a CoE layer
     transformer_layer.py    CoETransformerLayer (the reference residual mode)
     loss.py                 CoEGPTModel: the language-model loss as two fused kernels

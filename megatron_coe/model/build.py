@@ -26,7 +26,7 @@ from megatron_coe import cuda_graph, parallel
 from megatron_coe.config import (CoEConfig, Config, fused_kernels, grouped_experts, loss_fusion,
                                  mla_rope_fusion, mla_rope_fusion_blocker,
                                  swiglu_fusion, swiglu_fusion_blocker, te_only_overrides)
-from megatron_coe.model import aux_topk, mla_rope, router_gemm
+from megatron_coe.model import aux_topk, mla_rope, probe, router_gemm
 from megatron_coe.model.layer import CoELayer
 from megatron_coe.model.loss import CoEGPTModel
 from megatron_coe.router_stats import install_tracker
@@ -200,25 +200,15 @@ _FUSED_SWIGLU_ERRORS: dict[tuple[str, torch.dtype], str | None] = {}
 
 def fused_swiglu_error(device_type: str, dtype: torch.dtype) -> str | None:
     """None when Megatron's fused weighted SwiGLU runs forward and backward on this device type
-    in ``dtype``, else the error in one line; tried once per process, without touching the
-    random number generators' state."""
-    key = (device_type, dtype)
-    if key not in _FUSED_SWIGLU_ERRORS:
+    in ``dtype``, else the error in one line (model/probe.py)."""
+    def run(device):
         from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 
-        error = None
-        try:
-            device = (torch.device("cuda", torch.cuda.current_device())
-                      if device_type == "cuda" else torch.device(device_type))
-            with torch.random.fork_rng(devices=[device] if device_type == "cuda" else []):
-                z = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
-                p = torch.rand(8, 1, device=device, requires_grad=True)
-                weighted_bias_swiglu_impl(z, None, p).float().sum().backward()
-        except Exception as e:  # no usable device, or torch.compile's wrapped backend error
-            lines = str(e).strip().splitlines()
-            error = f"{type(e).__name__}: {lines[0] if lines else ''}"
-        _FUSED_SWIGLU_ERRORS[key] = error
-    return _FUSED_SWIGLU_ERRORS[key]
+        z = torch.randn(8, 16, device=device, dtype=dtype, requires_grad=True)
+        p = torch.rand(8, 1, device=device, requires_grad=True)
+        weighted_bias_swiglu_impl(z, None, p).float().sum().backward()
+
+    return probe.error(_FUSED_SWIGLU_ERRORS, (device_type, dtype), device_type, run)
 
 
 def resolve_fused_kernels(config: Config) -> tuple[str, bool, str]:
@@ -256,35 +246,23 @@ _TRITON_ERRORS: dict[tuple[torch.dtype, int, int], str | None] = {}
 def triton_kernels_error(dtype: torch.dtype, vocab: int = 40, width: int = 8) -> str | None:
     """None when this package's Triton SwiGLU (``width`` columns), loss (``vocab`` logits
     per token) and rows' sum (``width`` columns) kernels run forward and backward on the
-    current GPU in ``dtype``, with the block sizes those widths choose, else the error in one
-    line; tried once per process and shape, on two rows, without touching the random number
-    generators' state."""
-    key = (dtype, vocab, width)
-    if key not in _TRITON_ERRORS:
-        error = None
-        try:
-            from megatron_coe.model.loss import fused_cross_entropy
-            from megatron_coe.model import triton_gather_sum
-            from megatron_coe.model.triton_swiglu import weighted_swiglu
+    current GPU in ``dtype``, with the block sizes those widths choose, on two rows, else the
+    error in one line (model/probe.py)."""
+    def run(device):
+        from megatron_coe.model import triton_gather_sum
+        from megatron_coe.model.loss import fused_cross_entropy
+        from megatron_coe.model.triton_swiglu import weighted_swiglu
 
-            device = torch.device("cuda", torch.cuda.current_device())
-            with torch.random.fork_rng(devices=[device]):
-                z = torch.randn(2, 2 * width, device=device, dtype=dtype, requires_grad=True)
-                p = torch.rand(2, device=device, requires_grad=True)
-                logits = torch.randn(1, 2, vocab, device=device, dtype=dtype,
-                                     requires_grad=True)
-                target = torch.randint(0, vocab, (1, 2), device=device)
-                (weighted_swiglu(z, p).float().sum()
-                 + fused_cross_entropy(logits, target, "triton").float().sum()).backward()
-                if dtype in triton_gather_sum.DTYPES:  # others are summed by torch
-                    triton_gather_sum.gather_sum(z.detach(), torch.tensor([1, 0], device=device),
-                                                 2)
-                torch.cuda.synchronize(device)
-        except Exception as e:  # no usable GPU, or Triton's compiler error
-            lines = str(e).strip().splitlines()
-            error = f"{type(e).__name__}: {lines[0] if lines else ''}"
-        _TRITON_ERRORS[key] = error
-    return _TRITON_ERRORS[key]
+        z = torch.randn(2, 2 * width, device=device, dtype=dtype, requires_grad=True)
+        p = torch.rand(2, device=device, requires_grad=True)
+        logits = torch.randn(1, 2, vocab, device=device, dtype=dtype, requires_grad=True)
+        target = torch.randint(0, vocab, (1, 2), device=device)
+        (weighted_swiglu(z, p).float().sum()
+         + fused_cross_entropy(logits, target, "triton").float().sum()).backward()
+        if dtype in triton_gather_sum.DTYPES:  # others are summed by torch
+            triton_gather_sum.gather_sum(z.detach(), torch.tensor([1, 0], device=device), 2)
+
+    return probe.error(_TRITON_ERRORS, (dtype, vocab, width), "cuda", run)
 
 
 def _on_every_rank(config: Config, ok: bool) -> bool:

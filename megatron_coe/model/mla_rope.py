@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_coe.model import probe
+
 HEAD_BLOCK = 8  # heads per program: the paper configs' 8 heads in one
 KERNELS = ("rotary_fwd_q_kernel", "rotary_bwd_q_kernel", "rotary_fwd_kv_kernel",
            "rotary_bwd_kv_kernel")
@@ -50,32 +52,23 @@ _ERRORS: dict[tuple, str | None] = {}
 def kernels_error(dtype: torch.dtype, heads: int, qk_head_dim: int, rope_dim: int,
                   v_head_dim: int) -> str | None:
     """None when the fused kernels run forward and backward on the current GPU in ``dtype`` at
-    these head dims, else the error in one line; tried once per process and shape, on one
-    token, without touching the random number generators' state."""
-    key = (dtype, heads, qk_head_dim, rope_dim, v_head_dim)
-    if key not in _ERRORS:
-        error = None
-        try:
-            from megatron.core.fusions.fused_mla_yarn_rope_apply import (
-                fused_apply_mla_rope_for_kv, fused_apply_mla_rope_for_q)
+    these head dims, on one token, else the error in one line (model/probe.py)."""
+    def run(device):
+        from megatron.core.fusions.fused_mla_yarn_rope_apply import (
+            fused_apply_mla_rope_for_kv, fused_apply_mla_rope_for_q)
 
-            pin_head_block()
-            device = torch.device("cuda", torch.cuda.current_device())
-            with torch.random.fork_rng(devices=[device]):
-                def rand(*shape):
-                    return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+        pin_head_block()
 
-                q = rand(1, 1, heads, qk_head_dim + rope_dim)
-                kv, k_pe = rand(1, 1, heads, qk_head_dim + v_head_dim), rand(1, 1, 1, rope_dim)
-                cos = torch.ones(1, rope_dim, device=device, dtype=dtype)
-                sin = torch.zeros(1, rope_dim, device=device, dtype=dtype)
-                query = fused_apply_mla_rope_for_q(q.clone(), cos, sin, qk_head_dim, rope_dim)
-                key, value = fused_apply_mla_rope_for_kv(kv, k_pe, cos, sin, rope_dim,
-                                                         qk_head_dim, v_head_dim)
-                (query.float().sum() + key.float().sum() + value.float().sum()).backward()
-                torch.cuda.synchronize(device)
-        except Exception as e:  # no usable GPU, or Triton's compiler error
-            lines = str(e).strip().splitlines()
-            error = f"{type(e).__name__}: {lines[0] if lines else ''}"
-        _ERRORS[key] = error
-    return _ERRORS[key]
+        def rand(*shape):
+            return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+        q = rand(1, 1, heads, qk_head_dim + rope_dim)
+        kv, k_pe = rand(1, 1, heads, qk_head_dim + v_head_dim), rand(1, 1, 1, rope_dim)
+        cos = torch.ones(1, rope_dim, device=device, dtype=dtype)
+        sin = torch.zeros(1, rope_dim, device=device, dtype=dtype)
+        query = fused_apply_mla_rope_for_q(q.clone(), cos, sin, qk_head_dim, rope_dim)
+        key, value = fused_apply_mla_rope_for_kv(kv, k_pe, cos, sin, rope_dim, qk_head_dim,
+                                                 v_head_dim)
+        (query.float().sum() + key.float().sum() + value.float().sum()).backward()
+
+    return probe.error(_ERRORS, (dtype, heads, qk_head_dim, rope_dim, v_head_dim), "cuda", run)
