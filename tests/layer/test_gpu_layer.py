@@ -22,7 +22,7 @@ def test_layer_matches_formula_on_gpu(iterations, residual, router, shared, monk
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 5e-2)])
 def test_rope_fusion_builds_the_same_model_on_gpu(precision, tol, monkeypatch):
     """model.mla.rope_fusion on the GPU, where Megatron's kernels also run in bf16 (the
-    interpreter cannot) and pick their block sizes by timing them."""
+    interpreter cannot), compiled, at the paper configs' rotary dim of 64."""
     import torch
 
     from test_mla_rope_fusion import check_rope_fusion_builds_the_same_model
