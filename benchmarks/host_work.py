@@ -154,7 +154,13 @@ def profile_classes(prof, device: str, wall_s: float) -> dict:
 
 
 def run(args):
-    """Every config in turn on this one rank: counts, step times, profile."""
+    """Every config in turn on this one rank: counts, step times, profile; each config's run
+    directory (its prepared data) in a temporary directory removed at the end."""
+    with tempfile.TemporaryDirectory(prefix="coe-host-work-") as tmp:
+        return _run(args, Path(tmp))
+
+
+def _run(args, tmp: Path):
     from megatron.core import parallel_state
     from megatron.core.utils import unwrap_model
     from megatron.core.transformer.moe import moe_logging
@@ -171,7 +177,6 @@ def run(args):
     from variant import build_variant
 
     results = {}
-    tmp = Path(tempfile.mkdtemp(prefix="coe-host-work-"))
     for name, path, overrides in variants(args):
         moe_logging.destroy_moe_metrics_tracker()
         config = load_config(path, overrides)
