@@ -275,11 +275,11 @@ class MLAConfig:
     # values, as Megatron-Core's Triton kernels (megatron/core/fusions/fused_mla_yarn_rope_apply
     # .py) instead of torch's split, rotate, concatenate ops.  Megatron runs them for its YaRN
     # RoPE; with a scaling factor of 1 YaRN's frequencies are RoPE's (within one fp32 ulp), so
-    # a model built with them is the same model (docs/performance.md).  Needs power-of-two head dims, no context
-    # parallelism, no RoPE settings in transformer_overrides, a GPU (the tests run them on CPU
-    # under Triton's interpreter) and the triton package.  null (auto): on CUDA where
-    # model.fused_kernels resolves to triton, they apply and they run on the GPU (tried once
-    # per process); the run's config.yaml keeps the resolved choice.
+    # a model built with them is the same model (docs/performance.md).  Needs power-of-two
+    # head dims, no context parallelism, no RoPE settings in transformer_overrides, a GPU (the
+    # tests run them on CPU under Triton's interpreter) and the triton package.  null (auto):
+    # on CUDA where model.fused_kernels resolves to triton, they apply and they run on the GPU
+    # (tried once per process); the run's config.yaml keeps the resolved choice.
     rope_fusion: Optional[bool] = None
 
 

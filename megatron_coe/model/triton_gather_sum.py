@@ -4,7 +4,7 @@ triton``): the unpermutation's forward and the permutation's backward (model/per
 For T tokens, k rows each, rows [T k, H] and ``order`` [T k] listing token t's rows at
 order[t k .. t k + k):
 
-    out[t] = dtype( (...((0 + rows[order[t k]]) + rows[order[t k + 1]]) + ...) + rows[order[t k + k - 1]] )
+    out[t] = dtype( (...((0 + r_0) + r_1) + ...) + r_(k-1) ),    r_j = rows[order[t k + j]]
 
 summed in fp32 in that order and rounded once to the rows' dtype (bf16 as torch rounds:
 triton_rounding.py).  torch's ``rows.index_select(0, order).view(T, k, H).sum(1)`` writes the

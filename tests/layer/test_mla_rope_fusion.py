@@ -10,10 +10,6 @@ import torch
 
 from megatron_coe.config import config_from_dict
 
-_KERNELS = ("rotary_fwd_q_kernel", "rotary_bwd_q_kernel", "rotary_fwd_kv_kernel",
-            "rotary_bwd_kv_kernel")
-
-
 def _config(rope_fusion, precision="fp32", device="cpu", overrides=(),
             transformer_overrides=None):
     return config_from_dict({
