@@ -1,4 +1,5 @@
-"""The routers' aux losses reuse the routing's top-k instead of taking it again.
+"""The routers' aux losses reuse the routing's top-k instead of taking it again; with
+``model.fused_kernels: triton`` the routing's softmax and top-k are one kernel.
 
 Megatron's TopKRouter (softmax scores, no renormalisation of the top-k) computes per call
 
@@ -16,6 +17,13 @@ a padding mask, other logits or k, no gradients) runs Megatron's function.
 :func:`install` puts the two functions in Megatron's router module (process-wide, on every
 device: the model builders call it); a CoE layer makes C router calls per forward, so each
 call saves a top-k and a scatter.
+
+A CoE layer built with ``model.fused_kernels: triton`` turns :func:`set_triton` on around each
+of its router calls; the same case then runs model/triton_router.py instead: s, its top-k and
+the dense probabilities and map in one kernel, and the aux losses take that s, so their
+gradient and the routing's meet in one softmax backward.  The routing is the k largest
+logits, Megatron's but where two scores round to the same value at the k-th place; the scores
+are Megatron's within float rounding (tests/layer/test_triton_router.py).
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ class _Routing(NamedTuple):
     topk: int
     routing_map: torch.Tensor
     map_version: int
+    scores: torch.Tensor | None  # softmax(logits) when the Triton kernel took it
 
 
 _LAST_ROUTING: _Routing | None = None
+_TRITON = False  # route the eligible calls through model/triton_router.py (set_triton)
 
 
 def _topk_routing_remembered(logits, topk, use_pre_softmax=False, num_groups=None,
@@ -53,16 +63,22 @@ def _topk_routing_remembered(logits, topk, use_pre_softmax=False, num_groups=Non
     global _LAST_ROUTING
     from megatron.core.transformer.moe import moe_utils
 
-    probs, routing_map = moe_utils.topk_routing_with_score_function(
-        logits, topk, use_pre_softmax=use_pre_softmax, num_groups=num_groups,
-        group_topk=group_topk, scaling_factor=scaling_factor, score_function=score_function,
-        expert_bias=expert_bias, fused=fused, router_replay=router_replay,
-        dense_output=dense_output, precomputed_indices=precomputed_indices)
-    same_topk = (score_function == "softmax" and use_pre_softmax and not group_topk
-                 and router_replay is None and precomputed_indices is None and not fused
-                 and not dense_output and torch.is_grad_enabled())
+    softmax_topk = (score_function == "softmax" and use_pre_softmax and not group_topk
+                    and router_replay is None and precomputed_indices is None and not fused
+                    and not dense_output)
+    scores = None
+    if _TRITON and softmax_topk and not scaling_factor and _triton_router().runs(logits, topk):
+        probs, routing_map, scores = _triton_router().topk_softmax(logits, topk)
+    else:
+        probs, routing_map = moe_utils.topk_routing_with_score_function(
+            logits, topk, use_pre_softmax=use_pre_softmax, num_groups=num_groups,
+            group_topk=group_topk, scaling_factor=scaling_factor,
+            score_function=score_function, expert_bias=expert_bias, fused=fused,
+            router_replay=router_replay, dense_output=dense_output,
+            precomputed_indices=precomputed_indices)
     _LAST_ROUTING = (_Routing(weakref.ref(logits), logits._version, topk, routing_map,
-                              routing_map._version) if same_topk else None)
+                              routing_map._version, scores)
+                     if softmax_topk and torch.is_grad_enabled() else None)
     return probs, routing_map
 
 
@@ -87,15 +103,30 @@ def _aux_scores_from_routing(logits, topk, score_function, fused=False, padding_
         return moe_utils.compute_routing_scores_for_aux_loss(logits, topk, score_function,
                                                              fused=fused,
                                                              padding_mask=padding_mask)
+    if last.scores is not None:
+        return last.routing_map, last.scores
     return last.routing_map, torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+
+def _triton_router():
+    from megatron_coe.model import triton_router  # imports triton: only when asked for
+
+    return triton_router
+
+
+def set_triton(on: bool) -> None:
+    """The routing calls from now on through the Triton kernel where it applies (``on``), or
+    Megatron's ops.  CoELayer sets it before each router call and clears it after."""
+    global _TRITON
+    _TRITON = on
 
 
 def install() -> None:
     """Route Megatron's TopKRouter through the two functions above (idempotent), with no
-    routing remembered from an earlier model."""
-    global _LAST_ROUTING
+    routing remembered from an earlier model and Megatron's ops for the routing."""
+    global _LAST_ROUTING, _TRITON
     from megatron.core.transformer.moe import router
 
-    _LAST_ROUTING = None
+    _LAST_ROUTING, _TRITON = None, False
     router.topk_routing_with_score_function = _topk_routing_remembered
     router.compute_routing_scores_for_aux_loss = _aux_scores_from_routing

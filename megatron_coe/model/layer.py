@@ -37,7 +37,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
-from megatron_coe.model import repeated_calls
+from megatron_coe.model import aux_topk, repeated_calls
 from megatron_coe.model.dispatch import CoEAlltoAllTokenDispatcher
 from megatron_coe.model.grouped_experts import GroupedExperts
 from megatron_coe.finite import each_finite
@@ -75,6 +75,8 @@ class CoELayer(MoELayer):
         self.router_mode = router_mode
         self.overlap = overlap
         self.recompute_experts = recompute_experts
+        # the routers' softmax and top-k as one Triton kernel (model/triton_router.py)
+        self.triton_routing = fused_kernels == "triton"
         self.token_dispatcher = CoEAlltoAllTokenDispatcher(
             self.num_local_experts,
             self.local_expert_indices,
@@ -150,7 +152,9 @@ class CoELayer(MoELayer):
         # the next model's (router_stats.install_tracker).
         router_stats.set_iteration(t)
         shared_out = None if overlap else self._shared_expert(x_shared)
+        aux_topk.set_triton(self.triton_routing)
         probs, routing_map = self.routers[t](x_router, padding_mask)
+        aux_topk.set_triton(False)
         router_stats.set_iteration(None)
         router_probs = probs
         if not self.training or torch.is_grad_enabled():

@@ -14,6 +14,8 @@ within float rounding:
 - the sums over each token's expert rows (model/triton_gather_sum.py): bit for bit the fp32
   sum in the rows' order, in fp32 and bf16 (rounded as torch rounds), with inf and NaN, and
   within one rounding of torch's gather and sum; a CoE layer runs them;
+- a CoE layer runs the routers' kernel too (model/triton_router.py; its own tests:
+  tests/layer/test_triton_router.py);
 - the config accepts it where it runs and refuses it by name where it cannot run or would replace
   nothing;
 - Triton compiles every kernel for an H100 without register spills (offline, no GPU).
@@ -161,31 +163,41 @@ def test_coe_layer_with_the_triton_kernels_equals_the_compiled_one(dtype, tol):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from coe_layer import saved_activation_bytes
 
-    from megatron_coe.model import triton_gather_sum, triton_swiglu
+    from megatron_coe.model import triton_gather_sum, triton_router, triton_swiglu
 
     from megatron_coe.model.shared_expert import SharedExpert
 
     compiled, triton = seeded_layers(_config("compile"), _config("triton"), dtype=dtype)
     assert triton.experts.fused_kernels == "triton" and triton.token_dispatcher.triton_sums
     assert isinstance(triton.shared_experts, SharedExpert) and triton.shared_experts.triton_swiglu
+    assert triton.triton_routing and not compiled.triton_routing
     assert type(compiled.shared_experts) is not SharedExpert
     assert not compiled.token_dispatcher.triton_sums
     x = torch.randn(40, 2, 32, dtype=dtype)
-    calls, sums = [], []
+    calls, sums, routings = [], [], []
     apply, gather_sum = triton_swiglu.SwiGLU.apply, triton_gather_sum.gather_sum
+    route = triton_router.TopkSoftmax.apply
     triton_swiglu.SwiGLU.apply = lambda *a: calls.append(1) or apply(*a)
     triton_gather_sum.gather_sum = lambda *a: sums.append(1) or gather_sum(*a)
+    triton_router.TopkSoftmax.apply = lambda *a: routings.append(1) or route(*a)
     try:
         got = fwd_bwd(triton, x)
     finally:
         triton_swiglu.SwiGLU.apply, triton_gather_sum.gather_sum = apply, gather_sum
+        triton_router.TopkSoftmax.apply = route
     assert len(calls) == 4  # routed and shared experts, in each CoE iteration
     assert len(sums) == 4  # the unpermutation's forward and the permutation's backward, each
+    assert len(routings) == 2  # the routers' softmax and top-k, in each CoE iteration
     for a, b in zip(got, fwd_bwd(compiled, x)):
         assert a.dtype == b.dtype
         scale = b.float().abs().max().clamp_min(1e-6)
         assert ((a.float() - b.float()).abs().max() / scale) <= tol
-    assert saved_activation_bytes(triton, x) == saved_activation_bytes(compiled, x)
+    # the same tensors kept for backward but the routers': per call Megatron keeps two fp32
+    # softmax outputs [T, N] (routing, aux loss) and the int64 top-k [T, k]; the kernel keeps
+    # one softmax and the bool routing map
+    T, N, k, C = 80, 7, 2, 2
+    kept, kept_compiled = saved_activation_bytes(triton, x), saved_activation_bytes(compiled, x)
+    assert kept_compiled["kept"] - kept["kept"] == C * (T * N * 4 + T * k * 8 - T * N)
 
 
 @interpreted
@@ -250,11 +262,12 @@ def test_auto_keeps_the_triton_kernels_only_where_they_ran(monkeypatch):
     monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: shapes.append(shape))
     assert build.resolve_fused_kernels(cuda) == (
         "triton", True, "auto: device=cuda and the Triton kernels run here")
-    # tried in the run's dtype and at its vocabulary and expert widths (the kernels' blocks)
-    assert shapes == [(torch.float32, cuda.model.vocab_size, cuda.model.ffn_hidden_size)]
+    # tried in the run's dtype and at its vocabulary, expert widths and number of experts (the
+    # kernels' blocks); a dense model's router kernel at 4 experts
+    assert shapes == [(torch.float32, cuda.model.vocab_size, cuda.model.ffn_hidden_size, 4)]
     moe = load_config(Path(__file__).resolve().parents[2] / "configs/paper/moe-8of64.yaml", [])
     build.resolve_fused_kernels(moe)
-    assert shapes[-1] == (torch.bfloat16, 32768, 704)  # the routed experts' SwiGLU width
+    assert shapes[-1] == (torch.bfloat16, 32768, 704, 63)  # the routed experts' SwiGLU width
     monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: "CompilationError: no ptxas")
     assert build.resolve_fused_kernels(cuda) == (
         "compile", False, "auto: the Triton kernels failed on this GPU (CompilationError: no "
@@ -303,15 +316,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from megatron_coe.model import triton_cross_entropy as ce, triton_sum_into as si, triton_swiglu as sw
-from megatron_coe.model import triton_gather_sum as gs
+from megatron_coe.model import triton_gather_sum as gs, triton_router as rt
 
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = {}
 
-def build(name, fn, signature, constexprs, warps):
-    # integers specialised as Triton's launcher does for multiples of 16 (the paper configs')
+def build(name, fn, signature, constexprs, warps, unaligned=()):
+    # integers specialised as Triton's launcher does for multiples of 16 (the paper configs'),
+    # but those in `unaligned`
     attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(signature)
-             if signature[k] != "constexpr"}
+             if signature[k] != "constexpr" and k not in unaligned}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs,
                                       attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -354,6 +368,19 @@ for k in (4, 8):  # CoE-2(4/64), MoE(8/64)
            "K": "constexpr", "BF16": "constexpr", "BLOCK_T": "constexpr",
            "BLOCK_H": "constexpr"},
           {"K": k, "BF16": True, "BLOCK_T": block_t, "BLOCK_H": block_h}, gs.WARPS)
+block_t, block_n = rt._blocks(63)
+for k in (4, 8):
+    build(f"router_k{k}", rt.coe_topk_softmax,
+          {"logits_ptr": "*fp32", "probs_ptr": "*fp32", "map_ptr": "*u8", "scores_ptr": "*fp32",
+           "T": "i32", "N": "i32", "K": "constexpr", "BLOCK_T": "constexpr",
+           "BLOCK_N": "constexpr"}, {"K": k, "BLOCK_T": block_t, "BLOCK_N": block_n}, rt.WARPS,
+          unaligned={"N"})
+build("router_backward", rt.coe_topk_softmax_backward,
+      {"dprobs_ptr": "*fp32", "dscores_ptr": "*fp32", "scores_ptr": "*fp32", "map_ptr": "*u8",
+       "out_ptr": "*fp32", "T": "i32", "N": "i32", "HAS_DPROBS": "constexpr",
+       "HAS_DSCORES": "constexpr", "BLOCK_T": "constexpr", "BLOCK_N": "constexpr"},
+      {"HAS_DPROBS": True, "HAS_DSCORES": True, "BLOCK_T": block_t, "BLOCK_N": block_n},
+      rt.WARPS, unaligned={"N"})
 print(json.dumps(out))
 '''
 
@@ -361,7 +388,8 @@ print(json.dumps(out))
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
     """What the interpreter does not check: Triton compiles each kernel for an H100 (sm_90, at
     the paper configs' sizes and the launch's block choices), ptxas keeps every value in
-    registers, and the loads of bf16 rows are vectorised.  Offline: no GPU needed."""
+    registers, and the loads of bf16 rows are vectorised (the routers' rows of 63 fp32 logits
+    are not 16-byte aligned).  Offline: no GPU needed."""
     import json
     import os
     import subprocess
@@ -375,7 +403,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 10
+    assert len(kernels) == 13
     for name, k in kernels.items():
         assert k["spills"] in ([], ["0"]), (name, k)
-        assert k["vector_loads"] > 0, (name, k)
+        assert k["vector_loads"] > 0 or name.startswith("router"), (name, k)
