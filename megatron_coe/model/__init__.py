@@ -9,7 +9,7 @@
   the CoE layer
     layer.py                CoELayer: C iterations of route -> dispatch -> experts -> combine
     router_gemm.py          the routers' gating GEMM on bf16 hidden states (CUDA)
-    aux_topk.py             the routers' aux losses reuse the routing's top-k
+    aux_topk.py             the routers' aux losses reuse the routing's top-k (and scores)
     dispatch.py             the CoE token dispatcher (expert-parallel all-to-alls per iteration)
     permutation.py          dropless permutation and its inverse as gathers
     experts.py              LocalExperts: SequentialMLP with a lean forward (local spec)
@@ -28,6 +28,7 @@
     triton_cross_entropy.py the language-model loss
     triton_swiglu.py        the experts' SwiGLU
     triton_gather_sum.py    each token's k expert rows gathered and summed (permutation.py)
+    triton_router.py        a router's softmax, top-k and dense outputs (aux_topk.py)
     triton_sum_into.py      two gradients summed into an fp32 buffer (wgrad_sum.py)
     triton_rounding.py      fp32 -> bf16 rounded as torch rounds, for the kernels above
 """
