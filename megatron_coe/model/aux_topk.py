@@ -22,8 +22,8 @@ A CoE layer built with ``model.fused_kernels: triton`` turns :func:`set_triton` 
 of its router calls; the same case then runs model/triton_router.py instead: s, its top-k and
 the dense probabilities and map in one kernel, and the aux losses take that s, so their
 gradient and the routing's meet in one softmax backward.  The routing is the k largest
-logits, Megatron's but where two scores round to the same value at the k-th place; the scores
-are Megatron's within float rounding (tests/layer/test_triton_router.py).
+logits, Megatron's but where two scores are equal at the k-th place; the scores are Megatron's
+within float rounding (tests/layer/test_triton_router.py).
 """
 
 from __future__ import annotations
@@ -116,9 +116,12 @@ def _triton_router():
 
 def set_triton(on: bool) -> None:
     """The routing calls from now on through the Triton kernel where it applies (``on``), or
-    Megatron's ops.  CoELayer sets it before each router call and clears it after."""
-    global _TRITON
-    _TRITON = on
+    Megatron's ops, with no routing remembered.  CoELayer sets it before each router call and
+    clears it after: the routing and its aux losses run within one call, and a remembered
+    routing past it would keep its scores' autograd graph (and what it saved) alive where no
+    aux loss takes it (aux_loss: none, evaluation with gradients on)."""
+    global _TRITON, _LAST_ROUTING
+    _TRITON, _LAST_ROUTING = on, None
 
 
 def install() -> None:

@@ -227,8 +227,8 @@ def resolve_fused_kernels(config: Config) -> tuple[str, bool, str]:
         return kernels, fused_loss, ("auto: compile on CPU" if config.device != "cuda" else
                                      "auto: compile (no triton package, or no fusion on)")
     width = m.moe.expert_hidden_size if m.moe is not None else m.ffn_hidden_size
-    experts = m.moe.num_experts if m.moe is not None else 4
-    error = triton_kernels_error(_DTYPES[config.precision], m.vocab_size, width, experts)
+    experts, topk = (m.moe.num_experts, m.moe.topk) if m.moe is not None else (4, 2)
+    error = triton_kernels_error(_DTYPES[config.precision], m.vocab_size, width, experts, topk)
     if error is None:
         return kernels, fused_loss, "auto: device=cuda and the Triton kernels run here"
     return (*_compile_fallback(m),
@@ -241,15 +241,16 @@ def _compile_fallback(m) -> tuple[str, bool]:
     return "compile", bool(m.loss_fusion)
 
 
-_TRITON_ERRORS: dict[tuple[torch.dtype, int, int, int], str | None] = {}
+_TRITON_ERRORS: dict[tuple[torch.dtype, int, int, int, int], str | None] = {}
 
 
 def triton_kernels_error(dtype: torch.dtype, vocab: int = 40, width: int = 8,
-                         experts: int = 4) -> str | None:
+                         experts: int = 4, topk: int = 2) -> str | None:
     """None when this package's Triton SwiGLU (``width`` columns), loss (``vocab`` logits
-    per token), rows' sum (``width`` columns) and router (``experts`` logits per token)
-    kernels run forward and backward on the current GPU in ``dtype``, with the block sizes
-    those widths choose, on two rows, else the error in one line (model/probe.py)."""
+    per token), rows' sum (``width`` columns) and router (top-``topk`` of ``experts`` logits
+    per token, where it takes them) kernels run forward and backward on the current GPU in
+    ``dtype``, with the block sizes those widths choose, on two rows, else the error in one
+    line (model/probe.py)."""
     def run(device):
         from megatron_coe.model import triton_gather_sum, triton_router
         from megatron_coe.model.loss import fused_cross_entropy
@@ -259,15 +260,16 @@ def triton_kernels_error(dtype: torch.dtype, vocab: int = 40, width: int = 8,
         p = torch.rand(2, device=device, requires_grad=True)
         logits = torch.randn(1, 2, vocab, device=device, dtype=dtype, requires_grad=True)
         target = torch.randint(0, vocab, (1, 2), device=device)
-        routing = torch.randn(2, experts, device=device, requires_grad=True)
-        probs, _, scores = triton_router.topk_softmax(routing, min(2, experts))
         (weighted_swiglu(z, p).float().sum()
-         + fused_cross_entropy(logits, target, "triton").float().sum()
-         + probs.sum() + scores[:, 0].sum()).backward()
+         + fused_cross_entropy(logits, target, "triton").float().sum()).backward()
+        routing = torch.randn(2, experts, device=device, requires_grad=True)
+        if triton_router.runs(routing, topk):  # else Megatron's ops route
+            probs, _, scores = triton_router.topk_softmax(routing, topk)
+            (probs.sum() + scores[:, 0].sum()).backward()
         if dtype in triton_gather_sum.DTYPES:  # others are summed by torch
             triton_gather_sum.gather_sum(z.detach(), torch.tensor([1, 0], device=device), 2)
 
-    return probe.error(_TRITON_ERRORS, (dtype, vocab, width, experts), "cuda", run)
+    return probe.error(_TRITON_ERRORS, (dtype, vocab, width, experts, topk), "cuda", run)
 
 
 def _on_every_rank(config: Config, ok: bool) -> bool:

@@ -5,7 +5,7 @@ For T tokens' fp32 logits l [T, N] (softmax scores taken before the top-k, no re
 no expert groups or bias), per token:
 
     s = softmax(l)                                  scores        [T, N] fp32 (the aux losses')
-    chosen = the k largest l, ties to the lower expert index, NaN largest
+    chosen = the k largest l, ties to the lower expert index, a NaN above any number
     probs = s where chosen, else 0                  probabilities [T, N] fp32
     map = chosen                                    routing map   [T, N] bool
 
@@ -14,9 +14,11 @@ no expert groups or bias), per token:
 
 Megatron computes the same with torch's softmax, ``torch.topk`` over s, two scatters and, for
 the aux losses, a second softmax of l; its backward is a gather, the top-k's scatter and two
-softmax backwards.  softmax is monotone, so the k largest l are the k largest s: the routing is
-Megatron's wherever no two scores round to the same fp32 value at the k-th place (there torch's
-top-k may pick either).  The scores and probabilities are Megatron's up to the rounding of the
+softmax backwards.  softmax is monotone, so the k largest l are the k largest s, and the routing is Megatron's
+but for two kinds of token: those with two scores equal at the k-th place (equal logits, or
+scores that round to the same fp32 value), where torch's top-k may take either, and those with
+a NaN logit, whose scores are all NaN (Megatron's top-k of them is arbitrary; the layer's
+non-finite check reports them).  The scores and probabilities are Megatron's up to the rounding of the
 exponentials and of the sums' order (within about 1e-6 relative); one softmax is taken, not
 two, and the aux losses' gradient joins the routing's in one softmax backward.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 MAX_EXPERTS = 1024  # experts one program holds per token; more are routed by Megatron's ops
 TILE = 2048  # values per program: BLOCK_T x BLOCK_N
@@ -47,7 +50,7 @@ def coe_topk_softmax(logits_ptr, probs_ptr, map_ptr, scores_ptr, T, N, K: tl.con
     logits = tl.load(logits_ptr + offsets, mask=mask, other=-float("inf"))
     e = tl.exp(logits - tl.max(logits, 1)[:, None])
     scores = e / tl.sum(e, 1)[:, None]
-    key = tl.where(logits != logits, float("inf"), logits)  # NaN ranks first, as in torch.topk
+    key = tl.where(logits != logits, float("inf"), logits)  # a NaN ranks first
     chosen = tl.zeros([BLOCK_T, BLOCK_N], tl.int32) != 0
     for _ in tl.static_range(K):
         free = col_in & ~chosen
@@ -89,6 +92,7 @@ class TopkSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, k: int):
+        ctx.set_materialize_grads(False)  # no zero tensor for an unused output's gradient
         T, N = logits.shape
         logits = logits.contiguous()
         probs = torch.empty_like(logits)
@@ -104,6 +108,7 @@ class TopkSoftmax(torch.autograd.Function):
         return probs, routing_map, scores
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dprobs, _dmap, dscores):
         scores, routing_map = ctx.saved_tensors
         T, N = scores.shape

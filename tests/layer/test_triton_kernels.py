@@ -262,12 +262,12 @@ def test_auto_keeps_the_triton_kernels_only_where_they_ran(monkeypatch):
     monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: shapes.append(shape))
     assert build.resolve_fused_kernels(cuda) == (
         "triton", True, "auto: device=cuda and the Triton kernels run here")
-    # tried in the run's dtype and at its vocabulary, expert widths and number of experts (the
-    # kernels' blocks); a dense model's router kernel at 4 experts
-    assert shapes == [(torch.float32, cuda.model.vocab_size, cuda.model.ffn_hidden_size, 4)]
+    # tried in the run's dtype and at its vocabulary, expert widths and routing (the kernels'
+    # blocks); a dense model's router kernel at top-2 of 4 experts
+    assert shapes == [(torch.float32, cuda.model.vocab_size, cuda.model.ffn_hidden_size, 4, 2)]
     moe = load_config(Path(__file__).resolve().parents[2] / "configs/paper/moe-8of64.yaml", [])
     build.resolve_fused_kernels(moe)
-    assert shapes[-1] == (torch.bfloat16, 32768, 704, 63)  # the routed experts' SwiGLU width
+    assert shapes[-1] == (torch.bfloat16, 32768, 704, 63, 8)  # the routed experts' SwiGLU width
     monkeypatch.setattr(build, "triton_kernels_error", lambda *shape: "CompilationError: no ptxas")
     assert build.resolve_fused_kernels(cuda) == (
         "compile", False, "auto: the Triton kernels failed on this GPU (CompilationError: no "

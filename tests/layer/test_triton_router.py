@@ -4,8 +4,8 @@ interpreter and compiled on a GPU (``gpu`` marks):
 
 - the routing map is Megatron's; the probabilities, the aux losses' scores and the logits'
   gradient are Megatron's within float rounding, with either gradient alone or both;
-- every token gets exactly k experts whatever its logits (ties to the lower index, NaN first,
-  infinities), as the dispatcher's counts need;
+- every token gets exactly k experts whatever its logits (ties to the lower index, a NaN
+  first, infinities), as the dispatcher's counts need;
 - a CoE layer calls it once per iteration and its outputs, aux losses and gradients equal the
   same layer's with Megatron's routing; the cases the kernel does not cover run Megatron's."""
 
@@ -26,6 +26,12 @@ def _megatron(logits, k):
     probs, routing_map = moe_utils.topk_routing_with_score_function(logits, k,
                                                                     use_pre_softmax=True)
     return probs, routing_map, torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+
+def _tolerance(device):
+    """Relative to the largest value: the interpreter's exp is NumPy's; a GPU's fp32 exp and
+    division in Triton are approximate (a few ulp)."""
+    return 1e-6 if device == "cpu" else 1e-5
 
 
 def _close(a, b, rel):
@@ -50,7 +56,7 @@ def test_kernel_equals_megatrons_routing(tokens, experts, k, grads, device):
     assert got[1].dtype == torch.bool and torch.equal(got[1], want[1])
     assert torch.equal(got[1].sum(1), torch.full((tokens,), k, device=device))
     for a, b in ((got[0], want[0]), (got[2], want[2])):
-        assert a.dtype == torch.float32 and _close(a, b, 1e-6)
+        assert a.dtype == torch.float32 and _close(a, b, _tolerance(device))
         assert torch.equal(a == 0, b == 0)
     for outputs, logits_ in ((got, got_logits), (want, want_logits)):
         loss = 0
@@ -59,11 +65,12 @@ def test_kernel_equals_megatrons_routing(tokens, experts, k, grads, device):
         if grads in ("both", "scores"):
             loss = loss + (outputs[2] * dscores).sum()
         loss.backward()
-    assert _close(got_logits.grad, want_logits.grad, 1e-6)
+    assert _close(got_logits.grad, want_logits.grad, _tolerance(device))
 
 
 def test_every_token_gets_k_experts(device):
-    """Ties go to the lower expert index, NaN ranks first (as in torch.topk), and a token of
+    """Ties go to the lower expert index and a NaN ranks first (Megatron's top-k over the
+    scores may pick others in both cases: the scores tie, or are all NaN), and a token of
     infinite or NaN logits still gets k distinct experts; its scores are torch's softmax's
     non-finite values."""
     from megatron_coe.model import triton_router
@@ -86,12 +93,13 @@ def test_every_token_gets_k_experts(device):
     softmax = torch.softmax(logits, dim=-1)
     assert torch.equal(scores.isnan(), softmax.isnan())
     finite = softmax.isfinite()
-    assert torch.allclose(scores[finite], softmax[finite], rtol=1e-6, atol=0)
+    assert torch.allclose(scores[finite], softmax[finite], rtol=_tolerance(device), atol=0)
     torch.testing.assert_close(probs.cpu(), torch.where(want, scores.cpu(), 0.0), rtol=0, atol=0,
                                equal_nan=True)
 
 
 def test_refuses_what_it_does_not_cover():
+    pytest.importorskip("triton")
     from megatron_coe.model import triton_router
 
     for logits, k in ((torch.zeros(4, 8, dtype=torch.bfloat16), 2), (torch.zeros(4, 8), 9),
@@ -129,7 +137,8 @@ def test_coe_layer_with_the_routing_kernel_equals_megatrons_routing(moe, uses_ke
     layer.triton_routing = True
     fused = _step(layer, x, None)
     assert len(calls) == (2 if uses_kernel else 0)  # once per CoE iteration
-    assert not aux_topk._TRITON  # cleared after each router call
+    assert not aux_topk._TRITON  # cleared after each router call, with the remembered routing
+    assert aux_topk._LAST_ROUTING is None
     y, dx, grads, losses = fused
     for a, b in ((y, megatron[0]), (dx, megatron[1]), *zip(grads, megatron[2])):
         assert _close(a, b, 1e-5)
