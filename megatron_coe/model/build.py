@@ -247,7 +247,7 @@ _TRITON_ERRORS: dict[tuple[torch.dtype, int, int, int, int], str | None] = {}
 def triton_kernels_error(dtype: torch.dtype, vocab: int = 40, width: int = 8,
                          experts: int = 4, topk: int = 2) -> str | None:
     """None when this package's Triton SwiGLU (``width`` columns), loss (``vocab`` logits
-    per token), rows' sum (``width`` columns) and router (top-``topk`` of ``experts`` logits
+    per token), rows' sums (``width`` columns, with addends and without a gather) and router (top-``topk`` of ``experts`` logits
     per token, where it takes them) kernels run forward and backward on the current GPU in
     ``dtype``, with the block sizes those widths choose, on two rows, else the error in one
     line (model/probe.py)."""
@@ -267,7 +267,11 @@ def triton_kernels_error(dtype: torch.dtype, vocab: int = 40, width: int = 8,
             probs, _, scores = triton_router.topk_softmax(routing, topk)
             (probs.sum() + scores[:, 0].sum()).backward()
         if dtype in triton_gather_sum.DTYPES:  # others are summed by torch
-            triton_gather_sum.gather_sum(z.detach(), torch.tensor([1, 0], device=device), 2)
+            rows = z.detach()
+            order = torch.tensor([1, 0], device=device)
+            triton_gather_sum.gather_sum(rows, order, 2)
+            triton_gather_sum.gather_sum(rows, order, 2, (rows[:1], rows[1:]))
+            triton_gather_sum.sum_in_order(rows, rows, rows, rows)
 
     return probe.error(_TRITON_ERRORS, (dtype, vocab, width, experts, topk), "cuda", run)
 

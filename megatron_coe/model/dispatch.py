@@ -354,6 +354,15 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         with gathered(self.rows_per_token, self.token_order, self.triton_sums):
             return super().combine_postprocess(hidden_states)
 
+    def combine_postprocess_adding(self, hidden_states, addends: tuple[torch.Tensor, ...]):
+        """(:meth:`combine_postprocess` + each of ``addends`` in turn, True) where the
+        unpermutation adds them to its sums (model/permutation.py), else (combine_postprocess's
+        output, False): the caller adds them."""
+        with gathered(self.rows_per_token, self.token_order, self.triton_sums,
+                      addends) as added:
+            out = super().combine_postprocess(hidden_states)
+        return out, bool(added)
+
     def _maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
         if self.local_only:
             return tokens_per_expert

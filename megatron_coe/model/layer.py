@@ -8,7 +8,9 @@ Shapes: S sequence, B micro-batch, H hidden, N experts, k routed experts per ite
                (the transformer layer adds it to the residual stream)
     outer:     x(t) = F_t(x(t-1));           returns x(C)   (added to the residual stream)
     reference: x(t) = x(t-1) + F_t(x(t-1));  returns x(C), and CoETransformerLayer makes it the
-               new residual stream (the public CoE reference code's decoder layer)
+               new residual stream (the public CoE reference code's decoder layer); with the
+               Triton kernels x(t-1) + (routed + shared) is summed in the unpermutation's
+               kernel, the bits of those adds (``fused_residual``)
     iteration_norm (model.coe.iteration_norm, off by default): F_t reads Norm_t(x(t-1)) for
                t >= 2 (x(0) is already the pre-MLP norm's output), as pre-norm transformers
                norm each sub-layer's input; Norm_t is the layer's norm type, [H] weight = 1.
@@ -77,6 +79,10 @@ class CoELayer(MoELayer):
         self.recompute_experts = recompute_experts
         # the routers' softmax and top-k as one Triton kernel (model/triton_router.py)
         self.triton_routing = fused_kernels == "triton"
+        # reference residual with the Triton kernels: x(t) = x(t-1) + F_t summed in the
+        # unpermutation's kernel, and the gradients of x(t-1)'s four uses in one (_Fan)
+        self.fused_residual = (residual == "reference" and fused_kernels == "triton"
+                               and iteration_norm is None)
         self.token_dispatcher = CoEAlltoAllTokenDispatcher(
             self.num_local_experts,
             self.local_expert_indices,
@@ -141,11 +147,13 @@ class CoELayer(MoELayer):
                     return f"layer {self.layer_number}, CoE iteration {t + 1}: {name}"
         return None
 
-    def _iteration(self, t: int, x, padding_mask):
-        """F_t(x): route, dispatch, experts, combine, plus the shared expert."""
+    def _iteration(self, t: int, x, padding_mask, residual: bool = False):
+        """F_t(x): route, dispatch, experts, combine, plus the shared expert; with
+        ``residual`` x + F_t(x)."""
         self.token_dispatcher.iteration = t
         overlap = self.overlap and self.token_dispatcher.ep_size > 1
-        x_shared, x_router, x_rows = _Fan.apply(x)
+        x_shared, x_router, x_rows, *x_residual = _Fan.apply(x, 4 if residual else 3,
+                                                             self.token_dispatcher.triton_sums)
         # not a `with` nor try/finally: TorchDynamo cannot resume a frame inside either after a
         # graph break (Megatron's router breaks), and would run the rest of the iteration
         # eagerly.  An exception in between leaves the mark set until the next iteration's or
@@ -178,9 +186,23 @@ class CoELayer(MoELayer):
             else:
                 out, _ = self.routed_experts_compute(hidden, probs)
             out = self.combine(out)
-        f = self.postprocess(out, shared_out)
+        if residual:
+            f = self._plus_residual(out, shared_out, x_residual[0])
+        else:
+            f = self.postprocess(out, shared_out)
         self._checked += [router_probs, f]
         return f
+
+    def _plus_residual(self, out, shared_out, x):
+        """postprocess(out, shared_out) + x, the bits of those adds, summed in the
+        unpermutation where it runs as gathers (model/permutation.py)."""
+        if not self.config.moe_latent_size:
+            addends = (x,) if shared_out is None else (shared_out, x)
+            out, added = self.token_dispatcher.combine_postprocess_adding(out, addends)
+            if added:
+                return out
+            return (out if shared_out is None else out + shared_out) + x
+        return self.postprocess(out, shared_out) + x
 
     def _recomputed(self, fn, *tensors):
         """fn(*tensors), recomputed in backward under ``recompute_experts`` (only ``tensors``
@@ -232,6 +254,9 @@ class CoELayer(MoELayer):
         x, delta = x0, None
         self._checked = []  # each iteration's router probabilities and output
         for t in range(self.iterations):
+            if self.fused_residual:  # reference, x(t) = x(t-1) + F_t summed by the kernels
+                x = self._iteration(t, x, padding_mask, residual=True)
+                continue
             normed = self.iteration_norms[t - 1](x) if t and self.iteration_norms else x
             f = self._iteration(t, normed, padding_mask)
             if self.residual == "outer":
@@ -267,22 +292,33 @@ class CoELayer(MoELayer):
 
 
 class _Fan(torch.autograd.Function):
-    """x -> three aliases of x for its consumers (shared expert, router, token rows), whose
-    gradients are summed in one fixed order: (router + rows) + shared, the order autograd
-    happens to use in Megatron's MoELayer (so a C = 1 layer stays bit-identical to it).
-    Without it the order would follow the order in which autograd runs the consumers'
-    backward, which differs between the plain and the overlapped schedule, and float addition
-    is not associative."""
+    """x -> three aliases of x for its consumers (shared expert, router, token rows), and a
+    fourth for the reference residual's add where the layer sums it in the unpermutation,
+    whose gradients are summed in one fixed order: ((router + rows) + shared) + residual, the
+    order autograd happens to use in Megatron's MoELayer (so a C = 1 layer stays
+    bit-identical to it; the residual's term last, as autograd adds it to x's other
+    gradient).  Without it the order would follow the order in which autograd runs the
+    consumers' backward, which differs between the plain and the overlapped schedule, and
+    float addition is not associative.  ``triton``: the sum in one Triton kernel, the same bits
+    (model/triton_gather_sum.py)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, uses: int = 3, triton: bool = False):
         ctx.set_materialize_grads(False)
-        return x.view_as(x), x.view_as(x), x.view_as(x)
+        ctx.triton = triton
+        return tuple(x.view_as(x) for _ in range(uses))
 
     @staticmethod
-    def backward(ctx, shared, router, rows):
+    def backward(ctx, shared, router, rows, residual=None):
+        grads = [g for g in (router, rows, shared, residual) if g is not None]
+        if ctx.triton and len(grads) > 1:
+            from megatron_coe.model import triton_gather_sum
+
+            if (grads[0].dtype in triton_gather_sum.DTYPES and grads[0].dim()
+                    and all(g.dtype == grads[0].dtype and g.shape == grads[0].shape
+                            for g in grads)):
+                return triton_gather_sum.sum_in_order(*grads), None, None
         total = None
-        for g in (router, rows, shared):
-            if g is not None:
-                total = g if total is None else total + g
-        return total
+        for g in grads:
+            total = g if total is None else total + g
+        return total, None, None

@@ -53,17 +53,20 @@ class _GatherRows(torch.autograd.Function):
 
 
 class _SumRows(torch.autograd.Function):
-    """y[t] = sum of token t's k rows; backward: dy gathered back to the rows."""
+    """y[t] = sum of token t's k rows (+ each addend in turn); backward: dy gathered back to
+    the rows, and dy itself for each addend."""
 
     @staticmethod
-    def forward(ctx, rows, index, order, k, triton=False):
+    def forward(ctx, rows, index, order, k, triton=False, *addends):
         ctx.save_for_backward(index)
-        return sum_by_token(rows, order, k, triton)
+        ctx.addends = len(addends)
+        return sum_by_token(rows, order, k, triton, addends)
 
     @staticmethod
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
-        return grad.index_select(0, index), None, None, None, None
+        return (grad.index_select(0, index), None, None, None, None,
+                *(grad for _ in range(ctx.addends)))
 
 
 class _RowProbs(torch.autograd.Function):
@@ -93,17 +96,21 @@ class _RowProbs(torch.autograd.Function):
         return grad_probs, None, None
 
 
-def sum_by_token(rows: torch.Tensor, order: torch.Tensor, k: int,
-                 triton: bool = False) -> torch.Tensor:
+def sum_by_token(rows: torch.Tensor, order: torch.Tensor, k: int, triton: bool = False,
+                 addends: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """[T, ...]: for each token t, the sum of its k rows, which are rows[order[t k .. t k + k)]
-    (``order`` = argsort(index, stable): :meth:`TokenOrder.of`); by the Triton kernel with
-    ``triton``, for the dtypes it sums."""
+    (``order`` = argsort(index, stable): :meth:`TokenOrder.of`), then + each of ``addends``
+    in turn; by the Triton kernel with ``triton``, for the dtypes it sums (the same bits as
+    torch's adds of the addends)."""
     if triton:
         from megatron_coe.model import triton_gather_sum
 
-        if rows.dtype in triton_gather_sum.DTYPES:
-            return triton_gather_sum.gather_sum(rows, order, k)
-    return rows.index_select(0, order).view(-1, k, *rows.shape[1:]).sum(1)
+        if rows.dtype in triton_gather_sum.DTYPES and len(addends) <= 2:
+            return triton_gather_sum.gather_sum(rows, order, k, addends)
+    total = rows.index_select(0, order).view(-1, k, *rows.shape[1:]).sum(1)
+    for addend in addends:
+        total = total + addend
+    return total
 
 
 class TokenOrder:
@@ -125,17 +132,21 @@ class TokenOrder:
 
 
 @contextlib.contextmanager
-def gathered(k: int | None, orders: TokenOrder | None = None, triton: bool = False):
+def gathered(k: int | None, orders: TokenOrder | None = None, triton: bool = False,
+             addends: tuple[torch.Tensor, ...] = ()):
     """Within this context Megatron's dispatcher permutes and unpermutes by gathers, for
     routing that gives every token exactly ``k`` rows (None: no change).  ``orders`` keeps the
     rows' token order from a permute for the unpermute of the same rows (a dispatcher's own,
     across its dispatch and combine contexts); ``triton`` sums each token's rows by the Triton
-    kernel (:func:`sum_by_token`)."""
+    kernel (:func:`sum_by_token`).  ``addends`` (tensors of the unpermutation's output shape)
+    are added to the one unpermutation within the context where it runs as gathers; the
+    context yields a list that then holds ``True`` (else it stays empty: nothing was added)."""
     from megatron.core.transformer.moe import token_dispatcher as td
 
     orders = TokenOrder() if orders is None else orders
+    added: list[bool] = []
     if k is None:
-        yield
+        yield added
         return
     permute, unpermute = td.permute, td.unpermute
 
@@ -159,11 +170,17 @@ def gathered(k: int | None, orders: TokenOrder | None = None, triton: bool = Fal
                 or permuted_tokens.shape[0] != restore_shape[0] * k):
             return unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map,
                              fused, drop_and_pad, **kwargs)
+        extra = ()
+        shape = (restore_shape[0], permuted_tokens.shape[1])
+        if addends and not added and all(a.numel() == shape[0] * shape[1]
+                                         and a.dtype == permuted_tokens.dtype for a in addends):
+            extra = tuple(a.reshape(shape) for a in addends)
+            added.append(True)
         return _SumRows.apply(permuted_tokens, sorted_indices, orders.of(sorted_indices), k,
-                              triton)
+                              triton, *extra)
 
     td.permute, td.unpermute = gather_permute, gather_unpermute
     try:
-        yield
+        yield added
     finally:
         td.permute, td.unpermute = permute, unpermute

@@ -186,7 +186,9 @@ def test_coe_layer_with_the_triton_kernels_equals_the_compiled_one(dtype, tol):
         triton_swiglu.SwiGLU.apply, triton_gather_sum.gather_sum = apply, gather_sum
         triton_router.TopkSoftmax.apply = route
     assert len(calls) == 4  # routed and shared experts, in each CoE iteration
-    assert len(sums) == 4  # the unpermutation's forward and the permutation's backward, each
+    # the unpermutation's forward and the permutation's backward, and the gradients of the
+    # iteration input's three uses (_Fan), each iteration
+    assert len(sums) == 6
     assert len(routings) == 2  # the routers' softmax and top-k, in each CoE iteration
     for a, b in zip(got, fwd_bwd(compiled, x)):
         assert a.dtype == b.dtype
@@ -362,12 +364,17 @@ for acc in (True, False):
            "BF16": "constexpr", "ACCUMULATE": "constexpr", "BLOCK": "constexpr"},
           {"BF16": True, "ACCUMULATE": acc, "BLOCK": si.BLOCK}, 8)
 block_t, block_h = gs._blocks(1024)
-for k in (4, 8):  # CoE-2(4/64), MoE(8/64)
-    build(f"gather_sum_k{k}", gs.coe_gather_sum,
-          {"rows_ptr": "*bf16", "order_ptr": "*i64", "out_ptr": "*bf16", "T": "i32", "H": "i32",
-           "K": "constexpr", "BF16": "constexpr", "BLOCK_T": "constexpr",
-           "BLOCK_H": "constexpr"},
-          {"K": k, "BF16": True, "BLOCK_T": block_t, "BLOCK_H": block_h}, gs.WARPS)
+# CoE-2(4/64)'s permutation backward, MoE(8/64)'s unpermutation with the reference residual's
+# two addends, and four gradients summed in order (the sum of one row, no gather)
+for name, k, gather, addends in (("gather_sum_k4", 4, True, 0), ("gather_sum_k8_add2", 8, True, 2),
+                                 ("sum_in_order_4", 1, False, 3)):
+    build(name, gs.coe_gather_sum,
+          {"rows_ptr": "*bf16", "order_ptr": "*i64", "add1_ptr": "*bf16", "add2_ptr": "*bf16",
+           "add3_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32", "H": "i32", "K": "constexpr",
+           "GATHER": "constexpr", "ADDENDS": "constexpr", "BF16": "constexpr",
+           "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"},
+          {"K": k, "GATHER": gather, "ADDENDS": addends, "BF16": True, "BLOCK_T": block_t,
+           "BLOCK_H": block_h}, gs.WARPS)
 block_t, block_n = rt._blocks(63)
 for k in (4, 8):
     build(f"router_k{k}", rt.coe_topk_softmax,
@@ -403,7 +410,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 13
+    assert len(kernels) == 14
     for name, k in kernels.items():
         assert k["spills"] in ([], ["0"]), (name, k)
         assert k["vector_loads"] > 0 or name.startswith("router"), (name, k)
