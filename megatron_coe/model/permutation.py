@@ -76,14 +76,15 @@ class _RowProbs(torch.autograd.Function):
     (Megatron's, the backward of its gather) sorts its indices on a GPU."""
 
     @staticmethod
-    def forward(ctx, probs, index, routing_map):
+    def forward(ctx, probs, index, routing_map, experts=None):
         # rows are listed expert by expert: expert e has routing_map[:, e].sum() of them (a
-        # search, not repeat_interleave, whose output size the host would have to read).  The
-        # map's top-k rows hold exactly index.numel() entries (gather_permute's condition); the
-        # clamp only keeps an index in range should that ever not hold.
-        ends = routing_map.sum(dim=0).cumsum(0)
-        experts = torch.searchsorted(ends, torch.arange(index.numel(), device=index.device),
-                                     right=True).clamp_(max=routing_map.shape[1] - 1)
+        # search, not repeat_interleave, whose output size the host would have to read), unless
+        # given.  The map's top-k rows hold exactly index.numel() entries (gather_permute's
+        # condition); the clamp only keeps an index in range should that ever not hold.
+        if experts is None:
+            ends = routing_map.sum(dim=0).cumsum(0)
+            experts = torch.searchsorted(ends, torch.arange(index.numel(), device=index.device),
+                                         right=True).clamp_(max=routing_map.shape[1] - 1)
         ctx.save_for_backward(index, experts)
         ctx.shape = probs.shape
         return probs[index, experts]
@@ -93,7 +94,7 @@ class _RowProbs(torch.autograd.Function):
         index, experts = ctx.saved_tensors
         grad_probs = grad.new_zeros(ctx.shape)
         grad_probs[index, experts] = grad
-        return grad_probs, None, None
+        return grad_probs, None, None, None
 
 
 def sum_by_token(rows: torch.Tensor, order: torch.Tensor, k: int, triton: bool = False,
@@ -119,6 +120,11 @@ class TokenOrder:
 
     def __init__(self):
         self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
+
+    def remember(self, index: torch.Tensor, order: torch.Tensor) -> None:
+        """``order`` is argsort(index, stable=True), found otherwise (triton_row_index.py)."""
+        if not index.is_inference():
+            self._last = (weakref.ref(index), index._version, order)
 
     def of(self, index: torch.Tensor) -> torch.Tensor:
         if index.is_inference():  # no version counter to tell an in-place change: no reuse
@@ -156,10 +162,22 @@ def gathered(k: int | None, orders: TokenOrder | None = None, triton: bool = Fal
                 or num_out_tokens != tokens.shape[0] * k):
             return permute(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad,
                            **kwargs)
-        # the rows' tokens as Megatron (or the CPU backend) picks them, on a zero-width view
-        _, _, index, pad, counts = permute(tokens.detach()[:, :0], routing_map, None,
-                                           num_out_tokens, fused, drop_and_pad, **kwargs)
-        row_probs = None if probs is None else _RowProbs.apply(probs, index, routing_map)
+        found = None
+        if triton:  # the router kernel's map: its rows without a sort (the same integers)
+            from megatron_coe.model import triton_row_index
+
+            found = triton_row_index.rows_of(routing_map, num_out_tokens)
+        if found is None:
+            # the rows' tokens as Megatron (or the CPU backend) picks them, on a zero-width view
+            _, _, index, pad, counts = permute(tokens.detach()[:, :0], routing_map, None,
+                                               num_out_tokens, fused, drop_and_pad, **kwargs)
+            experts = None
+        else:
+            index, experts, order = found
+            pad, counts = None, kwargs.get("tokens_per_expert")
+            orders.remember(index, order)
+        row_probs = (None if probs is None
+                     else _RowProbs.apply(probs, index, routing_map, experts))
         return (_GatherRows.apply(tokens, index, orders.of(index), k, triton), row_probs, index,
                 pad, counts)
 

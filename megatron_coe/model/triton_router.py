@@ -29,6 +29,9 @@ is imported), which the tests use.
 
 from __future__ import annotations
 
+import weakref
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -40,8 +43,8 @@ WARPS = 4
 
 
 @triton.jit
-def coe_topk_softmax(logits_ptr, probs_ptr, map_ptr, scores_ptr, T, N, K: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+def coe_topk_softmax(logits_ptr, probs_ptr, map_ptr, scores_ptr, counts_ptr, T, N,
+                     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     col_in = (cols < N)[None, :]
@@ -60,6 +63,9 @@ def coe_topk_softmax(logits_ptr, probs_ptr, map_ptr, scores_ptr, T, N, K: tl.con
     tl.store(scores_ptr + offsets, scores, mask=mask)
     tl.store(probs_ptr + offsets, tl.where(chosen, scores, 0.0), mask=mask)
     tl.store(map_ptr + offsets, chosen.to(tl.uint8), mask=mask)
+    # the block's tokens per expert, for the rows' index without a sort (triton_row_index.py)
+    tl.store(counts_ptr + tl.program_id(0) * N + cols,
+             tl.sum((chosen & mask).to(tl.int32), 0), mask=cols < N)
 
 
 @triton.jit
@@ -92,19 +98,23 @@ class TopkSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, k: int):
+        global _LAST_MAP
         ctx.set_materialize_grads(False)  # no zero tensor for an unused output's gradient
         T, N = logits.shape
         logits = logits.contiguous()
         probs = torch.empty_like(logits)
         scores = torch.empty_like(logits)
         routing_map = torch.empty((T, N), dtype=torch.bool, device=logits.device)
+        block_t, block_n = _blocks(N)
+        blocks = triton.cdiv(T, block_t)
+        counts = torch.empty((blocks, N), dtype=torch.int32, device=logits.device)
         if T:
-            block_t, block_n = _blocks(N)
-            coe_topk_softmax[(triton.cdiv(T, block_t),)](
-                logits, probs, routing_map.view(torch.uint8), scores, T, N, K=k,
+            coe_topk_softmax[(blocks,)](
+                logits, probs, routing_map.view(torch.uint8), scores, counts, T, N, K=k,
                 BLOCK_T=block_t, BLOCK_N=block_n, num_warps=WARPS)
         ctx.mark_non_differentiable(routing_map)
         ctx.save_for_backward(scores, routing_map)
+        _LAST_MAP = _Map(weakref.ref(routing_map), routing_map._version, k, block_t, counts)
         return probs, routing_map, scores
 
     @staticmethod
@@ -124,6 +134,29 @@ class TopkSoftmax(torch.autograd.Function):
                 HAS_DPROBS=dprobs is not None, HAS_DSCORES=dscores is not None,
                 BLOCK_T=block_t, BLOCK_N=block_n, num_warps=WARPS)
         return out, None
+
+
+class _Map(NamedTuple):
+    """The last routing map the kernel wrote, and its tokens per expert in each block."""
+
+    routing_map: weakref.ref
+    version: int  # its version counter then (an in-place change bumps it)
+    k: int
+    block_t: int  # tokens per block
+    counts: torch.Tensor  # [blocks, N] int32
+
+
+_LAST_MAP: _Map | None = None
+
+
+def block_counts(routing_map: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
+    """(tokens per expert in each block of ``block_t`` tokens [blocks, N] int32, block_t, k)
+    when ``routing_map`` is the last map :class:`TopkSoftmax` wrote, unchanged, else None."""
+    last = _LAST_MAP
+    if (last is None or last.routing_map() is not routing_map
+            or last.version != routing_map._version):
+        return None
+    return last.counts, last.block_t, last.k
 
 
 def runs(logits: torch.Tensor, k: int) -> bool:

@@ -319,6 +319,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from megatron_coe.model import triton_cross_entropy as ce, triton_sum_into as si, triton_swiglu as sw
 from megatron_coe.model import triton_gather_sum as gs, triton_router as rt
+from megatron_coe.model import triton_row_index as ri
 
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = {}
@@ -379,9 +380,14 @@ block_t, block_n = rt._blocks(63)
 for k in (4, 8):
     build(f"router_k{k}", rt.coe_topk_softmax,
           {"logits_ptr": "*fp32", "probs_ptr": "*fp32", "map_ptr": "*u8", "scores_ptr": "*fp32",
-           "T": "i32", "N": "i32", "K": "constexpr", "BLOCK_T": "constexpr",
-           "BLOCK_N": "constexpr"}, {"K": k, "BLOCK_T": block_t, "BLOCK_N": block_n}, rt.WARPS,
-          unaligned={"N"})
+           "counts_ptr": "*i32", "T": "i32", "N": "i32", "K": "constexpr",
+           "BLOCK_T": "constexpr", "BLOCK_N": "constexpr"},
+          {"K": k, "BLOCK_T": block_t, "BLOCK_N": block_n}, rt.WARPS, unaligned={"N"})
+    build(f"row_index_k{k}", ri.coe_row_index,
+          {"map_ptr": "*u8", "first_ptr": "*i64", "index_ptr": "*i64", "experts_ptr": "*i64",
+           "order_ptr": "*i64", "T": "i32", "N": "i32", "K": "constexpr",
+           "BLOCK_T": "constexpr", "BLOCK_N": "constexpr"},
+          {"K": k, "BLOCK_T": block_t, "BLOCK_N": block_n}, rt.WARPS, unaligned={"N"})
 build("router_backward", rt.coe_topk_softmax_backward,
       {"dprobs_ptr": "*fp32", "dscores_ptr": "*fp32", "scores_ptr": "*fp32", "map_ptr": "*u8",
        "out_ptr": "*fp32", "T": "i32", "N": "i32", "HAS_DPROBS": "constexpr",
@@ -395,8 +401,8 @@ print(json.dumps(out))
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
     """What the interpreter does not check: Triton compiles each kernel for an H100 (sm_90, at
     the paper configs' sizes and the launch's block choices), ptxas keeps every value in
-    registers, and the loads of bf16 rows are vectorised (the routers' rows of 63 fp32 logits
-    are not 16-byte aligned).  Offline: no GPU needed."""
+    registers, and the loads of bf16 rows are vectorised (the routers' rows of 63 logits are
+    not 16-byte aligned).  Offline: no GPU needed."""
     import json
     import os
     import subprocess
@@ -410,7 +416,7 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels) == 14
+    assert len(kernels) == 16
     for name, k in kernels.items():
         assert k["spills"] in ([], ["0"]), (name, k)
-        assert k["vector_loads"] > 0 or name.startswith("router"), (name, k)
+        assert k["vector_loads"] > 0 or name.startswith(("router", "row_index")), (name, k)

@@ -144,3 +144,61 @@ def test_coe_layer_with_the_routing_kernel_equals_megatrons_routing(moe, uses_ke
         assert _close(a, b, 1e-5)
     assert losses.keys() == megatron[3].keys()
     assert all(_close(losses[k], megatron[3][k], 1e-6) for k in losses)
+
+
+@pytest.mark.parametrize("tokens, experts, k", [(37, 63, 4), (100, 7, 2), (64, 64, 8),
+                                                (9, 5, 5), (0, 12, 3)])
+def test_rows_of_the_kernels_map_are_megatrons_without_a_sort(tokens, experts, k, device):
+    """The rows' tokens (Megatron's permute, a stable sort), their experts (the dispatcher's
+    search of the counts) and each token's rows (argsort of the rows' tokens), from the router
+    kernel's per-block counts."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_coe.model import triton_router, triton_row_index
+
+    torch.manual_seed(tokens + experts)
+    logits = torch.randn(tokens, experts, device=device)
+    logits[1::7] = 0  # ties: the lower experts
+    _, routing_map, _ = triton_router.topk_softmax(logits, k)
+    index, row_experts, order = triton_row_index.rows_of(routing_map, tokens * k)
+    _, _, want, _, _ = moe_utils.permute(torch.zeros(tokens, 0, device=device), routing_map,
+                                         None, tokens * k)
+    ends = routing_map.sum(0).cumsum(0)
+    assert torch.equal(index, want)
+    assert torch.equal(row_experts, torch.searchsorted(ends, torch.arange(tokens * k,
+                                                                          device=device),
+                                                       right=True))
+    assert torch.equal(order, torch.argsort(want, stable=True))
+    # only the kernel's own map, unchanged, read as k rows per token
+    assert triton_row_index.rows_of(routing_map, tokens * k + 1) is None
+    assert triton_row_index.rows_of(routing_map.clone(), tokens * k) is None
+    routing_map[:, 0] = routing_map[:, 0]
+    assert triton_row_index.rows_of(routing_map, tokens * k) is None
+
+
+@interpreted
+def test_coe_layer_takes_the_rows_from_the_kernels_map(monkeypatch):
+    """Dispatching from the router kernel's map sorts nothing (no Megatron permute's sort, no
+    argsort of the rows' tokens) and gives the same bits as dispatching by the sorts."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    from layer_harness import fwd_bwd, layer_config, seeded_layers
+    from megatron_coe.model import triton_row_index
+
+    layer, = seeded_layers(layer_config(model={"swiglu_fusion": True, "fused_kernels": "triton"}))
+    x = torch.randn(40, 2, 32)
+    sorts = []
+    argsort = torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda *a, **kw: sorts.append(1) or argsort(*a, **kw))
+    permutes = []
+    permute = token_dispatcher.permute
+    monkeypatch.setattr(token_dispatcher, "permute",
+                        lambda *a, **kw: permutes.append(1) or permute(*a, **kw))
+    taken = fwd_bwd(layer, x)
+    assert not sorts and not permutes
+    layer.zero_grad(set_to_none=True)
+    monkeypatch.setattr(triton_row_index, "rows_of", lambda *a: None)
+    sorted_ = fwd_bwd(layer, x)
+    assert len(permutes) == 2 and len(sorts) == 2  # per iteration: Megatron's permute, argsort
+    for a, b in zip(taken, sorted_):
+        assert torch.equal(a, b)
