@@ -29,6 +29,7 @@
     triton_swiglu.py        the experts' SwiGLU
     triton_gather_sum.py    each token's k expert rows gathered and summed (permutation.py)
     triton_router.py        a router's softmax, top-k and dense outputs (aux_topk.py)
+    triton_row_index.py     the dispatcher's rows from the router kernel's map, without a sort
     triton_sum_into.py      two gradients summed into an fp32 buffer (wgrad_sum.py)
     triton_rounding.py      fp32 -> bf16 rounded as torch rounds, for the kernels above
 """

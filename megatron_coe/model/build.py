@@ -246,13 +246,14 @@ _TRITON_ERRORS: dict[tuple[torch.dtype, int, int, int, int], str | None] = {}
 
 def triton_kernels_error(dtype: torch.dtype, vocab: int = 40, width: int = 8,
                          experts: int = 4, topk: int = 2) -> str | None:
-    """None when this package's Triton SwiGLU (``width`` columns), loss (``vocab`` logits
-    per token), rows' sums (``width`` columns, with addends and without a gather) and router (top-``topk`` of ``experts`` logits
-    per token, where it takes them) kernels run forward and backward on the current GPU in
-    ``dtype``, with the block sizes those widths choose, on two rows, else the error in one
-    line (model/probe.py)."""
+    """None when this package's Triton kernels run forward and backward on the current GPU in
+    ``dtype``, with the block sizes the run's widths choose, on two rows, else the error in one
+    line (model/probe.py): the SwiGLU (``width`` columns), the loss (``vocab`` logits per
+    token), the rows' sums (``width`` columns, with addends and without a gather), and the
+    router (top-``topk`` of ``experts`` logits per token, where it takes them) with the row
+    index from its map."""
     def run(device):
-        from megatron_coe.model import triton_gather_sum, triton_router
+        from megatron_coe.model import triton_gather_sum, triton_router, triton_row_index
         from megatron_coe.model.loss import fused_cross_entropy
         from megatron_coe.model.triton_swiglu import weighted_swiglu
 
@@ -264,8 +265,9 @@ def triton_kernels_error(dtype: torch.dtype, vocab: int = 40, width: int = 8,
          + fused_cross_entropy(logits, target, "triton").float().sum()).backward()
         routing = torch.randn(2, experts, device=device, requires_grad=True)
         if triton_router.runs(routing, topk):  # else Megatron's ops route
-            probs, _, scores = triton_router.topk_softmax(routing, topk)
+            probs, routing_map, scores = triton_router.topk_softmax(routing, topk)
             (probs.sum() + scores[:, 0].sum()).backward()
+            triton_row_index.rows_of(routing_map, 2 * topk)
         if dtype in triton_gather_sum.DTYPES:  # others are summed by torch
             rows = z.detach()
             order = torch.tensor([1, 0], device=device)
