@@ -324,11 +324,12 @@ class ModelConfig:
     loss_fusion: Optional[bool] = None
     # How the fused kernels above are made: "compile" (torch.compile of the torch math, as
     # Megatron's fused SwiGLU is) or "triton" (this package's hand-written Triton kernels,
-    # model/triton_cross_entropy.py, model/triton_swiglu.py, model/triton_gather_sum.py and
-    # model/triton_router.py: the loss, the SwiGLU of the local spec's grouped experts and
-    # shared expert, the sum of each token's expert rows in the dispatcher's unpermutation, and
-    # the routers' softmax and top-k; per-expert GEMM experts and Transformer Engine's layers
-    # keep their own).  triton needs device=cuda (the tests run
+    # model/triton_cross_entropy.py, model/triton_swiglu.py, model/triton_gather_sum.py,
+    # model/triton_router.py and model/triton_row_index.py: the loss, the SwiGLU of the local
+    # spec's grouped experts and shared expert, the sum of each token's expert rows in the
+    # dispatcher's unpermutation (with the reference residual's adds), the routers' softmax
+    # and top-k, and the rows' index from their map; per-expert GEMM experts and Transformer
+    # Engine's layers keep their own).  triton needs device=cuda (the tests run
     # it on CPU under Triton's interpreter, TRITON_INTERPRET=1) and one of the two fusions on.
     # auto: triton on CUDA where the triton package imports, the kernels run on the GPU (tried
     # once per process) and a fusion is on; compile elsewhere.
