@@ -65,8 +65,6 @@ SINGLE_ROUTE_FEATURES = {
     "all-to-alls instead)",
     "delay_wgrad_compute": "it splits expert weight gradients assuming one expert pass per layer",
     "overlap_dispatch_backward_with_experts_wgrad": "it assumes one dispatch per layer",
-    "moe_shared_expert_overlap": "its side-stream state is cached once per layer "
-    "(parallel.overlap_expert_comm overlaps the shared expert in every iteration instead)",
     "moe_paged_stash": "it stashes one dispatch per layer",
     "moe_latent_size": "latent projections would be applied once per iteration",
     "moe_router_force_biased": "all iterations' routers would get the same bias",
@@ -982,6 +980,13 @@ def _validate_transformer_overrides(m: ModelConfig) -> None:
         raise ValueError("model.transformer_overrides.cuda_graph_impl=full_iteration: set "
                          "train.cuda_graph: full_iteration instead (the training loop captures "
                          "its schedule)")
+    if m.moe is not None and m.transformer_overrides.get("moe_shared_expert_overlap"):
+        # Megatron hands the shared expert to the layer's first dispatcher, which CoELayer
+        # replaces: the shared expert would silently drop out of every MoE/CoE layer
+        raise ValueError(
+            "model.transformer_overrides.moe_shared_expert_overlap cannot be used: the CoE layer "
+            "runs the shared expert itself in every iteration (parallel.overlap_expert_comm "
+            "overlaps it with the all-to-alls); remove it")
     if m.coe is not None and m.coe.iterations > 1:
         for key, why in SINGLE_ROUTE_FEATURES.items():
             if m.transformer_overrides.get(key):

@@ -109,7 +109,8 @@ class CoELayer(MoELayer):
         # (each training forward counted once, also when recomputed in backward).
         self.tokens_per_expert = torch.zeros(iterations, self.config.num_moe_experts)
         # Non-finite values seen since the last reset, per iteration: [C, 2] for (router
-        # probabilities, iteration output F_t, or x(t) where fused_residual sums it).  Tensor ops only, all iterations checked
+        # probabilities, iteration output F_t, or x(t) where fused_residual sums it;
+        # first_nonfinite calls both "expert output").  Tensor ops only, all iterations checked
         # together at the end of the layer's forward: no device sync.
         self.nonfinite = torch.zeros(iterations, 2, dtype=torch.bool)
         # TE linears called more than once per micro-batch must add every call's weight

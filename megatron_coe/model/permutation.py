@@ -106,7 +106,7 @@ def sum_by_token(rows: torch.Tensor, order: torch.Tensor, k: int, triton: bool =
     if triton:
         from megatron_coe.model import triton_gather_sum
 
-        if rows.dtype in triton_gather_sum.DTYPES and len(addends) <= 2:
+        if rows.dtype in triton_gather_sum.DTYPES and len(addends) <= triton_gather_sum.MAX_ADDENDS:
             return triton_gather_sum.gather_sum(rows, order, k, addends)
     total = rows.index_select(0, order).view(-1, k, *rows.shape[1:]).sum(1)
     for addend in addends:
@@ -191,6 +191,7 @@ def gathered(k: int | None, orders: TokenOrder | None = None, triton: bool = Fal
         extra = ()
         shape = (restore_shape[0], permuted_tokens.shape[1])
         if addends and not added and all(a.numel() == shape[0] * shape[1]
+                                         and a.shape[-1] == shape[1]
                                          and a.dtype == permuted_tokens.dtype for a in addends):
             extra = tuple(a.reshape(shape) for a in addends)
             added.append(True)

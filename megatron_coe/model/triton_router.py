@@ -14,13 +14,15 @@ no expert groups or bias), per token:
 
 Megatron computes the same with torch's softmax, ``torch.topk`` over s, two scatters and, for
 the aux losses, a second softmax of l; its backward is a gather, the top-k's scatter and two
-softmax backwards.  softmax is monotone, so the k largest l are the k largest s, and the routing is Megatron's
-but for two kinds of token: those with two scores equal at the k-th place (equal logits, or
-scores that round to the same fp32 value), where torch's top-k may take either, and those with
-a NaN logit, whose scores are all NaN (Megatron's top-k of them is arbitrary; the layer's
-non-finite check reports them).  The scores and probabilities are Megatron's up to the rounding of the
-exponentials and of the sums' order (within about 1e-6 relative); one softmax is taken, not
-two, and the aux losses' gradient joins the routing's in one softmax backward.
+softmax backwards.  softmax is monotone, so the k largest l are the k largest s, and the
+routing is Megatron's but for two kinds of token: those with two scores equal at the k-th
+place (equal logits, or scores that round to the same fp32 value), where torch's top-k may
+take either, and those with a NaN logit, whose scores are all NaN (Megatron's top-k of them is
+arbitrary; the layer's non-finite check reports them).  The scores and probabilities are
+Megatron's up to the rounding of the exponentials and of the sums' order (within about 1e-6
+relative); one softmax is taken, not two, and the aux losses' gradient joins the routing's in
+one softmax backward.  Each program also writes its block's tokens per expert, from which
+model/triton_row_index.py finds the dispatcher's rows without a sort.
 
 One program per BLOCK_T tokens, all N experts of a token in one block (N <= MAX_EXPERTS).
 Runs on CUDA; on CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` before this module

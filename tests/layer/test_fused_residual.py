@@ -5,8 +5,8 @@ model/triton_gather_sum.py), on CPU through Triton's interpreter:
 - the kernel's addends and its sum without a gather give the bits of torch's adds in order;
 - a CoE layer (model.fused_kernels=triton, residual reference) gives the same output and
   gradients, bit for bit, as the same layer adding with torch's ops, in fp32 and bf16, C = 1
-  and 2, with and without a shared expert, and where the unpermutation cannot add (capacity
-  dropping: the layer adds);
+  and 2, with and without a shared expert, under each recompute mode, and where the
+  unpermutation cannot add (capacity dropping: the layer adds);
 - it runs the kernels where the layer says it does."""
 
 import pytest
@@ -77,6 +77,25 @@ def test_layer_sums_the_residual_in_the_kernels_bit_for_bit(dtype, iterations, s
     gathered = [(True, adds), (True, 0)] if adds else []
     assert sorted(calls) == sorted(iterations * (gathered + [(False, 3 if shared else 2)]))
     layer.fused_residual = False  # the same layer, adding with torch's ops
+    for a, b in zip(fused, fwd_bwd(layer, x)):
+        assert torch.equal(a, b)
+
+
+@interpreted
+@interpreted
+@pytest.mark.parametrize("recompute", ["moe", "experts", "moe_act"])
+def test_recomputed_layers_sum_the_residual_bit_for_bit(recompute):
+    """Under each recompute mode the layer's forward runs again in backward, with the same
+    kernels: still the bits of the unfused adds."""
+    config = layer_config(recompute=recompute, model={
+        "swiglu_fusion": True, "fused_kernels": "triton",
+        "coe": {"iterations": 2, "residual": "reference"}})
+    layer, = seeded_layers(config, dtype=torch.bfloat16)
+    assert layer.fused_residual
+    x = torch.randn(40, 2, 32, dtype=torch.bfloat16)
+    fused = fwd_bwd(layer, x)
+    layer.zero_grad(set_to_none=True)
+    layer.fused_residual = False
     for a, b in zip(fused, fwd_bwd(layer, x)):
         assert torch.equal(a, b)
 
