@@ -34,5 +34,5 @@ def fwd_bwd(layer, x):
     fixed weighted sum of the output."""
     x = x.clone().requires_grad_(True)
     y, _ = layer(x)
-    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
     return [y.detach(), x.grad, *(p.grad.clone() for p in layer.parameters())]

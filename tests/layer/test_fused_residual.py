@@ -40,11 +40,12 @@ def test_addends_and_sums_in_order_are_torchs_adds(dtype, device):
 
 
 def _config(iterations=2, shared=True, kernels="triton", residual="reference",
-            iteration_norm=False, **moe):
+            iteration_norm=False, device="cpu", **moe):
     if not shared:
         moe["shared_expert_hidden_size"] = None
     triton = {"swiglu_fusion": True, "fused_kernels": "triton"} if kernels == "triton" else {}
-    return layer_config(model={**triton, "coe": {"iterations": iterations, "residual": residual,
+    return layer_config(device=device,
+                        model={**triton, "coe": {"iterations": iterations, "residual": residual,
                                                  "iteration_norm": iteration_norm}}, **moe)
 
 
@@ -58,6 +59,29 @@ def _counted(monkeypatch):
     return calls
 
 
+def check_fused_residual_bits(device, dtype, iterations=2, shared=True, moe=None, adds=2,
+                              monkeypatch=None):
+    """A reference-residual layer with the Triton kernels on ``device``: the kernels called as
+    the layer says (counted where ``monkeypatch`` is given), and the same output and gradients,
+    bit for bit, as the same layer adding with torch's ops."""
+    layer, = seeded_layers(_config(iterations, shared, device=device, **(moe or {})),
+                           dtype=dtype)
+    assert layer.fused_residual and layer.token_dispatcher.triton_sums
+    x = torch.randn(40, 2, 32, dtype=dtype, device=device)
+    calls = _counted(monkeypatch) if monkeypatch is not None else None
+    fused = fwd_bwd(layer, x)
+    layer.zero_grad(set_to_none=True)
+    if calls is not None:
+        # per iteration: the unpermutation with its addends where it runs as gathers (forward)
+        # and the permutation's backward; the gradients of x's uses (router, rows, shared,
+        # residual)
+        gathered = [(True, adds), (True, 0)] if adds else []
+        assert sorted(calls) == sorted(iterations * (gathered + [(False, 3 if shared else 2)]))
+    layer.fused_residual = False  # the same layer, adding with torch's ops
+    for a, b in zip(fused, fwd_bwd(layer, x)):
+        assert torch.equal(a, b)
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("iterations, shared, moe, adds", [
@@ -66,22 +90,9 @@ def _counted(monkeypatch):
 ])
 def test_layer_sums_the_residual_in_the_kernels_bit_for_bit(dtype, iterations, shared, moe,
                                                             adds, monkeypatch):
-    layer, = seeded_layers(_config(iterations, shared, **moe), dtype=dtype)
-    assert layer.fused_residual and layer.token_dispatcher.triton_sums
-    x = torch.randn(40, 2, 32, dtype=dtype)
-    calls = _counted(monkeypatch)
-    fused = fwd_bwd(layer, x)
-    layer.zero_grad(set_to_none=True)
-    # per iteration: the unpermutation with its addends where it runs as gathers (forward) and
-    # the permutation's backward; the gradients of x's uses (router, rows, shared, residual)
-    gathered = [(True, adds), (True, 0)] if adds else []
-    assert sorted(calls) == sorted(iterations * (gathered + [(False, 3 if shared else 2)]))
-    layer.fused_residual = False  # the same layer, adding with torch's ops
-    for a, b in zip(fused, fwd_bwd(layer, x)):
-        assert torch.equal(a, b)
+    check_fused_residual_bits("cpu", dtype, iterations, shared, moe, adds, monkeypatch)
 
 
-@interpreted
 @interpreted
 @pytest.mark.parametrize("recompute", ["moe", "experts", "moe_act"])
 def test_recomputed_layers_sum_the_residual_bit_for_bit(recompute):

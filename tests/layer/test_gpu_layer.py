@@ -1,7 +1,9 @@
 """The single-GPU layer tests: EP = 1, C = 1..3, every residual and router mode, on one CUDA
 GPU against the same plain-PyTorch formula as on CPU (tests/layer/test_formula_parity.py), with
-the same float32 tolerance (TF32 off, as torch defaults), and a model with MLA's fused RoPE
-against one without (tests/layer/test_mla_rope_fusion.py).  ``pytest -m gpu``; skipped without
+the same float32 tolerance (TF32 off, as torch defaults), a model with MLA's fused RoPE
+against one without (tests/layer/test_mla_rope_fusion.py), and the reference residual summed
+in the compiled Triton kernels against torch's adds, bit for bit
+(tests/layer/test_fused_residual.py).  ``pytest -m gpu``; skipped without
 a GPU.  A module of its own: its process group is NCCL's, the CPU tests' is gloo's."""
 
 import pytest
@@ -29,3 +31,13 @@ def test_rope_fusion_builds_the_same_model_on_gpu(precision, tol, monkeypatch):
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     check_rope_fusion_builds_the_same_model("cuda", precision, tol, monkeypatch, rope_dim=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_residual_gives_the_same_bits_on_gpu(dtype):
+    import torch
+
+    from test_fused_residual import check_fused_residual_bits
+
+    check_fused_residual_bits("cuda", getattr(torch, dtype))
