@@ -20,8 +20,11 @@ after every add, so results equal Megatron's within float rounding.  ``order`` i
 dispatch: the permutation's backward and the unpermutation's forward of the same rows share it
 (:class:`TokenOrder`).  With ``model.fused_kernels: triton`` the gather and the reduction are
 one Triton kernel (model/triton_gather_sum.py): the same sums, in fp32 in the order j = 0..k-1,
-without the gathered copy.  The rows' probabilities are gathered as Megatron gathers them, and
-their gradient written back without the sort of an accumulating scatter (:class:`_RowProbs`).
+without the gathered copy; it can also add the reference residual's terms to the sums
+(``addends``, model/layer.py).  Where the router kernel made the routing map, the rows' tokens,
+their experts and each token's rows come from it without a sort (model/triton_row_index.py).
+The rows' probabilities are gathered as Megatron gathers them, and their gradient written back
+without the sort of an accumulating scatter (:class:`_RowProbs`).
 
 :func:`gathered` applies this to Megatron's dispatcher for the duration of one dispatch or
 combine: it wraps the dispatcher module's ``permute`` and ``unpermute`` (Megatron's, or the CPU
@@ -106,7 +109,8 @@ def sum_by_token(rows: torch.Tensor, order: torch.Tensor, k: int, triton: bool =
     if triton:
         from megatron_coe.model import triton_gather_sum
 
-        if rows.dtype in triton_gather_sum.DTYPES and len(addends) <= triton_gather_sum.MAX_ADDENDS:
+        if (rows.dtype in triton_gather_sum.DTYPES
+                and len(addends) <= triton_gather_sum.MAX_ADDENDS):
             return triton_gather_sum.gather_sum(rows, order, k, addends)
     total = rows.index_select(0, order).view(-1, k, *rows.shape[1:]).sum(1)
     for addend in addends:
