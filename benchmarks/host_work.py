@@ -61,8 +61,9 @@ CLASSES = [
     ("communication", r"nccl|all_to_all|allreduce|all_reduce|c10d|gloo"),
     # torch.compile's generated kernels (the fused SwiGLU), named after the ops they fuse
     ("compiled (Triton)", r"^triton_"),
-    # this package's hand-written Triton kernels (model.fused_kernels: triton)
-    ("Triton (loss, SwiGLU)", r"^coe_(swiglu|cross_entropy)_"),
+    # this package's hand-written Triton kernels (model.fused_kernels: triton): the loss, the
+    # SwiGLU, the rows' sums, the router, the rows' index, the weight gradients' sums
+    ("Triton (this package)", r"^coe_"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*(fprop|bprop|dgrad)|_efficient_attention"),
     ("GEMM", r"gemm|cutlass|xmma|cublas|nvjet|matmul|grouped_mm|\bmm\b|aten::mm|aten::bmm"

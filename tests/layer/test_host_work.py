@@ -101,11 +101,15 @@ def test_kernel_classes_name_the_triton_kernels_apart():
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from host_work import kernel_class
 
-    from megatron_coe.model import triton_cross_entropy, triton_swiglu
+    from megatron_coe.model import (triton_cross_entropy, triton_gather_sum, triton_router,
+                                    triton_row_index, triton_sum_into, triton_swiglu)
 
     for kernel in (triton_swiglu.coe_swiglu_forward, triton_swiglu.coe_swiglu_backward,
                    triton_cross_entropy.coe_cross_entropy_forward,
-                   triton_cross_entropy.coe_cross_entropy_backward):
-        assert kernel_class(kernel.fn.__name__) == "Triton (loss, SwiGLU)"
+                   triton_cross_entropy.coe_cross_entropy_backward,
+                   triton_gather_sum.coe_gather_sum, triton_router.coe_topk_softmax,
+                   triton_router.coe_topk_softmax_backward, triton_row_index.coe_row_index,
+                   triton_sum_into.coe_sum_into):
+        assert kernel_class(kernel.fn.__name__) == "Triton (this package)"
     assert kernel_class("triton_poi_fused_mul_silu_split_0") == "compiled (Triton)"
     assert kernel_class("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NTN") == "GEMM"
