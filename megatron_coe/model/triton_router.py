@@ -116,7 +116,8 @@ class TopkSoftmax(torch.autograd.Function):
                 BLOCK_T=block_t, BLOCK_N=block_n, num_warps=WARPS)
         ctx.mark_non_differentiable(routing_map)
         ctx.save_for_backward(scores, routing_map)
-        _LAST_MAP = _Map(weakref.ref(routing_map), routing_map._version, k, block_t, counts)
+        _LAST_MAP = (None if routing_map.is_inference()  # no version counter to check
+                     else _Map(weakref.ref(routing_map), routing_map._version, k, block_t, counts))
         return probs, routing_map, scores
 
     @staticmethod
@@ -155,7 +156,7 @@ def block_counts(routing_map: torch.Tensor) -> tuple[torch.Tensor, int, int] | N
     """(tokens per expert in each block of ``block_t`` tokens [blocks, N] int32, block_t, k)
     when ``routing_map`` is the last map :class:`TopkSoftmax` wrote, unchanged, else None."""
     last = _LAST_MAP
-    if (last is None or last.routing_map() is not routing_map
+    if (last is None or routing_map.is_inference() or last.routing_map() is not routing_map
             or last.version != routing_map._version):
         return None
     return last.counts, last.block_t, last.k

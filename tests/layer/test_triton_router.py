@@ -174,6 +174,9 @@ def test_rows_of_the_kernels_map_are_megatrons_without_a_sort(tokens, experts, k
     assert triton_row_index.rows_of(routing_map.clone(), tokens * k) is None
     routing_map[:, 0] = routing_map[:, 0]
     assert triton_row_index.rows_of(routing_map, tokens * k) is None
+    with torch.inference_mode():  # no version counter: routed, not remembered
+        _, routing_map, _ = triton_router.topk_softmax(logits, k)
+        assert triton_row_index.rows_of(routing_map, tokens * k) is None
 
 
 @interpreted
