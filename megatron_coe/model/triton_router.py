@@ -66,7 +66,7 @@ def coe_topk_softmax(logits_ptr, probs_ptr, map_ptr, scores_ptr, counts_ptr, T, 
     tl.store(probs_ptr + offsets, tl.where(chosen, scores, 0.0), mask=mask)
     tl.store(map_ptr + offsets, chosen.to(tl.uint8), mask=mask)
     # the block's tokens per expert, for the rows' index without a sort (triton_row_index.py)
-    tl.store(counts_ptr + tl.program_id(0) * N + cols,
+    tl.store(counts_ptr + tl.program_id(0).to(tl.int64) * N + cols,
              tl.sum((chosen & mask).to(tl.int32), 0), mask=cols < N)
 
 

@@ -32,8 +32,8 @@ from megatron_coe.model import triton_router
 @triton.jit
 def coe_row_index(map_ptr, first_ptr, index_ptr, experts_ptr, order_ptr, T, N,
                   K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    block = tl.program_id(0)
-    tokens = (block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    block = tl.program_id(0).to(tl.int64)
+    tokens = block * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_N)
     mask = (tokens < T)[:, None] & (cols < N)[None, :]
     routed = (tl.load(map_ptr + tokens[:, None] * N + cols[None, :], mask=mask, other=0) != 0)

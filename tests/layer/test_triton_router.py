@@ -159,6 +159,9 @@ def test_rows_of_the_kernels_map_are_megatrons_without_a_sort(tokens, experts, k
     torch.manual_seed(tokens + experts)
     logits = torch.randn(tokens, experts, device=device)
     logits[1::7] = 0  # ties: the lower experts
+    logits[2::9, :2] = float("nan")  # NaN first
+    logits[3::11, -1:] = float("inf")
+    logits[4::13, 1:] = -float("inf")
     _, routing_map, _ = triton_router.topk_softmax(logits, k)
     index, row_experts, order = triton_row_index.rows_of(routing_map, tokens * k)
     _, _, want, _, _ = moe_utils.permute(torch.zeros(tokens, 0, device=device), routing_map,
@@ -188,7 +191,9 @@ def test_coe_layer_takes_the_rows_from_the_kernels_map(monkeypatch):
     from layer_harness import fwd_bwd, layer_config, seeded_layers
     from megatron_coe.model import triton_row_index
 
-    layer, = seeded_layers(layer_config(model={"swiglu_fusion": True, "fused_kernels": "triton"}))
+    # top-3: a token's rows summed in another order would give other bits
+    layer, = seeded_layers(layer_config(topk=3, model={"swiglu_fusion": True,
+                                                       "fused_kernels": "triton"}))
     x = torch.randn(40, 2, 32)
     sorts = []
     argsort = torch.argsort
