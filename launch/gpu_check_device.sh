@@ -5,6 +5,8 @@
 # benchmarks/results).  Extra arguments go to the check, e.g. --parts a b.  GPU_TESTS, a
 # space-separated list of test files, runs their gpu-marked tests first (`pytest -m gpu`;
 # log: $OUT/gpu_tests.log; pytest from the wheel folder where the machine has none).
+# COE_KERNELS=1 then times the CoE path's Triton kernels alone (benchmarks/coe_kernels.py:
+# $OUT/coe_kernels.json and .log).
 #
 #   mkdir -p .whl && pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2 \
@@ -27,6 +29,10 @@ if [ -n "${GPU_TESTS:-}" ]; then
     read -r -a gpu_tests <<< "$GPU_TESTS"
     python3 -m pytest -q -m gpu -p no:cacheprovider "${gpu_tests[@]}" > "$out/gpu_tests.log" 2>&1
     echo "gpu tests: exit $?" | tee -a "$out/gpu_tests.log"
+fi
+if [ -n "${COE_KERNELS:-}" ]; then
+    python3 benchmarks/coe_kernels.py --out "$out/coe_kernels.json" > "$out/coe_kernels.log" 2>&1
+    echo "coe kernels: exit $?" | tee -a "$out/coe_kernels.log"
 fi
 python3 -m megatron_coe.gpu_check --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"
 status=${PIPESTATUS[0]}
