@@ -17,6 +17,7 @@
     fp8.py                  FP8 grouped GEMMs through torch's scaled matmuls (fp8.backend: torch)
     shared_expert.py        the shared expert with the Triton SwiGLU
     repeated_calls.py       TE modules called more than once per micro-batch
+    tensor_memo.py          one value remembered for one tensor while it is unchanged
 
   attention (local spec)
     attention.py            MLA core attention

@@ -28,24 +28,23 @@ within float rounding (tests/layer/test_triton_router.py).
 
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple
 
 import torch
 
+from megatron_coe.model.tensor_memo import TensorMemo
+
 
 class _Routing(NamedTuple):
-    """The last routing top-k that the aux losses may reuse."""
+    """The last routing top-k that the aux losses may reuse, remembered for its logits."""
 
-    logits: weakref.ref  # the logits it was taken from
-    logits_version: int  # their version counter then (an in-place change bumps it)
     topk: int
     routing_map: torch.Tensor
-    map_version: int
+    map_version: int  # the map's version counter then (an in-place change bumps it)
     scores: torch.Tensor | None  # softmax(logits) when the Triton kernel took it
 
 
-_LAST_ROUTING: _Routing | None = None
+_LAST_ROUTING = TensorMemo()  # logits -> _Routing
 _TRITON = False  # route the eligible calls through model/triton_router.py (set_triton)
 
 
@@ -60,15 +59,15 @@ def _topk_routing_remembered(logits, topk, use_pre_softmax=False, num_groups=Non
     expert groups, router replay, precomputed indices or fused kernel, and with gradients on:
     routing then sorts its top-k (``sorted=torch.is_grad_enabled()``) exactly as the aux loss's
     ``torch.topk`` does.  Capacity dropping comes after this call, so it does not matter."""
-    global _LAST_ROUTING
     from megatron.core.transformer.moe import moe_utils
 
     softmax_topk = (score_function == "softmax" and use_pre_softmax and not group_topk
                     and router_replay is None and precomputed_indices is None and not fused
                     and not dense_output)
     scores = None
-    if _TRITON and softmax_topk and not scaling_factor and _triton_router().runs(logits, topk):
-        probs, routing_map, scores = _triton_router().topk_softmax(logits, topk)
+    router = _triton_router() if _TRITON and softmax_topk and not scaling_factor else None
+    if router is not None and router.runs(logits, topk):
+        probs, routing_map, scores = router.topk_softmax(logits, topk)
     else:
         probs, routing_map = moe_utils.topk_routing_with_score_function(
             logits, topk, use_pre_softmax=use_pre_softmax, num_groups=num_groups,
@@ -76,9 +75,10 @@ def _topk_routing_remembered(logits, topk, use_pre_softmax=False, num_groups=Non
             score_function=score_function, expert_bias=expert_bias, fused=fused,
             router_replay=router_replay, dense_output=dense_output,
             precomputed_indices=precomputed_indices)
-    _LAST_ROUTING = (_Routing(weakref.ref(logits), logits._version, topk, routing_map,
-                              routing_map._version, scores)
-                     if softmax_topk and torch.is_grad_enabled() else None)
+    if softmax_topk and torch.is_grad_enabled():
+        _LAST_ROUTING.remember(logits, _Routing(topk, routing_map, routing_map._version, scores))
+    else:
+        _LAST_ROUTING.forget()
     return probs, routing_map
 
 
@@ -93,12 +93,11 @@ def _aux_scores_from_routing(logits, topk, score_function, fused=False, padding_
     0.51 of it the top-k (benchmarks/results/trace_sites_cuda_coe_scatter.json).  The scores
     are computed as Megatron computes them.  Any other call (padding mask, other score
     function, fused) runs Megatron's own."""
-    global _LAST_ROUTING
     from megatron.core.transformer.moe import moe_utils
 
-    last, _LAST_ROUTING = _LAST_ROUTING, None
-    if (last is None or last.logits() is not logits or last.logits_version != logits._version
-            or last.topk != topk or last.map_version != last.routing_map._version
+    last = _LAST_ROUTING.get(logits)
+    _LAST_ROUTING.forget()
+    if (last is None or last.topk != topk or last.map_version != last.routing_map._version
             or score_function != "softmax" or fused or padding_mask is not None):
         return moe_utils.compute_routing_scores_for_aux_loss(logits, topk, score_function,
                                                              fused=fused,
@@ -120,16 +119,18 @@ def set_triton(on: bool) -> None:
     clears it after: the routing and its aux losses run within one call, and a remembered
     routing past it would keep its scores' autograd graph (and what it saved) alive where no
     aux loss takes it (aux_loss: none, evaluation with gradients on)."""
-    global _TRITON, _LAST_ROUTING
-    _TRITON, _LAST_ROUTING = on, None
+    global _TRITON
+    _TRITON = on
+    _LAST_ROUTING.forget()
 
 
 def install() -> None:
     """Route Megatron's TopKRouter through the two functions above (idempotent), with no
     routing remembered from an earlier model and Megatron's ops for the routing."""
-    global _LAST_ROUTING, _TRITON
+    global _TRITON
     from megatron.core.transformer.moe import router
 
-    _LAST_ROUTING, _TRITON = None, False
+    _TRITON = False
+    _LAST_ROUTING.forget()
     router.topk_routing_with_score_function = _topk_routing_remembered
     router.compute_routing_scores_for_aux_loss = _aux_scores_from_routing

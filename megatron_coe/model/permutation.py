@@ -35,9 +35,9 @@ unchanged.
 from __future__ import annotations
 
 import contextlib
-import weakref
-
 import torch
+
+from megatron_coe.model.tensor_memo import TensorMemo
 
 
 class _GatherRows(torch.autograd.Function):
@@ -123,21 +123,17 @@ class TokenOrder:
     a dispatcher's permute and its unpermute pass the same index tensor, unchanged."""
 
     def __init__(self):
-        self._last: tuple[weakref.ref, int, torch.Tensor] | None = None
+        self._last = TensorMemo()
 
     def remember(self, index: torch.Tensor, order: torch.Tensor) -> None:
         """``order`` is argsort(index, stable=True), found otherwise (triton_row_index.py)."""
-        if not index.is_inference():
-            self._last = (weakref.ref(index), index._version, order)
+        self._last.remember(index, order)
 
     def of(self, index: torch.Tensor) -> torch.Tensor:
-        if index.is_inference():  # no version counter to tell an in-place change: no reuse
-            return torch.argsort(index, stable=True)
-        last = self._last
-        if last is not None and last[0]() is index and last[1] == index._version:
-            return last[2]
-        order = torch.argsort(index, stable=True)
-        self._last = (weakref.ref(index), index._version, order)
+        order = self._last.get(index)
+        if order is None:
+            order = torch.argsort(index, stable=True)
+            self._last.remember(index, order)
         return order
 
 

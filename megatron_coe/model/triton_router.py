@@ -31,13 +31,12 @@ is imported), which the tests use.
 
 from __future__ import annotations
 
-import weakref
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from megatron_coe.model.tensor_memo import TensorMemo
 
 MAX_EXPERTS = 1024  # experts one program holds per token; more are routed by Megatron's ops
 TILE = 2048  # values per program: BLOCK_T x BLOCK_N
@@ -100,7 +99,6 @@ class TopkSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, k: int):
-        global _LAST_MAP
         ctx.set_materialize_grads(False)  # no zero tensor for an unused output's gradient
         T, N = logits.shape
         logits = logits.contiguous()
@@ -116,8 +114,7 @@ class TopkSoftmax(torch.autograd.Function):
                 BLOCK_T=block_t, BLOCK_N=block_n, num_warps=WARPS)
         ctx.mark_non_differentiable(routing_map)
         ctx.save_for_backward(scores, routing_map)
-        _LAST_MAP = (None if routing_map.is_inference()  # no version counter to check
-                     else _Map(weakref.ref(routing_map), routing_map._version, k, block_t, counts))
+        _LAST_MAP.remember(routing_map, (counts, block_t, k))
         return probs, routing_map, scores
 
     @staticmethod
@@ -139,27 +136,14 @@ class TopkSoftmax(torch.autograd.Function):
         return out, None
 
 
-class _Map(NamedTuple):
-    """The last routing map the kernel wrote, and its tokens per expert in each block."""
-
-    routing_map: weakref.ref
-    version: int  # its version counter then (an in-place change bumps it)
-    k: int
-    block_t: int  # tokens per block
-    counts: torch.Tensor  # [blocks, N] int32
-
-
-_LAST_MAP: _Map | None = None
+# the last routing map the kernel wrote -> (its tokens per expert in each block, block_t, k)
+_LAST_MAP = TensorMemo()
 
 
 def block_counts(routing_map: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
     """(tokens per expert in each block of ``block_t`` tokens [blocks, N] int32, block_t, k)
     when ``routing_map`` is the last map :class:`TopkSoftmax` wrote, unchanged, else None."""
-    last = _LAST_MAP
-    if (last is None or routing_map.is_inference() or last.routing_map() is not routing_map
-            or last.version != routing_map._version):
-        return None
-    return last.counts, last.block_t, last.k
+    return _LAST_MAP.get(routing_map)
 
 
 def runs(logits: torch.Tensor, k: int) -> bool:
