@@ -128,12 +128,13 @@ def cases(T: int, N: int, k: int, H: int, device: str):
         got = kernel_rows()
         return got is not None and all(torch.equal(a, b) for a, b in zip(megatron_rows(), got))
 
-    bf16 = dict(device=device, dtype=torch.bfloat16)
-    expert_rows = torch.randn(rows, H, generator=gen, device=device).to(torch.bfloat16)
+    def bf16(n):
+        return torch.randn(n, H, generator=gen, device=device).to(torch.bfloat16)
+
+    expert_rows = bf16(rows)
     order = torch.randperm(rows, generator=gen, device=device)
-    shared, x = (torch.randn(T, H, generator=gen, device=device).to(torch.bfloat16)
-                 for _ in range(2))
-    grads = [torch.randn(T, H, generator=gen, device=device).to(**bf16) for _ in range(4)]
+    shared, x = bf16(T), bf16(T)
+    grads = [bf16(T) for _ in range(4)]
 
     def torch_residual():
         return x + (triton_gather_sum.gather_sum(expert_rows, order, k) + shared)
