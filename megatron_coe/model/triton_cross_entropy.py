@@ -89,11 +89,15 @@ def token_loss(logits: torch.Tensor, target: torch.Tensor):
 
 
 def logits_grad(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
-                grad: torch.Tensor) -> torch.Tensor:
-    """d loss / d logits (the logits' dtype and shape) for the loss's gradient ``grad``."""
+                grad: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """d loss / d logits (the logits' dtype and shape) for the loss's gradient ``grad``; with
+    ``in_place``, written over the logits (each program reads its block before it writes it)
+    where their rows are contiguous, else over the contiguous copy made to read them."""
     V = logits.shape[-1]
     z = _rows(logits)
-    out = torch.empty(z.shape, dtype=logits.dtype, device=z.device)
+    if in_place and not z.is_contiguous():
+        z = z.contiguous()
+    out = z if in_place else torch.empty(z.shape, dtype=logits.dtype, device=z.device)
     block, warps = _block(V)
     if z.shape[0] > 0:
         coe_cross_entropy_backward[(z.shape[0], triton.cdiv(V, block))](

@@ -1,7 +1,8 @@
 """model.loss_fusion: the language-model loss as two compiled kernels (on CPU inductor's C++
 kernels) equals Megatron's vocabulary-parallel cross entropy, loss and logits gradient, within
 float rounding, for fp32 and bf16 logits and for targets outside the vocabulary; the gradient
-comes back in the logits' dtype; a model built with it gives Megatron's loss and gradients,
+comes back in the logits' dtype; a model built with it gives Megatron's loss and gradients, the
+logits' gradient written over them,
 with either model.fused_kernels (triton on CPU through Triton's interpreter); auto (the
 default) turns it on with the Triton kernels on CUDA only, and an explicit true is refused where
 it cannot run."""
@@ -62,10 +63,20 @@ def _model_loss_and_grads(loss_fusion, kernels="compile"):
     torch.manual_seed(0)
     model = build_model(config)
     assert model.loss_fusion is loss_fusion
+    memory = {}
+
+    def watch(module, args, output):  # where the logits are, and where their gradient comes
+        logits = output[0]
+        memory["logits"] = logits.data_ptr()
+        logits.register_hook(lambda grad: memory.update(grad=grad.data_ptr()))
+
+    model.output_layer.register_forward_hook(watch)
     tokens = torch.randint(0, config.model.vocab_size, (2, config.model.seq_length + 1))
     position_ids = torch.arange(config.model.seq_length).expand(2, -1)
     loss = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:])
     loss.mean().backward()
+    if loss_fusion:  # the logits' gradient written over them (no second [tokens, V] tensor)
+        assert memory["grad"] == memory["logits"]
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

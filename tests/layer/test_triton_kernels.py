@@ -85,6 +85,46 @@ def test_triton_loss_equals_megatrons_cross_entropy(dtype, vocab, device, one_ra
                           rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+@pytest.mark.parametrize("kernels", ["triton", "compile"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gradient_written_over_the_logits_is_the_same(dtype, kernels, layout, device,
+                                                          one_rank_groups):
+    """overwrite_logits (the model's loss) gives the bits of the gradient written into a new
+    tensor, in the logits' own memory where their rows are contiguous (no [tokens, V] tensor
+    is added at the step's peak), and refuses a second backward, whose logits are gone."""
+    from megatron_coe.model.loss import fused_cross_entropy
+
+    torch.manual_seed(0)
+    base = (torch.randn(5, 3, 5000) * 4).to(device, dtype)
+    target = torch.randint(0, 5000, (5, 3) if layout == "rows" else (3, 5)).to(device)
+    target[0, 0] = -1  # outside the vocabulary
+    g = torch.rand(target.shape, device=device)
+    grads, where = [], {}
+    for overwrite in (False, True):
+        x = base.clone().requires_grad_()
+        logits = x * 1.0  # made by the graph, as the output layer's are
+        if layout == "transposed":
+            logits = logits.transpose(0, 1)
+        logits.register_hook(lambda grad, o=overwrite: where.update({o: grad.data_ptr()}))
+        ptr = logits.data_ptr()
+        (fused_cross_entropy(logits, target, kernels, overwrite_logits=overwrite) * g).sum(
+        ).backward()
+        grads.append(x.grad)
+        if not overwrite:
+            assert where[overwrite] != ptr
+        elif layout == "rows":
+            assert where[overwrite] == ptr
+    assert torch.equal(grads[0], grads[1])
+    logits = base.clone().requires_grad_() * 1.0
+    loss = fused_cross_entropy(logits, target if layout == "rows" else target.T, kernels,
+                               overwrite_logits=True).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice: its first wrote the gradient "
+                                           "over the logits"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("weighted", [True, False], ids=["routed", "shared"])
 @pytest.mark.parametrize("rows,width", [(37, 24), (5, 704), (3, 1408)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
