@@ -29,9 +29,9 @@ import argparse
 import statistics
 import sys
 import time
-import weakref
 
 import torch
+from saved_tensors import SavedTensors
 
 PAIRS = [  # (name, iterations, topk) ; CoE first, MoE at the same expert passes second
     ("CoE-2(4/64) vs MoE(8/64)", (2, 4), (1, 8)),
@@ -66,41 +66,11 @@ def saved_activation_bytes(layer, x) -> dict[str, int]:
     """Bytes of the non-parameter tensors autograd holds for backward, over one forward +
     backward: "kept" after the forward (what waits for backward), "peak" at any moment
     (recompute included: the recomputed forward's tensors count while they live)."""
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    live: dict[tuple[int, int], list[int]] = {}
-    now = peak = 0
-
-    class Held:
-        __slots__ = ("tensor", "__weakref__")
-
-    def release(key):
-        nonlocal now
-        live[key][1] -= 1
-        if live[key][1] == 0:
-            now -= live.pop(key)[0]
-
-    def pack(t):
-        nonlocal now, peak
-        storage = t.untyped_storage()
-        held = Held()
-        held.tensor = t
-        if storage.data_ptr() in params:
-            return held
-        key = (storage.data_ptr(), storage.nbytes())
-        if key in live:
-            live[key][1] += 1
-        else:
-            live[key] = [key[1], 1]
-            now += key[1]
-            peak = max(peak, now)
-        weakref.finalize(held, release, key)
-        return held
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
+    with SavedTensors(layer) as saved:
         y, _ = layer(x)
-        kept = now
+        kept = saved.now
         y.float().sum().backward()
-    return {"kept": kept, "peak": peak}
+    return {"kept": kept, "peak": saved.peak}
 
 
 def fwd_bwd(layer, x):
