@@ -9,9 +9,10 @@ coe-train builds it (bf16, the Triton kernels with the fused loss and SwiGLU, gr
 on CPU the kernels run through Triton's interpreter) under each ``--recompute`` mode, and one
 micro-batch of ``--micro-batch`` sequences runs forward.  Every tensor autograd saves is counted
 once per storage (benchmarks/saved_tensors.py) under the part of the model that saved it:
-attention, norms, routers, routed experts and shared expert (each per iteration), dispatch and
-residual (the MoE/CoE layer's own work), output layer and loss.  Printed: KiB per token of
-each part, summed over the layers, and the total.
+attention, norms, routers, routed experts and shared expert (each per iteration), the norms of
+iterations 2..C where the config has them, dispatch and residual (the MoE/CoE layer's own
+work), output layer and loss.  Printed: KiB per token of each part, summed over the layers, and
+the total.
 
 On a GPU every part is what a CUDA run keeps.  On CPU the attention and the norms keep other
 tensors than on a GPU (torch's math attention keeps fp32 probabilities where cuDNN keeps q, k,
@@ -24,10 +25,11 @@ recompute) and changed by what each mode takes from the MoE/CoE layer's parts on
                                       - micro-batch x sequence x (layer kept(none) - layer kept(mode))
 
 With ``--logits-gradient-freed`` (a measured run from before the fused loss wrote the logits'
-gradient over them) a [tokens, V] tensor in the logits' dtype comes off every peak as well: at
-the peak, the output layer's backward, it no longer exists.  The CoE-2(4/48) / MoE(8/64) ratio
-of these peaks is printed per micro-batch.  Estimates, not measurements: a GPU check measures.
-Nothing here passes or fails.
+gradient over them) what that takes off every peak comes off as well: the loss's backward held
+logits and gradient, [T, V] each; the output layer's backward, the peak after it, holds the
+gradient with the hidden states' [T, H] and the weight's [V, H] gradients (bf16).  The
+CoE-2(4/48) / MoE(8/64) ratio of these peaks is printed per micro-batch.  Estimates, not
+measurements: a GPU check measures.  Nothing here passes or fails.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ CONFIGS = {"MoE(8/64)": "configs/paper/moe-8of64.yaml",
            "CoE-2(4/64)": "configs/paper/coe-2-4of64.yaml",
            "CoE-2(4/48)": "configs/paper/coe-2-4of48.yaml"}
 RATIO = ("CoE-2(4/48)", "MoE(8/64)")  # the memory target's pair
-LAYER_PARTS = ("routers", "routed experts", "shared expert", "dispatch and residual")
-PER_ITERATION = ("routers", "routed experts", "shared expert")
+LAYER_PARTS = ("routers", "routed experts", "shared expert", "iteration norms",
+               "dispatch and residual")
+PER_ITERATION = ("routers", "routed experts", "shared expert", "iteration norms")
 
 
 def part_of(name: str) -> str:
@@ -61,6 +64,8 @@ def part_of(name: str) -> str:
         return "shared expert"
     if ".mlp.experts" in name:
         return "routed experts"
+    if ".mlp.iteration_norms" in name:
+        return "iteration norms"
     if name.endswith(".mlp"):
         return "dispatch and residual"
     if "embedding" in name:
@@ -83,7 +88,7 @@ class Labels:
                 module.register_forward_pre_hook(lambda *a: self.calls.clear())
             path = name.split(".")
             entry = (path[-1] in ("router", "experts", "shared_experts")
-                     or path[-2:-1] == ["extra_routers"])
+                     or path[-2:-1] in (["extra_routers"], ["iteration_norms"]))
             module.register_forward_pre_hook(
                 lambda *a, p=part_of(name), e=entry: self.stack.append(self._label(p, e)))
             module.register_forward_hook(self._leave)
@@ -131,7 +136,15 @@ def kept(path: str, mode: str, args) -> dict:
     return {"kib_per_token": by_label, "total": sum(by_label.values()),
             "layer": sum(v for k, v in by_label.items() if k.rstrip(" 0123456789")
                          in LAYER_PARTS),
-            "tokens": b * s, "seq_length": s, "vocab_size": config.model.vocab_size}
+            "tokens": b * s, "seq_length": s, "vocab_size": config.model.vocab_size,
+            "hidden_size": config.model.hidden_size}
+
+
+def logits_gradient_bytes(tokens: int, vocab: int, hidden: int) -> int:
+    """What the fused loss's gradient written over the logits takes off a bf16 peak: the loss's
+    backward held logits and gradient, [T, V] each; the output layer's backward, now the peak,
+    holds the gradient with the hidden states' [T, H] and the weight's [V, H] gradients."""
+    return 2 * max(0, tokens * vocab - tokens * hidden - vocab * hidden)
 
 
 def implied_peaks(results: dict, measured: dict, logits_freed: bool) -> dict:
@@ -147,7 +160,8 @@ def implied_peaks(results: dict, measured: dict, logits_freed: bool) -> dict:
             for mode, r in modes.items():
                 less = tokens * (base["layer"] - r["layer"]) * 1024
                 if logits_freed:
-                    less += tokens * base["vocab_size"] * 2  # bf16 logits' gradient
+                    less += logits_gradient_bytes(tokens, base["vocab_size"],
+                                                  base["hidden_size"])
                 out.setdefault(mb, {}).setdefault(mode, {})[name] = peak - less / 2**30
         for mode, peaks in out.get(mb, {}).items():
             if all(n in peaks for n in RATIO):

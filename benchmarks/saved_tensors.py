@@ -37,7 +37,9 @@ class SavedTensors:
         self._hooks.__exit__(*exc)
 
     def _pack(self, tensor: torch.Tensor) -> "_Held":
-        held = _Held(tensor)
+        # detached: a saved output would otherwise hold its own node (tensor -> grad_fn ->
+        # this object -> tensor), a cycle that outlives a graph dropped without a backward
+        held = _Held(tensor.detach())
         storage = tensor.untyped_storage()
         if storage.data_ptr() in self._params:
             return held

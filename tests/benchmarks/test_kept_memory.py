@@ -58,3 +58,22 @@ def test_implied_peaks_are_the_measured_less_what_a_mode_takes(counted):
         assert peaks["experts"][name] == pytest.approx(measured - less / 2**20)
     assert peaks["experts"]["ratio"] == pytest.approx(
         peaks["experts"]["CoE-2(4/48)"] / peaks["experts"]["MoE(8/64)"])
+
+
+def test_the_freed_logits_gradient_is_what_the_output_layers_backward_does_not_hold():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kept_memory import implied_peaks, logits_gradient_bytes
+
+    # the paper's micro-batch of 32: 16,384 tokens, vocabulary 32,768, hidden 1024
+    assert logits_gradient_bytes(16384, 32768, 1024) == 2 * (16384 * 32768 - 16384 * 1024
+                                                             - 32768 * 1024)
+    assert logits_gradient_bytes(4, 8, 16) == 0  # a vocabulary narrower than the hidden size
+    counts = {"seq_length": 512, "vocab_size": 32768, "hidden_size": 1024, "layer": 10.0}
+    results = {"MoE(8/64)": {"none": counts}, "CoE-2(4/48)": {"none": counts}}
+    measured = {"paper": {"by_micro_batch": {"32": {"variants": {
+        "MoE(8/64)": {"peak_mem_gib": 17.0}, "CoE-2(4/48)": {"peak_mem_gib": 15.0}}}}}}
+    freed = logits_gradient_bytes(16384, 32768, 1024) / 2**30
+    peaks = implied_peaks(results, measured, logits_freed=True)["32"]["none"]
+    assert peaks["MoE(8/64)"] == pytest.approx(17.0 - freed)
+    assert peaks["ratio"] == pytest.approx((15.0 - freed) / (17.0 - freed))
+    assert implied_peaks(results, measured, logits_freed=False)["32"]["none"]["ratio"] == 15 / 17

@@ -92,7 +92,8 @@ def test_the_gradient_written_over_the_logits_is_the_same(dtype, kernels, layout
                                                           one_rank_groups):
     """overwrite_logits (the model's loss) gives the bits of the gradient written into a new
     tensor, in the logits' own memory where their rows are contiguous (no [tokens, V] tensor
-    is added at the step's peak), and refuses a second backward, whose logits are gone."""
+    is added at the step's peak), and refuses a second backward, whose logits are gone, and
+    any other saved use of the logits after it."""
     from megatron_coe.model.loss import fused_cross_entropy
 
     torch.manual_seed(0)
@@ -123,6 +124,14 @@ def test_the_gradient_written_over_the_logits_is_the_same(dtype, kernels, layout
     with pytest.raises(RuntimeError, match="backward ran twice: its first wrote the gradient "
                                            "over the logits"):
         loss.backward()
+    # another saved use of the logits, whose backward runs after the loss's: refused by
+    # autograd's version check, not computed from the gradient
+    logits = base.clone().requires_grad_() * 1.0
+    other = (logits * logits).float().sum()
+    loss = fused_cross_entropy(logits, target if layout == "rows" else target.T, kernels,
+                               overwrite_logits=True).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (other + loss).backward()
 
 
 @pytest.mark.parametrize("weighted", [True, False], ids=["routed", "shared"])
