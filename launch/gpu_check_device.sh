@@ -6,9 +6,9 @@
 # space-separated list of test files, runs their gpu-marked tests first (`pytest -m gpu`;
 # log: $OUT/gpu_tests.log; pytest from the wheel folder where the machine has none).
 # COE_KERNELS=1 then times the CoE path's Triton kernels alone (benchmarks/coe_kernels.py:
-# $OUT/coe_kernels.json and .log).  KEPT_MEMORY=1 counts what the paper configs keep for
-# backward on the GPU, by part and recompute mode (benchmarks/kept_memory.py: $OUT/kept_memory.json
-# and .log).
+# $OUT/coe_kernels.json and .log).  KEPT_MEMORY=1 counts what the memory target's pair keeps
+# for backward on the GPU, by part, without recompute and with the experts' (benchmarks/
+# kept_memory.py: $OUT/kept_memory.json and .log).
 #
 #   mkdir -p .whl && pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2 \
@@ -37,8 +37,8 @@ if [ -n "${COE_KERNELS:-}" ]; then
     echo "coe kernels: exit $?" | tee -a "$out/coe_kernels.log"
 fi
 if [ -n "${KEPT_MEMORY:-}" ]; then
-    python3 benchmarks/kept_memory.py --device cuda --out "$out/kept_memory.json" \
-        > "$out/kept_memory.log" 2>&1
+    python3 benchmarks/kept_memory.py --device cuda --configs "MoE(8/64)" "CoE-2(4/48)" \
+        --recompute none experts --out "$out/kept_memory.json" > "$out/kept_memory.log" 2>&1
     echo "kept memory: exit $?" | tee -a "$out/kept_memory.log"
 fi
 python3 -m megatron_coe.gpu_check --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"
