@@ -41,6 +41,7 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
 from megatron_coe.model import aux_topk, repeated_calls
 from megatron_coe.model.dispatch import CoEAlltoAllTokenDispatcher
+from megatron_coe.model.gather_recompute import recomputed_from_gather
 from megatron_coe.model.grouped_experts import GroupedExperts
 from megatron_coe.finite import each_finite
 from megatron_coe import router_stats
@@ -182,7 +183,8 @@ class CoELayer(MoELayer):
                 # (counts, sort order) is used here, not in backward
                 rows, counts, row_probs = self.token_dispatcher.dispatch_postprocess(hidden,
                                                                                      probs)
-                out = self._local_experts(rows, counts, row_probs, 0, self.num_local_experts)
+                out = self._local_experts(rows, counts, row_probs, 0, self.num_local_experts,
+                                          tokens=x_rows)
                 out = self.token_dispatcher.combine_preprocess(out)
             else:
                 out, _ = self.routed_experts_compute(hidden, probs)
@@ -217,15 +219,24 @@ class CoELayer(MoELayer):
             return self.shared_experts_compute(x)  # None, or Megatron's own overlap
         return self._recomputed(self.shared_experts_compute, x)
 
-    def _local_experts(self, rows, counts, probs, lo: int, hi: int):
-        """See :meth:`_local_experts_now`; recomputed in backward under ``recompute_experts``.
-        Experts that read the counts on the host get them there once, not again in the
-        recompute (grouped experts take them on the device)."""
+    def _local_experts(self, rows, counts, probs, lo: int, hi: int, tokens=None):
+        """See :meth:`_local_experts_now`; recomputed in backward under ``recompute_experts``,
+        from the rows' gather where the rows are ``tokens``' gather by the dispatcher's index
+        (one rank, dropless: model/gather_recompute.py).  Experts that read the counts on the
+        host get them there once, not again in the recompute (grouped experts take them on the
+        device)."""
         if (self.recompute_experts and torch.is_tensor(counts) and counts.device.type != "cpu"
                 and not isinstance(self.experts, GroupedExperts)):
             counts = counts.cpu()
-        return self._recomputed(
-            lambda r, p: self._local_experts_now(r, counts, p, lo, hi), rows, probs)
+        run = lambda r, p: self._local_experts_now(r, counts, p, lo, hi)  # noqa: E731
+        d = self.token_dispatcher
+        if (tokens is not None and self.recompute_experts and self.training
+                and torch.is_grad_enabled() and d.local_only and d.rows_per_token is not None
+                and not (self.config.fp8 or self.config.fp4 or self.config.moe_latent_size)):
+            return recomputed_from_gather(run, rows, probs,
+                                          tokens.reshape(-1, tokens.shape[-1]),
+                                          d.reversed_local_input_permutation_mapping)
+        return self._recomputed(run, rows, probs)
 
     def _local_experts_now(self, rows, counts, probs, lo: int, hi: int):
         """Local experts [lo, hi) on ``rows`` (sorted by expert, ``counts`` rows each).

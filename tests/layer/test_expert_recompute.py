@@ -2,10 +2,16 @@
 in backward.  Same outputs and gradients, bit for bit, as without recompute; the activations
 kept for backward shrink (only the experts' inputs are kept).  One process, EP = 1."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from megatron_coe.config import config_from_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from coe_layer import saved_activation_bytes  # noqa: E402
 
 S, B, H = 6, 3, 32
 
@@ -59,3 +65,38 @@ def test_expert_recompute_needs_moe_layers():
     with pytest.raises(ValueError, match="recompute=experts needs MoE"):
         config_from_dict({"model": {"num_layers": 1, "hidden_size": H, "num_attention_heads": 4},
                           "train": {"recompute": "experts"}})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_routed_experts_recomputed_from_their_rows_gather(iterations, dtype, monkeypatch):
+    """On one rank, dropless, the routed experts' recompute keeps the layer's tokens and the
+    rows' index instead of the rows (model/gather_recompute.py): the bits of the plain expert
+    recompute, and C x T k x H values fewer kept for backward."""
+    from megatron_coe.model import build_moe_layer, gather_recompute, layer
+
+    torch.manual_seed(0)
+    config = make_config(iterations, True, "experts")
+    ref = build_moe_layer(config).to(dtype)
+    x, gy = torch.randn(S, B, H, dtype=dtype), torch.randn(S, B, H, dtype=dtype)
+    results, kept = {}, {}
+    for path in ("gather", "plain"):
+        if path == "plain":  # the rows kept, as Megatron's checkpoint keeps its inputs
+            monkeypatch.setattr(layer, "recomputed_from_gather",
+                                lambda fn, rows, probs, tokens, index:
+                                layer.CoELayer._recomputed(lay, fn, rows, probs))
+        lay = build_moe_layer(config).to(dtype)
+        lay.load_state_dict(ref.state_dict())
+        calls = []
+        real = gather_recompute._FromGather.apply
+        monkeypatch.setattr(gather_recompute._FromGather, "apply",
+                            lambda *a: calls.append(1) or real(*a))
+        results[path] = forward_backward(lay, x, gy)
+        assert len(calls) == (iterations if path == "gather" else 0)
+        kept[path] = saved_activation_bytes(lay, x.clone().requires_grad_())["kept"]
+    a, b = results["gather"], results["plain"]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for (name, _), u, v in zip(ref.named_parameters(), a[2], b[2]):
+        assert torch.equal(u, v), name
+    rows = S * B * config.model.moe.topk * H * x.element_size()
+    assert kept["plain"] - kept["gather"] == iterations * rows
