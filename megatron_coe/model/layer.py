@@ -26,7 +26,8 @@ route -> dispatch_preprocess -> all-to-all -> experts -> all-to-all -> combine, 
 layer per forward (4*C, same bytes, with ``overlap``: the two-half schedule of dispatch.py,
 which also runs the shared expert while the dispatch is in flight).  ``recompute_experts``
 (train.recompute: experts) recomputes each iteration's expert MLPs, routed and shared, in
-backward: only their inputs are kept, no all-to-all is repeated, results are bit-identical.
+backward: only their inputs are kept (on one rank the routed rows as their gather of x,
+model/gather_recompute.py), no all-to-all is repeated, results are bit-identical.
 With C = 1 and
 independent routing this is exactly Megatron's MoELayer: the same parameters, built in the same order (the extra routers are created last, so the
 random initialisation of a C = 1 layer is unchanged).
