@@ -36,6 +36,10 @@ class _FromGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if not torch.autograd._is_checkpoint_valid():  # as Megatron's checkpoint refuses it
+            raise RuntimeError("expert recompute is not compatible with torch.autograd.grad "
+                               "(its recomputed backward writes the experts' weight "
+                               "gradients); use .backward()")
         tokens, index, probs = ctx.saved_tensors
         rows = tokens.detach().index_select(0, index).requires_grad_()
         probs = probs.detach().requires_grad_(probs.requires_grad)

@@ -100,3 +100,22 @@ def test_routed_experts_recomputed_from_their_rows_gather(iterations, dtype, mon
         assert torch.equal(u, v), name
     rows = S * B * config.model.moe.topk * H * x.element_size()
     assert kept["plain"] - kept["gather"] == iterations * rows
+
+
+def test_the_recompute_from_the_rows_gather_refuses_autograd_grad():
+    """Like Megatron's checkpoint: its backward writes the experts' weight gradients, which
+    torch.autograd.grad would not expect."""
+    from megatron_coe.model.gather_recompute import recomputed_from_gather
+
+    w = torch.randn(4, 4, requires_grad=True)
+    tokens = torch.randn(3, 4, requires_grad=True)
+    index = torch.tensor([0, 2, 2, 1])
+    rows = tokens.index_select(0, index)
+    out = recomputed_from_gather(lambda r, p: (r @ w) * p.unsqueeze(-1), rows,
+                                 torch.rand(4), tokens.detach(), index)
+    with pytest.raises(RuntimeError, match="not compatible with torch.autograd.grad"):
+        torch.autograd.grad(out.sum(), tokens)
+    out = recomputed_from_gather(lambda r, p: (r @ w) * p.unsqueeze(-1), rows,
+                                 torch.rand(4), tokens.detach(), index)
+    out.sum().backward()
+    assert tokens.grad is not None and w.grad is not None
