@@ -346,6 +346,14 @@ class CoEAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self.token_order = TokenOrder()  # one sort of the rows' tokens per dispatch
         self.triton_sums = triton_sums
 
+    def rows_index(self):
+        """The index of the last dispatch's rows, rows[r] = tokens[index[r]], where the experts
+        receive exactly those rows (one rank, dropless, the permutation as gathers), else
+        None (model/gather_recompute.py)."""
+        if self.local_only and self.rows_per_token is not None:
+            return self.reversed_local_input_permutation_mapping
+        return None
+
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
         with gathered(self.rows_per_token, self.token_order, self.triton_sums):
             return super().dispatch_preprocess(hidden_states, routing_map, probs)

@@ -27,7 +27,9 @@ layer per forward (4*C, same bytes, with ``overlap``: the two-half schedule of d
 which also runs the shared expert while the dispatch is in flight).  ``recompute_experts``
 (train.recompute: experts) recomputes each iteration's expert MLPs, routed and shared, in
 backward: only their inputs are kept (on one rank the routed rows as their gather of x,
-model/gather_recompute.py), no all-to-all is repeated, results are bit-identical.
+model/gather_recompute.py), no all-to-all is repeated, results are bit-identical in fp32 (in
+bf16 with C > 1 the experts' weight gradients reach their fp32 buffer one iteration at a time:
+within rounding).
 With C = 1 and
 independent routing this is exactly Megatron's MoELayer: the same parameters, built in the same order (the extra routers are created last, so the
 random initialisation of a C = 1 layer is unchanged).
@@ -230,13 +232,12 @@ class CoELayer(MoELayer):
                 and not isinstance(self.experts, GroupedExperts)):
             counts = counts.cpu()
         run = lambda r, p: self._local_experts_now(r, counts, p, lo, hi)  # noqa: E731
-        d = self.token_dispatcher
-        if (tokens is not None and self.recompute_experts and self.training
-                and torch.is_grad_enabled() and d.local_only and d.rows_per_token is not None
+        index = self.token_dispatcher.rows_index()
+        if (tokens is not None and index is not None and self.recompute_experts
+                and self.training and torch.is_grad_enabled()
                 and not (self.config.fp8 or self.config.fp4 or self.config.moe_latent_size)):
             return recomputed_from_gather(run, rows, probs,
-                                          tokens.reshape(-1, tokens.shape[-1]),
-                                          d.reversed_local_input_permutation_mapping)
+                                          tokens.reshape(-1, tokens.shape[-1]), index)
         return self._recomputed(run, rows, probs)
 
     def _local_experts_now(self, rows, counts, probs, lo: int, hi: int):
