@@ -26,7 +26,7 @@ setup(
         "tokenizers",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis"]},
     entry_points={
         "console_scripts": [
             "coe-train=megatron_coe.train:main",
