@@ -8,7 +8,10 @@
 # COE_KERNELS=1 then times the CoE path's Triton kernels alone (benchmarks/coe_kernels.py:
 # $OUT/coe_kernels.json and .log).  KEPT_MEMORY=1 counts what the memory target's pair keeps
 # for backward on the GPU, by part, without recompute and with the experts' (benchmarks/
-# kept_memory.py: $OUT/kept_memory.json and .log).
+# kept_memory.py: $OUT/kept_memory.json and .log).  AGAIN="ARGS", a space-separated argument
+# list, runs the check a second time after the first with those arguments instead (e.g. the
+# paper's global batch: AGAIN="--parts b --global-batch 64 --micro-batches 32 8 --set ..."):
+# $OUT/gpu_check_again.json and .log.
 #
 #   mkdir -p .whl && pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2 \
@@ -43,5 +46,11 @@ if [ -n "${KEPT_MEMORY:-}" ]; then
 fi
 python3 -m megatron_coe.gpu_check --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"
 status=${PIPESTATUS[0]}
+if [ -n "${AGAIN:-}" ]; then
+    read -r -a again <<< "$AGAIN"
+    python3 -m megatron_coe.gpu_check --out "$out/gpu_check_again.json" "${again[@]}" 2>&1 \
+        | tee "$out/gpu_check_again.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 exit "$status"
