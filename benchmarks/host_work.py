@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import gzip
 import re
-import shutil
 import statistics
 import sys
 import tempfile
@@ -172,6 +170,7 @@ def _run(args, tmp: Path):
     from megatron_coe.host_ops import HostOps
     from megatron_coe.metrics import train_flops_per_token
     from megatron_coe.optim import adam_implementation, use_adam_implementation
+    from megatron_coe.step_profiler import write_trace
     from megatron_coe.optim_step import take_step
     from megatron_coe.train import run_schedule
 
@@ -228,14 +227,8 @@ def _run(args, tmp: Path):
                     step(warm + args.steps + i)
             profile = profile_classes(prof, device.type, time.perf_counter() - began)
             if args.trace:  # for chrome://tracing or Perfetto, gzipped
-                traces = Path(args.trace)
-                traces.mkdir(parents=True, exist_ok=True)
-                trace = tmp / f"{path.stem}.json"
-                prof.export_chrome_trace(str(trace))
-                with open(trace, "rb") as f, gzip.open(traces / f"{path.stem}.json.gz", "wb") as g:
-                    shutil.copyfileobj(f, g)
-                trace.unlink()
-                profile["trace"] = str(traces / f"{path.stem}.json.gz")
+                trace = write_trace(prof, Path(args.trace) / f"{path.stem}.json.gz")
+                profile["trace"] = str(trace)
             # shapes and Python stacks cost host time: busy_fraction is lower with --trace
             profile["with_stack"] = bool(args.trace)
         # counted last: under the counting dispatch mode TorchDynamo runs compiled functions

@@ -428,6 +428,10 @@ class TrainConfig:
     # eagerly).  See megatron_coe/cuda_graph.py.
     cuda_graph: str = "none"
     cuda_graph_warmup_steps: int = 2
+    # [first, last]: torch.profiler traces training steps first..last (1-based, inclusive) on
+    # the ranks in profile_ranks, into run_dir/profile/ (megatron_coe/step_profiler.py); []: off.
+    profile_steps: list[int] = field(default_factory=list)
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -651,6 +655,25 @@ def _check_finite(node: Any, where: str = "") -> None:
         raise ValueError(f"{where}={node} is not a finite number; give a finite value")
 
 
+def _validate_profile(t: TrainConfig, world_size: int | None) -> None:
+    if t.profile_steps and (len(t.profile_steps) != 2
+                            or not 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.steps):
+        raise ValueError(f"train.profile_steps={t.profile_steps}: give [first, last] with 1 <= "
+                         f"first <= last <= train.steps={t.steps} (e.g. [10, 12]), or [] for none")
+    capture = t.cuda_graph_warmup_steps + 1  # the step that captures the graph
+    if t.profile_steps and t.cuda_graph != "none" and t.profile_steps[0] <= capture:
+        raise ValueError(f"train.profile_steps={t.profile_steps} with train.cuda_graph="
+                         f"{t.cuda_graph}: step {capture} captures the graph, which the profiler "
+                         f"must not observe; start after it (first >= {capture + 1})")
+    if not t.profile_ranks or min(t.profile_ranks) < 0 or len(set(t.profile_ranks)) < len(
+            t.profile_ranks):
+        raise ValueError(f"train.profile_ranks={t.profile_ranks}: give distinct ranks >= 0, "
+                         "e.g. [0]")
+    if world_size is not None and max(t.profile_ranks) >= world_size:
+        raise ValueError(f"train.profile_ranks={t.profile_ranks}: this run has ranks 0.."
+                         f"{world_size - 1}")
+
+
 def validate(config: Config, world_size: int | None = None) -> None:
     """Check every value; raise ValueError naming the field and the fix.  ``world_size``,
     when given, is checked against the parallel sizes (every factor printed)."""
@@ -670,6 +693,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if not config.run_dir:
         raise ValueError("run_dir is empty; give a directory for logs and checkpoints")
     _validate_training(config)
+    _validate_profile(config.train, world_size)
 
     m = config.model
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",

@@ -105,6 +105,13 @@ class CapturedSchedule:
         return result
 
 
+    def captured(self) -> bool:
+        """Whether the step is captured already (every later call replays it)."""
+        from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+
+        return FullCudaGraphWrapper.curr_iteration["training"] > self.warmup_steps
+
+
 def release() -> None:
     """Drop the captured graphs (their memory pool's tensors with them) and the static input
     buffers, which Megatron's wrapper keeps in class attributes, process-wide."""

@@ -154,6 +154,7 @@ def train(config, lock) -> int:
     from megatron_coe.model import build_model, coe_layers, with_resolved_impl
     from megatron_coe.optim import build_optimizer, wrap_model
     from megatron_coe.optim_step import mean_loss_over_dp, runs_on_device, take_step
+    from megatron_coe.step_profiler import StepProfiler
 
     stop = StopRequest()  # now: a stop signal during start-up stops at the first step
 
@@ -264,9 +265,11 @@ def train(config, lock) -> int:
     captured = (cuda_graph.CapturedSchedule(t.cuda_graph_warmup_steps)
                 if cuda_graph.enabled(config) else None)
     batches = batches_at(train_ds, state["step"] * t.global_batch_size)
+    profiler = StepProfiler(config, rank, run_dir, device)  # train.profile_steps
     while state["step"] < t.steps:
         step_start = time.time()
         step = state["step"] + 1
+        profiler.before(step, ready=captured is None or captured.captured())
         router_stats.reset(layers)
         model.zero_grad_buffer()
         optimizer.zero_grad()
@@ -323,6 +326,7 @@ def train(config, lock) -> int:
             if rank == 0:
                 print(format_line(record, t.steps), flush=True)
                 writer.write(record)
+        profiler.after(step)
         if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
             evaluate()
         ck = config.checkpoint
@@ -331,6 +335,7 @@ def train(config, lock) -> int:
         saver.poll()  # finalizes a background save once every rank has written it
         exit_now = t.exit_interval and step % t.exit_interval == 0 and step < t.steps
         if stop.agreed(device) or exit_now:
+            profiler.finish(step)
             save()
             saver.finish()
             if rank == 0:

@@ -235,3 +235,26 @@ def test_resume_switches_between_per_expert_and_grouped_experts(tmp_path, straig
     result = torchrun([f"run_dir={distributed}", *COMMON, *opt, "model.moe.grouped_gemm=true"])
     assert result.returncode != 0
     assert "resume with model.moe.grouped_gemm=false" in result.stderr
+
+
+def test_profiled_steps_write_a_trace_and_change_no_result(tmp_path, straight):
+    """train.profile_steps=[2, 3] on rank 0: a gzipped Chrome trace of those two steps (the
+    host's ops, each step's span named) and a table of the ops' time, on rank 0 only; and
+    steps 1-4 (the run exits at 4) have the straight run's bits: profiling changes nothing."""
+    import gzip
+
+    run_dir = tmp_path / "profiled"
+    result = torchrun([f"run_dir={run_dir}", *COMMON, "train.profile_steps=[2,3]",
+                       "train.exit_interval=4"])
+    check(result)
+    assert f"[rank 0] steps 2-3 profiled: {run_dir}/profile/rank0_steps2-3.json.gz" in result.stdout
+    assert sorted(p.name for p in (run_dir / "profile").iterdir()) == [
+        "rank0_steps2-3.json.gz", "rank0_steps2-3.txt"]
+    events = json.loads(gzip.decompress((run_dir / "profile/rank0_steps2-3.json.gz").read_bytes()))
+    names = {e.get("name", "") for e in events["traceEvents"]}
+    assert {"train step 2", "train step 3"} <= names and "aten::mm" in names, sorted(names)[:20]
+    assert "aten::mm" in (run_dir / "profile/rank0_steps2-3.txt").read_text()
+    a, b = metrics(straight), metrics(run_dir)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in b:
+        assert (a[step]["loss"], a[step]["grad_norm"]) == (b[step]["loss"], b[step]["grad_norm"])

@@ -120,6 +120,15 @@ BAD = [
      "data.weights[1]=-inf is not a finite number"),
     ({"model.coe.iterations": 1, "model.coe.iteration_norm": True},
      "model.coe.iteration_norm=true norms the input of iterations 2..C"),
+    ({"train.profile_steps": [3]}, "train.profile_steps=[3]: give [first, last]"),
+    ({"train.profile_steps": [0, 2]}, "with 1 <= first <= last <= train.steps=40"),
+    ({"train.profile_steps": [3, 2]}, "train.profile_steps=[3, 2]: give [first, last]"),
+    ({"train.profile_steps": [39, 41]}, "last <= train.steps=40 (e.g. [10, 12])"),
+    ({"train.profile_ranks": []}, "train.profile_ranks=[]: give distinct ranks >= 0"),
+    ({"train.profile_ranks": [0, 0]}, "train.profile_ranks=[0, 0]: give distinct ranks"),
+    ({"device": "cuda", "precision": "bf16", "train.cuda_graph": "full_iteration",
+      "parallel.expert": 1, "train.profile_steps": [3, 4]},
+     "step 3 captures the graph, which the profiler must not observe; start after it"),
     # Megatron's scheduler asserts lr_warmup_steps < lr_decay_steps (= train.steps)
     ({"schedule.warmup_steps": 40}, "schedule.warmup_steps=40 must be in [0, train.steps=40)"),
 ]
@@ -186,6 +195,16 @@ def test_world_size_check_prints_every_factor():
     config = load_config(TINY, ["parallel.expert=4", "model.moe.num_experts=8"])
     with pytest.raises(ValueError, match=r"world size 2 is not divisible by expert_tensor \(1\) x "
                                          r"expert \(4\) x pipeline \(1\) = 4"):
+        validate(config, world_size=2)
+
+
+def test_profile_ranks_outside_the_world_are_refused():
+    from megatron_coe.config import validate
+
+    config = load_config(TINY, ["train.profile_steps=[2,3]", "train.profile_ranks=[0,2]",
+                                "train.micro_batch_size=2"])
+    validate(config, world_size=4)
+    with pytest.raises(ValueError, match=r"train.profile_ranks=\[0, 2\]: this run has ranks 0..1"):
         validate(config, world_size=2)
 
 

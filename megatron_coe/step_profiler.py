@@ -1,0 +1,100 @@
+"""torch.profiler over a range of a run's training steps (``train.profile_steps``).
+
+    train:
+      profile_steps: [10, 12]   # first, last (1-based, inclusive); []: off
+      profile_ranks: [0]        # which ranks trace
+
+As Megatron-LM's ``--profile --use-pytorch-profiler --profile-step-start/end --profile-ranks``
+and torchtitan's ``[profiling]``: each chosen rank records its host ops and, on CUDA, its
+kernels (also those a CUDA graph replays) from the start of step ``first`` to the end of step
+``last``, with input shapes and Python stacks, and writes
+
+    run_dir/profile/rank<r>_steps<a>-<b>.json.gz   Chrome trace (Perfetto, chrome://tracing;
+                                                   benchmarks/trace_sites.py attributes its
+                                                   kernels to source lines)
+    run_dir/profile/rank<r>_steps<a>-<b>.txt       the ops' and kernels' time, largest first
+
+A step is everything the loop does for it: the forward-backward, the next micro-batches, the
+optimizer step and the log line, a span named ``train step <n>`` in the trace; validation and
+checkpoints after it are outside.  A run that
+stops inside the range (exit_interval, a stop request) writes the steps it profiled; a
+resumed run profiles what is left of the range.  With ``train.cuda_graph: full_iteration`` the
+range starts after the step that captures the graph (config.py refuses it otherwise; a resumed
+run captures again and starts its trace at the first replay in the range).  Profiling changes no result (the same kernels
+run); it slows the profiled steps, whose times in metrics.jsonl are then not the run's.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def write_trace(prof, path: Path) -> Path:
+    """``prof``'s Chrome trace, gzipped, at ``path`` (…json.gz); written beside it first, so a
+    reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        raw = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        partial = Path(tmp) / path.name
+        with open(raw, "rb") as f, gzip.open(partial, "wb") as g:
+            shutil.copyfileobj(f, g)
+        partial.replace(path)
+    return path
+
+
+class StepProfiler:
+    """Starts torch.profiler before step ``first`` and writes its trace after step ``last``
+    (:meth:`before` / :meth:`after` around each step; :meth:`finish` when the loop ends)."""
+
+    def __init__(self, config, rank: int, run_dir: Path, device: torch.device):
+        steps = config.train.profile_steps
+        self.first, self.last = (steps[0], steps[1]) if steps else (None, None)
+        self.on = bool(steps) and rank in config.train.profile_ranks
+        self.rank, self.dir, self.device = rank, Path(run_dir) / "profile", device
+        self.prof, self.began, self.span = None, None, None
+
+    def before(self, step: int, ready: bool = True) -> None:
+        """Step ``step`` begins; ``ready`` False while a step to profile would be captured as
+        a CUDA graph (the trace then starts at the first replayed step in the range)."""
+        if self.on and ready and self.prof is None and self.first <= step <= self.last:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+            self.prof = profile(activities=activities, record_shapes=True, with_stack=True)
+            self.prof.start()
+            self.began = step
+        if self.prof is not None:  # the step's span in the trace
+            self.span = torch.profiler.record_function(f"train step {step}")
+            self.span.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.prof is not None:
+            self.span.__exit__(None, None, None)
+            if step >= self.last:
+                self._write(step)
+
+    def finish(self, step: int) -> None:
+        """The loop ends after step ``step`` (and :meth:`after`): write what was profiled,
+        if anything."""
+        if self.prof is not None:
+            self._write(step)
+
+    def _write(self, step: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.prof.stop()
+        name = f"rank{self.rank}_steps{self.began}-{step}"
+        trace = write_trace(self.prof, self.dir / f"{name}.json.gz")
+        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = self.prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=80)
+        (self.dir / f"{name}.txt").write_text(table + "\n")
+        print(f"[rank {self.rank}] steps {self.began}-{step} profiled: {trace}", flush=True)
+        self.prof, self.on = None, False
