@@ -15,10 +15,11 @@ kernels (also those a CUDA graph replays) from the start of step ``first`` to th
     run_dir/profile/rank<r>_steps<a>-<b>.txt       the ops' and kernels' time, largest first
 
 A step is everything the loop does for it: the forward-backward, the next micro-batches, the
-optimizer step and the log line, a span named ``train step <n>`` in the trace; validation and
-checkpoints after it are outside.  A run that
-stops inside the range (exit_interval, a stop request) writes the steps it profiled; a
-resumed run profiles what is left of the range.  With ``train.cuda_graph: full_iteration`` the
+optimizer step and the log line, a span named ``train step <n>`` in the trace; a validation or
+checkpoint between two profiled steps is recorded outside the spans.  A run that stops inside
+the range (exit_interval, a stop request) writes the steps it profiled, and so does one that
+fails there (coe-train's exit calls :func:`close_open`); a resumed run profiles what is left of
+the range.  With ``train.cuda_graph: full_iteration`` the
 range starts after the step that captures the graph (config.py refuses it otherwise; a resumed
 run captures again and starts its trace at the first replay in the range).  Profiling changes no result (the same kernels
 run); it slows the profiled steps, whose times in metrics.jsonl are then not the run's.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,6 +50,23 @@ def write_trace(prof, path: Path) -> Path:
     return path
 
 
+_OPEN: list["StepProfiler"] = []  # the profiler recording now, if any
+
+
+def close_open() -> None:
+    """Write and stop a profiler still recording (a run that failed inside its range); a
+    failure to do so is printed, not raised, so that it never hides the run's own error."""
+    for prof in list(_OPEN):
+        try:
+            if prof.span is not None:
+                prof.span.__exit__(None, None, None)
+                prof.span = None
+            prof._write(prof.stepped)
+        except Exception as err:  # e.g. the device's own failure, again
+            print(f"[rank {prof.rank}] the profiled steps' trace was not written: "
+                  f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+
+
 class StepProfiler:
     """Starts torch.profiler before step ``first`` and writes its trace after step ``last``
     (:meth:`before` / :meth:`after` around each step; :meth:`finish` when the loop ends)."""
@@ -57,7 +76,7 @@ class StepProfiler:
         self.first, self.last = (steps[0], steps[1]) if steps else (None, None)
         self.on = bool(steps) and rank in config.train.profile_ranks
         self.rank, self.dir, self.device = rank, Path(run_dir) / "profile", device
-        self.prof, self.began, self.span = None, None, None
+        self.prof, self.began, self.span, self.stepped = None, None, None, None
 
     def before(self, step: int, ready: bool = True) -> None:
         """Step ``step`` begins; ``ready`` False while a step to profile would be captured as
@@ -71,15 +90,22 @@ class StepProfiler:
             self.prof = profile(activities=activities, record_shapes=True, with_stack=True)
             self.prof.start()
             self.began = step
+            _OPEN.append(self)
         if self.prof is not None:  # the step's span in the trace
             self.span = torch.profiler.record_function(f"train step {step}")
             self.span.__enter__()
+            self.stepped = step
 
     def after(self, step: int) -> None:
         if self.prof is not None:
             self.span.__exit__(None, None, None)
+            self.span = None
             if step >= self.last:
                 self._write(step)
+        elif self.on and step >= self.last:  # every step of the range was a graph capture's
+            print(f"[rank {self.rank}] train.profile_steps=[{self.first}, {self.last}]: no step "
+                  "profiled (the CUDA graph was captured in the range)", flush=True)
+            self.on = False
 
     def finish(self, step: int) -> None:
         """The loop ends after step ``step`` (and :meth:`after`): write what was profiled,
@@ -88,6 +114,7 @@ class StepProfiler:
             self._write(step)
 
     def _write(self, step: int) -> None:
+        _OPEN.remove(self)  # first: a failure below leaves nothing open to write again
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.prof.stop()

@@ -377,6 +377,7 @@ def main(argv=None) -> int:
     # Megatron-Core warns at import about TE/apex fallbacks that a CPU run uses on purpose.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     from megatron_coe.checkpoint import CheckpointError, join_writers
+    from megatron_coe.step_profiler import close_open
     from megatron_coe.config import load_config
 
     try:
@@ -392,6 +393,7 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as err:
         return clean_error(f"coe-train: {err}")
     finally:
+        close_open()  # a run that failed while profiling still writes its trace
         join_writers()  # a background save ends before the run directory is free
         lock.release()
         parallel.destroy()

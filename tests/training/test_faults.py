@@ -103,11 +103,15 @@ def test_injected_nan_is_skipped_counted_and_training_continues(tmp_path, adam):
 
 
 def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
+    """The run stops at the second non-finite step, saying why; it fails inside its profiled
+    range (train.profile_steps), whose steps so far are still written, on rank 0 only."""
     run_dir = tmp_path / "nan"
     result = torchrun([f"run_dir={run_dir}", *BASE, "train.inject_nonfinite_steps=[2,3]",
-                       "train.max_nonfinite_steps=1"])
+                       "train.max_nonfinite_steps=1", "train.profile_steps=[2,5]"])
     assert result.returncode != 0
     assert "2 non-finite steps exceed train.max_nonfinite_steps=1" in result.stdout + result.stderr
+    assert sorted(p.name for p in (run_dir / "profile").iterdir()) == [
+        "rank0_steps2-3.json.gz", "rank0_steps2-3.txt"]
 
 
 def test_killed_rank_takes_the_job_down_within_a_minute(tmp_path):
