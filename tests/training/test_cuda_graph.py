@@ -36,3 +36,22 @@ def test_graph_replays_train_as_the_eager_run(tmp_path):
         assert graphed[step]["grad_norm"] == pytest.approx(eager[step]["grad_norm"], rel=1e-2)
     assert [v["loss"] for v in graphed_valid.values()] == pytest.approx(
         [v["loss"] for v in eager_valid.values()], abs=1e-2)
+
+
+@pytest.mark.gpu
+def test_profiled_replays_record_the_graphs_kernels(tmp_path):
+    """train.profile_steps after the capture: the trace of two replayed steps holds both steps'
+    spans and the GPU kernels the graph launched."""
+    import gzip
+    import json
+
+    run_dir = tmp_path / "profiled"
+    check(torchrun(["device=cuda", "precision=bf16", "parallel.expert=1", "train.steps=5",
+                    "train.eval_interval=0", "train.tensorboard=false",
+                    "checkpoint.save_final=false", "train.cuda_graph=full_iteration",
+                    "train.profile_steps=[4,5]", f"run_dir={run_dir}"], nproc=1))
+    events = json.loads(gzip.decompress(
+        (run_dir / "profile" / "rank0_steps4-5.json.gz").read_bytes()))["traceEvents"]
+    assert {e["name"] for e in events if e.get("name", "").startswith("train step")} == {
+        "train step 4", "train step 5"}
+    assert sum(e.get("cat") == "kernel" for e in events) > 100
