@@ -47,7 +47,7 @@ fi
 python3 -m megatron_coe.gpu_check --out "$out/gpu_check.json" "$@" 2>&1 | tee "$out/gpu_check.log"
 status=${PIPESTATUS[0]}
 if [ -n "${AGAIN:-}" ]; then
-    read -r -a again <<< "$AGAIN"
+    read -r -d '' -a again <<< "$AGAIN"  # every line's words
     python3 -m megatron_coe.gpu_check --out "$out/gpu_check_again.json" "${again[@]}" 2>&1 \
         | tee "$out/gpu_check_again.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

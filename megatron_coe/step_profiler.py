@@ -77,10 +77,13 @@ class StepProfiler:
         self.on = bool(steps) and rank in config.train.profile_ranks
         self.rank, self.dir, self.device = rank, Path(run_dir) / "profile", device
         self.prof, self.began, self.span, self.stepped = None, None, None, None
+        self.waited = False
 
     def before(self, step: int, ready: bool = True) -> None:
         """Step ``step`` begins; ``ready`` False while a step to profile would be captured as
         a CUDA graph (the trace then starts at the first replayed step in the range)."""
+        if self.on and not ready and self.prof is None and self.first <= step <= self.last:
+            self.waited = True  # a graph capture's step: not observed
         if self.on and ready and self.prof is None and self.first <= step <= self.last:
             from torch.profiler import ProfilerActivity, profile
 
@@ -102,9 +105,10 @@ class StepProfiler:
             self.span = None
             if step >= self.last:
                 self._write(step)
-        elif self.on and step >= self.last:  # every step of the range was a graph capture's
-            print(f"[rank {self.rank}] train.profile_steps=[{self.first}, {self.last}]: no step "
-                  "profiled (the CUDA graph was captured in the range)", flush=True)
+        elif self.on and step >= self.last:  # the range is over (or was before this run)
+            if self.waited:  # its steps here were all before the graph's capture
+                print(f"[rank {self.rank}] train.profile_steps=[{self.first}, {self.last}]: no "
+                      "step profiled (the CUDA graph was captured in the range)", flush=True)
             self.on = False
 
     def finish(self, step: int) -> None:
