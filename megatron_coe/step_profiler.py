@@ -6,8 +6,8 @@
 
 As Megatron-LM's ``--profile --use-pytorch-profiler --profile-step-start/end --profile-ranks``
 and torchtitan's ``[profiling]``: each chosen rank records its host ops and, on CUDA, its
-kernels (also those a CUDA graph replays) from the start of step ``first`` to the end of step
-``last``, with input shapes and Python stacks, and writes
+kernels from the start of step ``first`` to the end of step ``last``, with input shapes and
+Python stacks, and writes
 
     run_dir/profile/rank<r>_steps<a>-<b>.json.gz   Chrome trace (Perfetto, chrome://tracing;
                                                    benchmarks/trace_sites.py attributes its
@@ -19,10 +19,12 @@ optimizer step and the log line, a span named ``train step <n>`` in the trace; a
 checkpoint between two profiled steps is recorded outside the spans.  A run that stops inside
 the range (exit_interval, a stop request) writes the steps it profiled, and so does one that
 fails there (coe-train's exit calls :func:`close_open`); a resumed run profiles what is left of
-the range.  With ``train.cuda_graph: full_iteration`` the
-range starts after the step that captures the graph (config.py refuses it otherwise; a resumed
-run captures again and starts its trace at the first replay in the range).  Profiling changes no result (the same kernels
-run); it slows the profiled steps, whose times in metrics.jsonl are then not the run's.
+the range.  With ``train.cuda_graph: full_iteration`` the range starts after the step that
+captures the graph (config.py refuses it otherwise; a resumed run captures again and starts its
+trace at the first replay in the range); that the replayed kernels are in the trace is a GPU
+test's to show (tests/training/test_cuda_graph.py), not yet run.  Profiling changes no result
+(the same kernels run); it slows the profiled steps, whose times in metrics.jsonl are then not
+the run's.
 """
 
 from __future__ import annotations
