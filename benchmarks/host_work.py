@@ -170,8 +170,8 @@ def _run(args, tmp: Path):
     from megatron_coe.host_ops import HostOps
     from megatron_coe.metrics import train_flops_per_token
     from megatron_coe.optim import adam_implementation, use_adam_implementation
-    from megatron_coe.step_profiler import write_trace
     from megatron_coe.optim_step import take_step
+    from megatron_coe.step_profiler import write_trace
     from megatron_coe.train import run_schedule
 
     from variant import build_variant

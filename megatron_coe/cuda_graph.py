@@ -104,7 +104,6 @@ class CapturedSchedule:
                   f"steps and replayed from now on", flush=True)
         return result
 
-
     def captured(self) -> bool:
         """Whether the step is captured already (every later call replays it)."""
         from megatron.core.full_cuda_graph import FullCudaGraphWrapper

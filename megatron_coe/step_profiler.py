@@ -60,10 +60,7 @@ def close_open() -> None:
     failure to do so is printed, not raised, so that it never hides the run's own error."""
     for prof in list(_OPEN):
         try:
-            if prof.span is not None:
-                prof.span.__exit__(None, None, None)
-                prof.span = None
-            prof._write(prof.stepped)
+            prof.close()
         except Exception as err:  # e.g. the device's own failure, again
             print(f"[rank {prof.rank}] the profiled steps' trace was not written: "
                   f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
@@ -71,7 +68,7 @@ def close_open() -> None:
 
 class StepProfiler:
     """Starts torch.profiler before step ``first`` and writes its trace after step ``last``
-    (:meth:`before` / :meth:`after` around each step; :meth:`finish` when the loop ends)."""
+    (:meth:`before` / :meth:`after` around each step; :meth:`close` when the loop ends early)."""
 
     def __init__(self, config, rank: int, run_dir: Path, device: torch.device):
         steps = config.train.profile_steps
@@ -84,9 +81,10 @@ class StepProfiler:
     def before(self, step: int, ready: bool = True) -> None:
         """Step ``step`` begins; ``ready`` False while a step to profile would be captured as
         a CUDA graph (the trace then starts at the first replayed step in the range)."""
-        if self.on and not ready and self.prof is None and self.first <= step <= self.last:
+        starts = self.on and self.prof is None and self.first <= step <= self.last
+        if starts and not ready:
             self.waited = True  # a graph capture's step: not observed
-        if self.on and ready and self.prof is None and self.first <= step <= self.last:
+        elif starts:
             from torch.profiler import ProfilerActivity, profile
 
             activities = [ProfilerActivity.CPU]
@@ -113,11 +111,14 @@ class StepProfiler:
                       "step profiled (the CUDA graph was captured in the range)", flush=True)
             self.on = False
 
-    def finish(self, step: int) -> None:
-        """The loop ends after step ``step`` (and :meth:`after`): write what was profiled,
-        if anything."""
+    def close(self) -> None:
+        """The loop ends inside the range (an exit, a stop request, a failure): write the
+        steps profiled so far, if any."""
         if self.prof is not None:
-            self._write(step)
+            if self.span is not None:  # a failure within the step
+                self.span.__exit__(None, None, None)
+                self.span = None
+            self._write(self.stepped)
 
     def _write(self, step: int) -> None:
         _OPEN.remove(self)  # first: a failure below leaves nothing open to write again

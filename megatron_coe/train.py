@@ -335,7 +335,7 @@ def train(config, lock) -> int:
         saver.poll()  # finalizes a background save once every rank has written it
         exit_now = t.exit_interval and step % t.exit_interval == 0 and step < t.steps
         if stop.agreed(device) or exit_now:
-            profiler.finish(step)
+            profiler.close()
             save()
             saver.finish()
             if rank == 0:
